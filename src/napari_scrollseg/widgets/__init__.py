@@ -1,0 +1,1 @@
+"""Thin Qt/magicgui widgets over the engine; one module per widget."""
