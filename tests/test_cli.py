@@ -1,0 +1,37 @@
+"""The command-line contract: subcommands, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import zarr
+
+from napari_scrollseg.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", "phantom", "demo"):
+        assert command in out
+
+
+def test_phantom_command(tmp_path, capsys):
+    out = tmp_path / "p.zarr"
+    assert main(["phantom", str(out), "--shape", "16", "40", "48", "--seed", "2"]) == 0
+    assert "wrote phantom (16, 40, 48) seed 2" in capsys.readouterr().out
+    assert zarr.open_group(str(out), mode="r")["0"].shape == (16, 40, 48)
+    # a second run refuses to overwrite: one error line, exit 2, no traceback
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_scrollseg.cli", "phantom", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "already exists" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
