@@ -5,16 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import zarr
 
 from napari_scrollseg.cli import main
 
 
 def test_help_lists_subcommands(capsys):
-    try:
+    with pytest.raises(SystemExit) as exc:
         main(["--help"])
-    except SystemExit as exc:
-        assert exc.code == 0
+    assert exc.value.code == 0
     out = capsys.readouterr().out
     for command in ("info", "phantom", "demo"):
         assert command in out
@@ -32,6 +32,7 @@ def test_phantom_command(tmp_path, capsys):
         text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and "already exists" in proc.stderr
+    assert proc.stderr.startswith("error: ")
+    assert "already exists" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

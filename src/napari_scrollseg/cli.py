@@ -29,7 +29,9 @@ def _shape(text: str) -> int:
 # -- info ---------------------------------------------------------------------------------
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="shape, dtype, chunks, spacing, levels and size of a volume")
-    p.add_argument("path", help="OME-Zarr / zarr (path or URL), slice-TIFF folder, TIFF, file.h5:/dataset")
+    p.add_argument(
+        "path", help="OME-Zarr / zarr (path or URL), slice-TIFF folder, TIFF, file.h5:/dataset"
+    )
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -72,10 +74,178 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- predict ------------------------------------------------------------------------------
+def _chunk_arg(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or Z,Y,X, got {text!r}") from None
+    if len(values) not in (1, 3) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or Z,Y,X positive sizes, got {text!r}")
+    return values
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="run an nnU-Net model over a whole volume (chunked, resumable, distributed)",
+        description="Predict a whole volume with an nnU-Net v2 model into an OME-Zarr "
+        "(uint8 probabilities + labels/prediction). Rerunning the same command resumes.",
+    )
+    p.add_argument("model", help="nnU-Net trained-model folder or exported zip")
+    p.add_argument("volume", help="input volume (OME-Zarr, zarr, TIFF folder/file, file.h5:/ds)")
+    p.add_argument("out", help="output .zarr path")
+    p.add_argument("--step", type=float, default=0.5, help="tile step (fraction of the patch)")
+    p.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="nnU-Net's mirroring test-time augmentation (default: on)",
+    )
+    p.add_argument("--folds", default=None, help="folds to ensemble, e.g. 0,1 or all")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best)")
+    p.add_argument("--chunk", type=_chunk_arg, default=None, help="output chunk: N or Z,Y,X")
+    p.add_argument("--batch-size", type=_shape, default=4, help="tiles per network batch")
+    p.add_argument("--half", action="store_true", help="autocast (not nnU-Net-equivalent)")
+    p.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1: predict this box only")
+    p.add_argument("--mask", default=None, help="skip tiles where this mask volume is empty")
+    p.add_argument("--threads", type=_shape, default=3, help="threads of the local scheduler")
+    p.add_argument("--prob-reduction", default="mean", choices=["mean", "max", "nearest"])
+    p.add_argument("--label-reduction", default="mode", choices=["mode", "max", "nearest"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction")
+    dist = p.add_argument_group("distributed (dask.distributed)")
+    where = dist.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, help="address of a running dask scheduler")
+    where.add_argument("--cluster", choices=["local", "local-cuda", "slurm"], default=None)
+    dist.add_argument("--workers", type=_shape, default=2, help="local workers / SLURM jobs")
+    dist.add_argument("--queue", default=None, help="SLURM partition")
+    dist.add_argument("--account", default=None, help="SLURM account")
+    dist.add_argument("--walltime", default="04:00:00", help="SLURM job walltime")
+    dist.add_argument("--job-cores", type=_shape, default=8, help="cores per SLURM job")
+    dist.add_argument("--job-memory", default="64GB", help="memory per SLURM job")
+    dist.add_argument(
+        "--job-extra", action="append", default=[], help="extra #SBATCH line, e.g. --gres=gpu:1"
+    )
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from napari_scrollseg.engine.predict_volume import open_client, predict_volume
+
+    events = []
+    with open_client(
+        scheduler=args.scheduler,
+        cluster=args.cluster,
+        workers=args.workers,
+        queue=args.queue,
+        account=args.account,
+        walltime=args.walltime,
+        job_cores=args.job_cores,
+        job_memory=args.job_memory,
+        job_extra=args.job_extra,
+    ) as client:
+        out = predict_volume(
+            args.model,
+            args.volume,
+            args.out,
+            progress=events.append,
+            bar=True,
+            folds=args.folds,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            step=args.step,
+            mirror=args.mirror,
+            half=args.half,
+            batch_size=args.batch_size,
+            chunk=args.chunk[0] if args.chunk and len(args.chunk) == 1 else args.chunk,
+            roi=args.roi,
+            mask=args.mask,
+            overwrite=args.overwrite,
+            prob_reduction=args.prob_reduction,
+            label_reduction=args.label_reduction,
+            num_workers=args.threads,
+            client=client,
+        )
+    ev = events[-1]
+    print(
+        f"wrote {out}: {ev.chunks_total} chunks ({ev.chunks_resumed} resumed, "
+        f"{ev.chunks_computed} computed now), {ev.tiles_total} tiles ({ev.tiles_computed} run "
+        f"now, {ev.tiles_skipped} skipped by the mask) in {ev.elapsed_s:.1f} s"
+    )
+    return 0
+
+
+# -- export -------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from napari_scrollseg.engine.dataset import ENDINGS, NORMS
+
+    p = sub.add_parser("export", help="annotations -> nnU-Net v2 raw dataset Dataset<ID>_<Name>")
+    p.add_argument("--image", action="append", required=True, help="image volume (repeatable)")
+    p.add_argument(
+        "--labels",
+        action="append",
+        required=True,
+        help="annotation store or label volume for the --image in the same position",
+    )
+    p.add_argument(
+        "--classes", required=True, help="class names for ids 1..K (air,papyrus,ink) or a .json"
+    )
+    p.add_argument("--out", required=True, help="nnU-Net raw folder (nnUNet_raw)")
+    p.add_argument("--dataset-id", type=int, required=True)
+    p.add_argument("--name", required=True, help="dataset name (letters, digits, '-')")
+    p.add_argument(
+        "--margin", type=int, nargs="+", default=None, help="voxels around the annotations (1 or 3)"
+    )
+    p.add_argument("--norm", choices=list(NORMS), default="CT")
+    p.add_argument("--ending", choices=list(ENDINGS), default=".tif")
+    p.add_argument("--append", action="store_true", help="add cases to an existing dataset")
+    p.add_argument("--folds", type=int, default=None, help="fail if fewer cases than folds")
+    p.add_argument("--verify", action="store_true", help="run nnU-Net's integrity check after")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from napari_scrollseg.engine.annotations import ClassTable
+    from napari_scrollseg.engine.dataset import export_dataset, verify_dataset
+
+    if len(args.image) != len(args.labels):
+        raise ScrollsegError(
+            f"{len(args.image)} --image but {len(args.labels)} --labels: give one --labels per --image"
+        )
+    if args.classes.endswith(".json"):
+        classes = ClassTable.from_json(args.classes)
+    else:
+        classes = ClassTable.from_names(args.classes)
+    margin = None
+    if args.margin is not None:
+        if len(args.margin) not in (1, 3):
+            raise ScrollsegError("--margin takes one value or three (z y x)")
+        margin = args.margin[0] if len(args.margin) == 1 else tuple(args.margin)
+    out = export_dataset(
+        list(zip(args.image, args.labels)),
+        out_dir=args.out,
+        dataset_id=args.dataset_id,
+        name=args.name,
+        classes=classes,
+        margin=margin,
+        norm=args.norm,
+        ending=args.ending,
+        append=args.append,
+        folds=args.folds,
+        on_case=lambda i, name: print(f"case {i + 1}/{len(args.image)}: {name}", flush=True),
+    )
+    if args.verify:
+        verify_dataset(out)
+        print("nnU-Net integrity check passed")
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "info": (_add_info, _run_info),
     "phantom": (_add_phantom, _run_phantom),
     "demo": (_add_demo, _run_demo),
+    "predict": (_add_predict, _run_predict),
+    "export": (_add_export, _run_export),
 }
 
 

@@ -20,7 +20,11 @@ def test_levels_metadata_and_values(tmp_path):
     ms = root.attrs["multiscales"][0]
     assert ms["version"] == "0.4"
     assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
-    assert [root[d["path"]].shape for d in ms["datasets"]] == [(37, 66, 50), (19, 33, 25), (10, 17, 13)]
+    assert [root[d["path"]].shape for d in ms["datasets"]] == [
+        (37, 66, 50),
+        (19, 33, 25),
+        (10, 17, 13),
+    ]
     assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [4.0, 2.0, 1.0]
     assert ms["datasets"][1]["coordinateTransformations"][1]["translation"] == [1.0, 0.5, 0.25]
     np.testing.assert_array_equal(root["0"][:], data)
@@ -47,7 +51,7 @@ def test_labels_image_and_channel_axis(tmp_path):
     omezarr.write_image(path, img, spacing=(1, 1, 1), chunks=(1, 8, 8, 8), n_levels=2)
     root = zarr.open_group(str(path), mode="r")
     assert root["1"].shape == (2, 10, 10, 10)  # channel axis is not downsampled
-    assert [a["type"] for a in root.attrs["multiscales"][0]["axes"]][0] == "channel"
+    assert next(a["type"] for a in root.attrs["multiscales"][0]["axes"]) == "channel"
     lab = np.argmax(img, axis=0).astype(np.uint8)
     omezarr.write_image(
         path / "labels" / "prediction",

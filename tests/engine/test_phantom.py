@@ -12,7 +12,8 @@ from napari_scrollseg.engine.errors import ScrollsegError
 
 def test_classes_and_intensities():
     img, truth = phantom.make_phantom((24, 96, 96), seed=3)
-    assert img.dtype == np.uint8 and truth.dtype == np.uint8
+    assert img.dtype == np.uint8
+    assert truth.dtype == np.uint8
     counts = np.bincount(truth.ravel(), minlength=4)
     assert counts[0] == 0  # every voxel is labelled densely
     assert counts[phantom.AIR] > counts[phantom.PAPYRUS] > counts[phantom.INK] > 0

@@ -120,7 +120,9 @@ def create_image(
 
     path = Path(path)
     if len(shape) != len(axes) or len(chunks) != len(axes):
-        raise ScrollsegError(f"shape {tuple(shape)} and chunks {tuple(chunks)} must match axes {axes!r}")
+        raise ScrollsegError(
+            f"shape {tuple(shape)} and chunks {tuple(chunks)} must match axes {axes!r}"
+        )
     if path.exists():
         if not overwrite:
             raise ScrollsegError(f"{path} already exists; choose another path or pass overwrite")
@@ -217,16 +219,10 @@ def downsample(arr: da.Array, axes: str, reduction: Reduction, factor: int = 2) 
 
     factors = tuple(factor if a in SPATIAL else 1 for a in axes)
     # blocks must hold whole windows: rechunk to multiples of the factor
-    chunks = tuple(
-        max(f, (c // f) * f) for c, f in zip((c[0] for c in arr.chunks), factors)
-    )
+    chunks = tuple(max(f, (c // f) * f) for c, f in zip((c[0] for c in arr.chunks), factors))
     arr = arr.rechunk(chunks)
-    out_chunks = tuple(
-        tuple(math.ceil(c / f) for c in dim) for dim, f in zip(arr.chunks, factors)
-    )
-    return da.map_blocks(
-        _reduce_block, arr, factors, reduction, dtype=arr.dtype, chunks=out_chunks
-    )
+    out_chunks = tuple(tuple(math.ceil(c / f) for c in dim) for dim, f in zip(arr.chunks, factors))
+    return da.map_blocks(_reduce_block, arr, factors, reduction, dtype=arr.dtype, chunks=out_chunks)
 
 
 def write_pyramid(

@@ -100,7 +100,9 @@ def _slice(p: _Params, z: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         dist = np.sqrt(arc**2 + (z - iz) ** 2)
         truth[surface & (turn == iturn) & (dist < irad)] = INK
     # intensities: air dark, papyrus bright with fibres, ink slightly brighter
-    fibres = 10 * np.sin(0.9 * theta * r + 0.3 * z) * np.sin(1.7 * u) + 6 * np.sin(0.7 * z + 0.4 * r)
+    fibres = 10 * np.sin(0.9 * theta * r + 0.3 * z) * np.sin(1.7 * u) + 6 * np.sin(
+        0.7 * z + 0.4 * r
+    )
     img = np.where(sheet, 150 + fibres, 45.0).astype(np.float32)
     img[truth == INK] += 18
     edge = np.clip(1 - np.abs(u - p.thickness / 2) / (p.thickness / 2), 0, 1) ** 0.3
@@ -141,8 +143,12 @@ def lazy_phantom(
 
     chunks = (z_chunk, shape[1], shape[2])
     template = da.zeros(shape, chunks=chunks, dtype=np.uint8)
-    image = da.map_blocks(block, 0, dtype=np.uint8, chunks=template.chunks, meta=np.empty((0,) * 3, np.uint8))
-    truth = da.map_blocks(block, 1, dtype=np.uint8, chunks=template.chunks, meta=np.empty((0,) * 3, np.uint8))
+    image = da.map_blocks(
+        block, 0, dtype=np.uint8, chunks=template.chunks, meta=np.empty((0,) * 3, np.uint8)
+    )
+    truth = da.map_blocks(
+        block, 1, dtype=np.uint8, chunks=template.chunks, meta=np.empty((0,) * 3, np.uint8)
+    )
     return image, truth
 
 
@@ -159,7 +165,9 @@ def write_phantom(
 
     out = Path(out)
     image, truth = lazy_phantom(shape, seed=seed, z_chunk=int(chunks[0]))
-    attrs = {"scrollseg": {"phantom": {"shape": list(image.shape), "seed": seed}, "classes": CLASSES}}
+    attrs = {
+        "scrollseg": {"phantom": {"shape": list(image.shape), "seed": seed}, "classes": CLASSES}
+    }
     omezarr.write_image(
         out, image, spacing=SPACING, chunks=chunks, name="phantom", attrs=attrs, overwrite=overwrite
     )

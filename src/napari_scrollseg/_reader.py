@@ -1,0 +1,317 @@
+"""napari reader: open CT volumes lazily as (multiscale) dask-backed layers.
+
+The work is :func:`napari_scrollseg.engine.volumes.open_volume`; this module only
+decides cheaply whether a path looks like a volume and turns a
+:class:`~napari_scrollseg.engine.volumes.Volume` into napari layer data:
+
+- an image pyramid becomes one multiscale image layer (a list of dask arrays),
+  ``scale`` = spacing and ``translate`` = origin;
+- ``(c, z, y, x)`` volumes (e.g. per-class probabilities) open with ``channel_axis=0``;
+- OME-Zarr label images (``labels/<name>``) become multiscale labels layers
+  coloured from their NGFF ``image-label`` colours; an OME-Zarr whose root is a
+  label image (as :mod:`napari_scrollseg._writer` writes) opens as labels too.
+
+Nothing is loaded whole: contrast limits come from the dtype (8-bit) or from a
+few blocks of the smallest level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from napari_scrollseg.engine.volumes import Volume
+
+log = logging.getLogger(__name__)
+
+LayerData = tuple[Any, dict[str, Any], str]
+ReaderFunction = Callable[[str | Sequence[str]], list[LayerData]]
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
+_TIFF = (".tif", ".tiff")
+_HDF5 = (".h5", ".hdf5", ".hdf", ".he5")
+_H5_PATH = re.compile(r"\.(?:h5|hdf5|hdf|he5)(?::.*)?$", re.IGNORECASE)
+# unlisted label values (user classes, the ignore value) get this colour
+DEFAULT_LABEL_COLOR = (0.6, 0.6, 0.6, 1.0)
+# below this many voxels the smallest level is read whole for contrast limits
+_SMALL = 2**22
+_SAMPLE_BLOCKS = 5
+
+
+def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
+    """Return :func:`read_volume` if ``path`` looks like a volume scrollseg opens, else None.
+
+    The check is cheap (names, folder markers, a TIFF header); it never reads pixels.
+    """
+    if not isinstance(path, str | os.PathLike):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return read_volume if _looks_like_volume(os.fspath(path)) else None
+
+
+def read_volume(path: str | Sequence[str]) -> list[LayerData]:
+    """Open one volume lazily and return its napari layer data.
+
+    Raises
+    ------
+    ScrollsegError
+        When the path is not a readable 3D volume (the message says what to do).
+    """
+    from napari_scrollseg.engine.volumes import open_volume
+
+    if not isinstance(path, str | os.PathLike):
+        (path,) = path
+    path = os.fspath(path)
+    layers: list[LayerData] = []
+    for source in _hdf5_volumes(path) or [path]:
+        layers.extend(volume_layer_data(open_volume(source)))
+    return layers
+
+
+def volume_layer_data(volume: Volume, *, name: str | None = None) -> list[LayerData]:
+    """napari layer data for a volume: its image (or labels) layer, then its label images.
+
+    Parameters
+    ----------
+    volume
+        An opened volume.
+    name
+        Layer name; default: the file or folder name without suffix.
+    """
+    name = name or _stem(volume.source)
+    label_meta = _image_label(volume.attrs)
+    layers: list[LayerData] = []
+    if label_meta is not None and volume.axes == "zyx":
+        layers.append(_labels_layer(volume.levels, volume, name, label_meta))
+    else:
+        layers.append(_image_layer(volume, name))
+    for label_name, levels in volume.labels.items():
+        meta = _label_group_meta(volume.source, label_name)
+        layers.append(_labels_layer(levels, volume, label_name, meta))
+    return layers
+
+
+def _hdf5_volumes(path: str) -> list[str]:
+    """``file.h5:/dataset`` for each 3D+ dataset of an HDF5 file named without a dataset.
+
+    napari only opens paths that exist, so a file with several volumes opens as
+    one layer per volume. Empty for anything else (and where h5py is missing:
+    :func:`open_volume` then says how to install it).
+    """
+    if Path(path).suffix.lower() not in _HDF5 or not Path(path).is_file():
+        return []
+    try:
+        import h5py
+    except ImportError:
+        return []
+    found: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.ndim >= 3:
+            found.append(f"{path}:/{name}")
+
+    try:
+        with h5py.File(path, "r") as h5:
+            h5.visititems(visit)
+    except OSError:
+        return []
+    return found if len(found) > 1 else []
+
+
+# -- cheap path checks --------------------------------------------------------------------
+def _looks_like_volume(path: str) -> bool:
+    if _URL.match(path) and not path.startswith("file://"):
+        return ".zarr" in path.lower()
+    local = Path(path.removeprefix("file://")).expanduser()
+    if local.is_dir():
+        return _is_zarr_dir(local) or _has_tiff(local)
+    suffix = local.suffix.lower()
+    if suffix in _TIFF:
+        return local.is_file() and _tiff_is_volume(local)
+    if suffix == ".zip":
+        return local.name.lower().endswith(".zarr.zip")
+    return bool(_H5_PATH.search(path))
+
+
+def _is_zarr_dir(path: Path) -> bool:
+    return path.suffix.lower() == ".zarr" or any((path / m).exists() for m in _ZARR_METADATA)
+
+
+def _has_tiff(path: Path) -> bool:
+    """Whether a folder holds a slice TIFF (stops at the first one found)."""
+    try:
+        with os.scandir(path) as entries:
+            return any(e.name.lower().endswith(_TIFF) and e.is_file() for e in entries)
+    except OSError:
+        return False
+
+
+def _tiff_is_volume(path: Path) -> bool:
+    """Whether a TIFF's first series has three or more axes larger than 1 (header only)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            shape = tf.series[0].shape
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return False
+    return sum(s > 1 for s in shape) >= 3
+
+
+# -- layers -------------------------------------------------------------------------------
+def _stem(source: str) -> str:
+    text = source.rstrip("/")
+    if match := re.search(r"\.(?:h5|hdf5|hdf|he5):(.+)$", text, re.IGNORECASE):
+        return match.group(1).strip("/").replace("/", "_") or "volume"
+    name = text.rsplit("/", 1)[-1] or "volume"
+    for suffix in (".ome.zarr", ".zarr.zip", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return Path(name).stem or name
+
+
+def _image_layer(volume: Volume, name: str) -> LayerData:
+    levels = list(volume.levels)
+    meta: dict[str, Any] = {
+        "name": name,
+        "scale": tuple(volume.spacing),
+        "translate": tuple(volume.origin),
+        "contrast_limits": contrast_limits(levels[-1]),
+        "multiscale": len(levels) > 1,
+        "metadata": {"source": volume.source, "kind": volume.kind, "spacing": volume.spacing},
+    }
+    if volume.axes == "czyx":
+        n = int(levels[0].shape[0])
+        meta["channel_axis"] = 0
+        meta["name"] = [f"{name} [{c}]" for c in range(n)]
+        meta["colormap"] = "gray" if n == 1 else "magma"
+        meta["blending"] = "additive"
+    data = levels if len(levels) > 1 else levels[0]
+    return data, meta, "image"
+
+
+def _labels_layer(
+    levels: Sequence[da.Array], volume: Volume, name: str, label_meta: Mapping[str, Any] | None
+) -> LayerData:
+    levels = list(levels)
+    # a label image may be stored at another resolution than the image it belongs to
+    full = volume.shape[-3:]
+    scale = tuple(
+        s * f / n for s, f, n in zip(volume.spacing, full, levels[0].shape[-3:])
+    )
+    meta: dict[str, Any] = {
+        "name": name,
+        "scale": scale,
+        "translate": tuple(volume.origin),
+        "multiscale": len(levels) > 1,
+        "metadata": {"source": volume.source, "kind": volume.kind, "spacing": scale},
+    }
+    colormap, features = _label_style(label_meta or {})
+    if colormap:
+        meta["colormap"] = colormap
+    if features:
+        meta["features"] = features
+    data = levels if len(levels) > 1 else levels[0]
+    return data, meta, "labels"
+
+
+def _image_label(attrs: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The NGFF ``image-label`` entry of a group's attributes (v0.4 or v0.5), or None."""
+    ome = attrs.get("ome")
+    if isinstance(ome, Mapping) and isinstance(ome.get("image-label"), Mapping):
+        return ome["image-label"]
+    value = attrs.get("image-label")
+    return value if isinstance(value, Mapping) else None
+
+
+def _label_group_meta(source: str, name: str) -> Mapping[str, Any] | None:
+    """The ``image-label`` metadata of ``source/labels/name`` (metadata read only)."""
+    import zarr
+
+    if not (_URL.match(source) or Path(source).is_dir()):
+        return None
+    try:
+        group = zarr.open_group(f"{source.rstrip('/')}/labels/{name}", mode="r")
+        return _image_label(dict(group.attrs))
+    except (OSError, KeyError, ValueError, TypeError) as exc:  # no colours: still open it
+        log.info("no label colours for %s/labels/%s (%s)", source, name, exc)
+        return None
+
+
+def _label_style(
+    label_meta: Mapping[str, Any],
+) -> tuple[dict[Any, tuple[float, ...]] | None, dict[str, list] | None]:
+    """napari direct colormap and features (class names) from NGFF ``image-label``."""
+    colors: dict[Any, tuple[float, ...]] = {}
+    for entry in label_meta.get("colors") or ():
+        try:
+            value = int(entry["label-value"])
+            rgba = [float(c) / 255 for c in entry["rgba"]]
+        except (KeyError, TypeError, ValueError):
+            continue
+        colors[value] = tuple((rgba + [1.0])[:4])
+    names: dict[int, str] = {}
+    for entry in label_meta.get("properties") or ():
+        if "label-value" in entry and "class" in entry:
+            names[int(entry["label-value"])] = str(entry["class"])
+    colormap = None
+    if colors:
+        colormap = {0: (0.0, 0.0, 0.0, 0.0), **colors, None: DEFAULT_LABEL_COLOR}
+    features = None
+    if names:
+        values = sorted(set(names) | {0})
+        features = {
+            "index": values,
+            "class": [names.get(v, "unlabeled" if v == 0 else "") for v in values],
+        }
+    return colormap, features
+
+
+def contrast_limits(arr: da.Array) -> tuple[float, float]:
+    """Contrast limits for display, without reading the array whole.
+
+    8-bit data gets its full range. Otherwise the 0.5 and 99.5 percentiles of
+    ``arr`` (pass the smallest pyramid level) when it is small, else of a few of
+    its blocks along the diagonal through the centre.
+    """
+    import dask
+
+    dtype = np.dtype(arr.dtype)
+    if dtype == np.uint8:
+        return 0.0, 255.0
+    if dtype == np.bool_:
+        return 0.0, 1.0
+    if arr.size <= _SMALL:
+        sample = np.asarray(arr.compute())
+    else:
+        picks = sorted(
+            {
+                tuple(int(round(t * (n - 1))) for n in arr.numblocks)
+                for t in np.linspace(0.2, 0.8, _SAMPLE_BLOCKS)
+            }
+        )
+        blocks = dask.compute(*(arr.blocks[idx] for idx in picks))
+        sample = np.concatenate([np.asarray(b).ravel() for b in blocks])
+    sample = sample.ravel()
+    if sample.size > _SMALL:
+        sample = sample[:: sample.size // _SMALL + 1]
+    sample = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
+    if sample.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi

@@ -1,0 +1,185 @@
+"""Subprocess entry point that runs nnU-Net for :mod:`napari_scrollseg.engine.train`.
+
+``python -m napari_scrollseg.engine._train_worker plan|train ...`` with the
+``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` environment set by the
+parent. Progress goes to stdout as lines ``MARKER + json``; everything else nnU-Net
+prints passes through. SIGTERM stops training at the next iteration and saves
+``checkpoint_latest.pth`` so that a resume continues from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+MARKER = "\x1escrollseg-event "
+PLANNERS = {
+    "default": "ExperimentPlanner",
+    "resenc-m": "nnUNetPlannerResEncM",
+    "resenc-l": "nnUNetPlannerResEncL",
+    "resenc-xl": "nnUNetPlannerResEncXL",
+}
+log = logging.getLogger(__name__)
+
+
+def emit(kind: str, **fields) -> None:
+    """Write one progress event line for the parent process."""
+    sys.stdout.write(MARKER + json.dumps({"kind": kind, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import nnunetv2
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+        preprocess_dataset,
+    )
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    emit("step", message="checking the dataset and extracting its fingerprint")
+    extract_fingerprint_dataset(
+        args.dataset_id,
+        num_processes=args.num_processes,
+        check_dataset_integrity=True,
+        clean=True,
+        verbose=False,
+        show_progress_bar=False,
+    )
+    planner = recursive_find_python_class(
+        os.path.join(nnunetv2.__path__[0], "experiment_planning"),
+        PLANNERS[args.planner],
+        current_module="nnunetv2.experiment_planning",
+    )
+    emit("step", message=f"planning with {PLANNERS[args.planner]}")
+    _, identifier = plan_experiment_dataset(args.dataset_id, planner)
+    emit("step", message=f"preprocessing {args.configuration} ({identifier})")
+    preprocess_dataset(
+        args.dataset_id,
+        identifier,
+        configurations=(args.configuration,),
+        num_processes=(args.num_processes,),
+        show_progress_bar=False,
+    )
+    emit("planned", plans=identifier)
+    return 0
+
+
+def _pick_device(name: str | None):
+    import torch
+
+    if name in (None, "", "auto"):
+        name = (
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if torch.backends.mps.is_available()
+            else "cpu"
+        )
+    if name == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    elif name == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    return torch.device(name)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from napari_scrollseg.nnunet_trainers.sparse import TrainingCancelled, nnUNetTrainerSparse
+
+    stop = {"requested": False, "in_loop": False}
+
+    def on_term(signum, frame):
+        stop["requested"] = True
+        if not stop["in_loop"]:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    device = _pick_device(args.device)
+    base = os.path.join(str(nnUNet_preprocessed), args.dataset_name)
+    plans = load_json(os.path.join(base, args.plans + ".json"))
+    plans["continue_training"] = args.resume
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    trainer = nnUNetTrainerSparse(
+        plans=plans,
+        configuration=args.configuration,
+        fold=fold,
+        dataset_json=load_json(os.path.join(base, "dataset.json")),
+        device=device,
+    )
+    if args.epochs is not None:
+        trainer.num_epochs = args.epochs
+    if args.iterations is not None:
+        trainer.num_iterations_per_epoch = args.iterations
+        trainer.num_val_iterations_per_epoch = max(1, round(args.iterations / 5))
+    trainer.should_stop = lambda: stop["requested"]
+    trainer.epoch_callback = lambda record: emit("epoch", **record)
+    emit(
+        "step",
+        message=f"fold {fold}: training on {device.type}, {trainer.num_epochs} epochs x "
+        f"{trainer.num_iterations_per_epoch} iterations",
+        output_folder=trainer.output_folder_base,
+    )
+    start = None
+    if args.resume:
+        for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+            path = os.path.join(trainer.output_folder, name)
+            if os.path.isfile(path):
+                start = path
+                break
+    if start is not None:
+        trainer.load_checkpoint(start)
+        emit("resumed", checkpoint=start, epoch=trainer.current_epoch)
+    stop["in_loop"] = True
+    try:
+        trainer.run_training()
+    except TrainingCancelled:
+        path = trainer.save_interrupted()
+        emit("cancelled", checkpoint=path, epoch=trainer.current_epoch)
+        return 0
+    finally:
+        stop["in_loop"] = False
+    if stop["requested"]:
+        return 128 + signal.SIGTERM
+    emit("step", message=f"fold {fold}: validating on the held-out cases")
+    trainer.perform_actual_validation(False)
+    emit("fold_done", fold=fold, output_folder=trainer.output_folder)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the worker's arguments and run ``plan`` or ``train``."""
+    parser = argparse.ArgumentParser(prog="scrollseg-train-worker")
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("plan")
+    p.add_argument("--dataset-id", type=int, required=True)
+    p.add_argument("--dataset-name", required=True)
+    p.add_argument("--configuration", required=True)
+    p.add_argument("--planner", choices=sorted(PLANNERS), default="default")
+    p.add_argument("--num-processes", type=int, default=2)
+    t = sub.add_parser("train")
+    t.add_argument("--dataset-name", required=True)
+    t.add_argument("--configuration", required=True)
+    t.add_argument("--plans", required=True)
+    t.add_argument("--fold", required=True)
+    t.add_argument("--device", default=None)
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--iterations", type=int, default=None)
+    t.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    return _plan(args) if args.step == "plan" else _train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""Sparse annotations aligned with an image: class table, zarr-backed label store, Otsu start.
+
+Label semantics (DESIGN.md): ``0`` unlabeled, ``1..K`` user classes, and one explicit
+*ignore* value, the largest value of the label dtype (255 for uint8, 65535 for uint16).
+
+The :class:`AnnotationStore` is an OME-Zarr label image (zarr format 2, one level,
+written by :mod:`napari_scrollseg.engine.omezarr`) whose chunks exist on disk only
+where something was painted, so it can cover a whole scroll. Painting goes into
+per-chunk buffers in memory; :meth:`AnnotationStore.save` writes the dirty chunks only.
+
+Atomic saving: each chunk is written through zarr-python's ``LocalStore``, which (zarr
+3.1, ``zarr/storage/_local.py``: ``_atomic_write``) writes ``<key>.<uuid>.partial`` and
+then ``os.replace``-s it onto the chunk key; a chunk that becomes all ``0`` is deleted
+(``write_empty_chunks=False``), also a single atomic call. A ``kill -9`` in the middle of
+a save therefore leaves every chunk either in its old or its new state (a test kills a
+saving process repeatedly to check this). Left-over ``*.partial`` files are removed when
+the store is opened. Not covered: power loss (no ``fsync``), and two processes writing
+the same store at once (one writer per store).
+
+Autosave is left to the caller (the widget calls :meth:`AnnotationStore.save` on a
+timer); :func:`autosave_every` is a small helper for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from napari_scrollseg.engine.errors import ScrollsegError
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import zarr
+
+log = logging.getLogger(__name__)
+
+UNLABELED = 0
+ATTRS_KEY = "scrollseg"
+FORMAT_VERSION = 1
+# first colours match the phantom's air / papyrus / ink; the rest are distinct hues
+_PALETTE = [
+    (60, 60, 160),
+    (230, 190, 110),
+    (220, 30, 30),
+    (51, 204, 0),
+    (255, 255, 0),
+    (0, 122, 153),
+    (255, 153, 51),
+    (204, 255, 255),
+    (115, 0, 102),
+    (11, 0, 255),
+]
+
+
+def ignore_value(dtype: np.dtype | str) -> int:
+    """The ignore label of a label dtype: its largest value (255 for uint8, 65535 for uint16)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "ui":
+        raise ScrollsegError(f"label dtype must be an integer type such as uint8, got {dtype}")
+    return int(np.iinfo(dtype).max)
+
+
+IGNORE = {"uint8": ignore_value("uint8"), "uint16": ignore_value("uint16")}
+
+
+@dataclass
+class LabelClass:
+    """One annotation class: label value ``id`` (1..K), ``name`` and RGB ``color`` (0..255)."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass
+class ClassTable:
+    """The classes ``1..K`` of an annotation, in id order, ids consecutive from 1."""
+
+    classes: list[LabelClass] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.classes = sorted(self.classes, key=lambda c: c.id)
+        ids = self.ids()
+        if not ids:
+            raise ScrollsegError("a class table needs at least one class (class 1 is background)")
+        if ids != list(range(1, len(ids) + 1)):
+            raise ScrollsegError(
+                f"class ids must be 1, 2, ..., K with no gaps (0 means unlabeled), got {ids}"
+            )
+        names = self.names()
+        if len(set(names)) != len(names) or "ignore" in names or any(not n for n in names):
+            raise ScrollsegError(
+                f"class names must be unique, non-empty and not 'ignore', got {names}"
+            )
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> ClassTable:
+        """Classes ``1..K`` named in order, with default colours."""
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        return cls(
+            [
+                LabelClass(i + 1, str(n), _PALETTE[i % len(_PALETTE)])
+                for i, n in enumerate(names)
+            ]
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassTable:
+        """From ``{name: {"id": int, "color": [r, g, b]}}``; an id 0 entry (unlabeled) is skipped."""
+        classes = []
+        try:
+            for name, entry in data.items():
+                cid = int(entry["id"])
+                if cid == UNLABELED:
+                    continue
+                color = tuple(int(c) for c in entry.get("color", _PALETTE[(cid - 1) % 10]))[:3]
+                classes.append(LabelClass(cid, str(name), color))  # type: ignore[arg-type]
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ScrollsegError(
+                'class table must map each name to {"id": int, "color": [r, g, b]}'
+            ) from exc
+        return cls(classes)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ClassTable:
+        """Read a ``dataset_info.json``-style file: ``{name: {"id": ..., "color": [...]}}``."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ScrollsegError(f"cannot read class table {path}: {exc}") from exc
+        if isinstance(data, dict) and isinstance(data.get("classes"), dict):
+            data = data["classes"]
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"id": id, "color": [r, g, b]}}`` in id order."""
+        return {c.name: {"id": c.id, "color": list(c.color)} for c in self.classes}
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def ids(self) -> list[int]:
+        """Class ids, ``[1, ..., K]``."""
+        return [c.id for c in self.classes]
+
+    def names(self) -> list[str]:
+        """Class names in id order."""
+        return [c.name for c in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def as_napari_colors(self, *, ignore: int | None = 255) -> dict[int | None, tuple[float, ...]]:
+        """Colour dict for a napari labels layer (RGBA 0..1; 0 transparent, ignore grey)."""
+        colors: dict[int | None, tuple[float, ...]] = {
+            None: (0.0, 0.0, 0.0, 0.0),
+            UNLABELED: (0.0, 0.0, 0.0, 0.0),
+        }
+        for c in self.classes:
+            colors[c.id] = (*(v / 255 for v in c.color), 1.0)
+        if ignore is not None:
+            colors[ignore] = (0.5, 0.5, 0.5, 0.6)
+        return colors
+
+
+def _volume_parts(image: Any) -> tuple[Any, tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(array, spacing, origin)`` of a Volume (anything with ``.data``) or an array."""
+    if hasattr(image, "data") and hasattr(image, "spacing") and not isinstance(image, np.ndarray):
+        origin = getattr(image, "origin", None)
+        return (
+            image.data,
+            tuple(float(s) for s in image.spacing),
+            None if origin is None else tuple(float(o) for o in origin),
+        )
+    return image, None, None
+
+
+def _normalize_box(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+    """Basic-indexing key -> (step-1 slices clipped to ``shape``, axes indexed by an int)."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
+    if len(key) > len(shape):
+        raise IndexError(f"too many indices for a {len(shape)}-d annotation")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    slices, int_axes = [], []
+    for ax, (k, n) in enumerate(zip(key, shape)):
+        if isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step != 1:
+                raise IndexError("annotation boxes take slices with step 1 only")
+            slices.append(slice(start, max(start, stop)))
+        elif isinstance(k, (int, np.integer)):
+            i = int(k) + n if k < 0 else int(k)
+            if not 0 <= i < n:
+                raise IndexError(f"index {k} out of range for axis {ax} of size {n}")
+            slices.append(slice(i, i + 1))
+            int_axes.append(ax)
+        else:
+            raise IndexError("annotation boxes take ints and slices only")
+    return tuple(slices), tuple(int_axes)
+
+
+class AnnotationStore:
+    """An integer label volume aligned with an image, backed by a sparse zarr on disk.
+
+    Create with :meth:`create`, :meth:`open` or :meth:`open_or_create`. Index it like a
+    numpy array with ints and step-1 slices: reading returns numpy (unsaved paint
+    included), assigning paints into per-chunk buffers marked dirty. :meth:`save` writes
+    the dirty chunks atomically and returns how many it wrote.
+    """
+
+    def __init__(self, path: str | Path, *, _group: zarr.Group | None = None) -> None:
+        import zarr
+
+        self.path = Path(path)
+        try:
+            group = _group if _group is not None else zarr.open_group(str(self.path), mode="r+")
+            meta = dict(group.attrs[ATTRS_KEY]["annotation"])
+            self._array = group["0"]
+        except (FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+            raise ScrollsegError(
+                f"{self.path} is not a scrollseg annotation store; create one with "
+                "AnnotationStore.create or open_or_create"
+            ) from exc
+        self._group = group
+        self.spacing = tuple(float(s) for s in meta["spacing"])
+        self.origin = tuple(float(o) for o in meta["origin"])
+        self._classes = ClassTable.from_dict(meta["classes"])
+        self.dtype = np.dtype(self._array.dtype)
+        self.ignore_value = ignore_value(self.dtype)
+        self.chunks = tuple(int(c) for c in self._array.chunks)
+        self._dirty: dict[tuple[int, ...], np.ndarray] = {}
+        self._meta_dirty = False
+        self._lock = threading.RLock()
+        self._remove_partials()
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        shape: Sequence[int],
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        origin: Sequence[float] | None = None,
+        classes: ClassTable | Sequence[str],
+        chunks: Sequence[int] = (64, 64, 64),
+        dtype: str | np.dtype = "uint8",
+        overwrite: bool = False,
+    ) -> AnnotationStore:
+        """Create an empty store (nothing but metadata on disk) at ``path``."""
+        from napari_scrollseg.engine import omezarr
+
+        classes = classes if isinstance(classes, ClassTable) else ClassTable.from_names(classes)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ScrollsegError(f"annotation shape must be three sizes (z, y, x), got {shape}")
+        ign = ignore_value(dtype)
+        if len(classes) >= ign:
+            raise ScrollsegError(
+                f"{len(classes)} classes do not fit {np.dtype(dtype)} with ignore={ign}; use uint16"
+            )
+        origin = tuple(float(o) for o in (origin if origin is not None else (0.0,) * 3))
+        meta = {
+            "version": FORMAT_VERSION,
+            "spacing": [float(s) for s in spacing],
+            "origin": list(origin),
+            "ignore": ign,
+            "classes": classes.to_dict(),
+        }
+        colors = {c.id: (*c.color, 255) for c in classes.classes}
+        colors[ign] = (128, 128, 128, 160)
+        names = {c.id: c.name for c in classes.classes}
+        names[ign] = "ignore"
+        group = omezarr.create_image(
+            path,
+            shape=shape,
+            dtype=dtype,
+            chunks=tuple(int(c) for c in chunks),
+            spacing=spacing,
+            origin=origin,
+            n_levels=1,
+            name=Path(path).name,
+            attrs={ATTRS_KEY: {"annotation": meta}},
+            overwrite=overwrite,
+            image_label={
+                "colors": [{"label-value": v, "rgba": list(c)} for v, c in colors.items()],
+                "properties": [{"label-value": v, "class": n} for v, n in names.items()],
+            },
+        )
+        log.info("created annotation store %s shape %s", path, shape)
+        return cls(path, _group=group)
+
+    @classmethod
+    def open(cls, path: str | Path) -> AnnotationStore:
+        """Open an existing store (class table and labels resume where they were saved)."""
+        if not Path(path).exists():
+            raise ScrollsegError(f"annotation store {path} does not exist")
+        return cls(path)
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | Path,
+        like: Any,
+        classes: ClassTable | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> AnnotationStore:
+        """Open ``path`` if it exists (checking it matches ``like``), else create it like ``like``.
+
+        ``like`` is a Volume or an array (z, y, x). ``classes`` is needed to create.
+        """
+        data, spacing, origin = _volume_parts(like)
+        shape = tuple(int(s) for s in data.shape[-3:])
+        if Path(path).exists():
+            store = cls.open(path)
+            if store.shape != shape:
+                raise ScrollsegError(
+                    f"annotation {path} has shape {store.shape} but the image has {shape}; "
+                    "open the image it was made for or choose another annotation path"
+                )
+            return store
+        if classes is None:
+            raise ScrollsegError(f"{path} does not exist yet: give the classes to create it")
+        return cls.create(
+            path,
+            shape=shape,
+            spacing=spacing or (1.0, 1.0, 1.0),
+            origin=origin,
+            classes=classes,
+            **kwargs,
+        )
+
+    # -- properties --------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape ``(z, y, x)``."""
+        return tuple(int(s) for s in self._array.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Always 3."""
+        return 3
+
+    @property
+    def classes(self) -> ClassTable:
+        """The class table (assigning one marks it for the next :meth:`save`)."""
+        return self._classes
+
+    @classes.setter
+    def classes(self, table: ClassTable) -> None:
+        if len(table) >= self.ignore_value:
+            raise ScrollsegError(f"{len(table)} classes do not fit {self.dtype}")
+        self._classes = table
+        self._meta_dirty = True
+
+    @property
+    def dirty_chunks(self) -> int:
+        """Number of painted chunks not saved yet."""
+        return len(self._dirty)
+
+    def __repr__(self) -> str:
+        return (
+            f"AnnotationStore({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"classes={self.classes.names()}, dirty={len(self._dirty)})"
+        )
+
+    # -- chunk geometry ----------------------------------------------------------------
+    def _chunk_box(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(
+            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.chunks, self.shape)
+        )
+
+    def _chunks_in(self, box: tuple[slice, ...]) -> Iterator[tuple[int, ...]]:
+        ranges = [
+            range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0)
+            for s, c in zip(box, self.chunks)
+        ]
+        return product(*ranges)
+
+    def _stored_chunk_ids(self) -> list[tuple[int, ...]]:
+        """Chunk indices that exist on disk (listing files; never reads the empty grid)."""
+        root = self.path / "0"
+        found = []
+        for dirpath, _, files in os.walk(root):
+            rel = Path(dirpath).relative_to(root).parts
+            for f in files:
+                parts = (*rel, f)
+                if len(parts) == 3 and all(p.isdigit() for p in parts):
+                    found.append(tuple(int(p) for p in parts))
+        return found
+
+    def _remove_partials(self) -> None:
+        for p in (self.path / "0").rglob("*.partial"):
+            log.warning("removing unfinished write %s (an earlier save was interrupted)", p)
+            p.unlink(missing_ok=True)
+
+    # -- reading and painting ----------------------------------------------------------
+    def _read_box(self, box: tuple[slice, ...]) -> np.ndarray:
+        with self._lock:
+            out = np.asarray(self._array[box])
+            for idx in self._chunks_in(box):
+                buf = self._dirty.get(idx)
+                if buf is None:
+                    continue
+                cbox = self._chunk_box(idx)
+                inter = tuple(
+                    slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, cbox)
+                )
+                out[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))] = (
+                    buf[tuple(slice(i.start - c.start, i.stop - c.start) for i, c in zip(inter, cbox))]
+                )
+            return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        box, int_axes = _normalize_box(key, self.shape)
+        out = self._read_box(box)
+        return out.squeeze(axis=int_axes) if int_axes else out
+
+    def _check_values(self, value: np.ndarray) -> None:
+        allowed = np.array([UNLABELED, *self.classes.ids(), self.ignore_value])
+        values = np.unique(value)
+        bad = values[~np.isin(values, allowed)]
+        if bad.size:
+            raise ScrollsegError(
+                f"label values {bad.tolist()[:10]} are not in the class table "
+                f"(0 unlabeled, 1..{len(self.classes)} {self.classes.names()}, "
+                f"{self.ignore_value} ignore); add the class first"
+            )
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        box, int_axes = _normalize_box(key, self.shape)
+        region = tuple(s.stop - s.start for s in box)
+        value = np.asarray(value)
+        if value.dtype.kind not in "biu" and not (value.dtype.kind == "f" and np.all(value % 1 == 0)):
+            raise ScrollsegError(f"labels must be integers, got {value.dtype}")
+        self._check_values(value)
+        if int_axes and value.ndim == len(self.shape) - len(int_axes):
+            value = np.expand_dims(value, int_axes)
+        try:
+            value = np.broadcast_to(value.astype(self.dtype, copy=False), region)
+        except ValueError as exc:
+            raise ScrollsegError(f"cannot paint a {value.shape} array into box {region}") from exc
+        with self._lock:
+            for idx in self._chunks_in(box):
+                cbox = self._chunk_box(idx)
+                buf = self._dirty.get(idx)
+                if buf is None:
+                    buf = np.array(self._array[cbox], dtype=self.dtype)
+                inter = tuple(
+                    slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, cbox)
+                )
+                buf[tuple(slice(i.start - c.start, i.stop - c.start) for i, c in zip(inter, cbox))] = (
+                    value[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))]
+                )
+                self._dirty[idx] = buf
+
+    def save(self) -> int:
+        """Write dirty chunks (each atomically) and changed metadata; return chunks written."""
+        with self._lock:
+            if self._meta_dirty:
+                attrs = dict(self._group.attrs[ATTRS_KEY])
+                attrs["annotation"] = {**attrs["annotation"], "classes": self.classes.to_dict()}
+                self._group.attrs[ATTRS_KEY] = attrs
+                self._meta_dirty = False
+            written = 0
+            for idx in sorted(self._dirty):
+                self._array[self._chunk_box(idx)] = self._dirty[idx]
+                written += 1
+            self._dirty.clear()
+        if written:
+            log.debug("saved %d chunks to %s", written, self.path)
+        return written
+
+    def discard(self) -> int:
+        """Drop unsaved paint; return how many chunks were dropped."""
+        with self._lock:
+            n = len(self._dirty)
+            self._dirty.clear()
+            return n
+
+    # -- whole-volume views ------------------------------------------------------------
+    def as_dask(self) -> da.Array:
+        """The labels as a lazy dask array, one task per zarr chunk (unsaved paint included)."""
+        import dask.array as da
+
+        def block(block_info: dict | None = None) -> np.ndarray:
+            loc = block_info[None]["array-location"]
+            return self._read_box(tuple(slice(a, b) for a, b in loc))
+
+        chunks = tuple(
+            tuple(min(c, n - i) for i in range(0, n, c)) for c, n in zip(self.chunks, self.shape)
+        )
+        return da.map_blocks(
+            block, dtype=self.dtype, chunks=chunks, meta=np.empty((0, 0, 0), self.dtype)
+        )
+
+    def annotated_bbox(self, *, classes_only: bool = False) -> tuple[slice, ...] | None:
+        """Bounding box of voxels ``!= 0`` (or only of class voxels ``1..K``), or ``None``.
+
+        Reads only chunks that exist on disk or hold unsaved paint.
+        """
+        lo = np.full(3, np.iinfo(np.int64).max)
+        hi = np.full(3, -1)
+        with self._lock:
+            ids = set(self._stored_chunk_ids()) | set(self._dirty)
+            for idx in ids:
+                cbox = self._chunk_box(idx)
+                block = self._dirty.get(idx)
+                if block is None:
+                    block = np.asarray(self._array[cbox])
+                mask = (block != UNLABELED) & (block != self.ignore_value) if classes_only else block != 0
+                if not mask.any():
+                    continue
+                for ax in range(3):
+                    other = tuple(a for a in range(3) if a != ax)
+                    hit = np.flatnonzero(mask.any(axis=other))
+                    lo[ax] = min(lo[ax], cbox[ax].start + hit[0])
+                    hi[ax] = max(hi[ax], cbox[ax].start + hit[-1])
+        if hi[0] < 0:
+            return None
+        return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+
+    def class_counts(self) -> dict[int, int]:
+        """Voxel count per stored value other than 0 (reads stored chunks only)."""
+        counts: dict[int, int] = {}
+        with self._lock:
+            for idx in set(self._stored_chunk_ids()) | set(self._dirty):
+                block = self._dirty.get(idx)
+                if block is None:
+                    block = np.asarray(self._array[self._chunk_box(idx)])
+                values, n = np.unique(block, return_counts=True)
+                for v, c in zip(values.tolist(), n.tolist()):
+                    if v != UNLABELED:
+                        counts[v] = counts.get(v, 0) + c
+        return counts
+
+    # -- Otsu start --------------------------------------------------------------------
+    def otsu_start(
+        self,
+        image: Any,
+        *,
+        z: int | None = None,
+        threshold_from: Literal["slice", "volume"] = "slice",
+        upper: float | None = None,
+        max_blocks: int = 256,
+    ) -> float:
+        """Fill slice ``z`` (default the middle one) with class 1 where ``otsu < image < upper``.
+
+        The threshold comes from that slice or from the volume (a histogram over at most
+        ``max_blocks`` evenly spread dask blocks, so the volume is never loaded whole).
+        Voxels below the threshold keep their label. Returns the threshold.
+        """
+        data, _, _ = _volume_parts(image)
+        if tuple(data.shape) != self.shape:
+            raise ScrollsegError(
+                f"image shape {tuple(data.shape)} does not match the annotation {self.shape}"
+            )
+        z = self.shape[0] // 2 if z is None else int(z)
+        if not 0 <= z < self.shape[0]:
+            raise ScrollsegError(f"slice z={z} is outside the volume (0..{self.shape[0] - 1})")
+        plane = np.asarray(data[z])
+        if threshold_from == "slice":
+            threshold = _otsu_of(plane)
+        elif threshold_from == "volume":
+            threshold = volume_otsu(data, max_blocks=max_blocks)
+        else:
+            raise ScrollsegError(f"threshold_from must be 'slice' or 'volume', not {threshold_from!r}")
+        mask = plane > threshold
+        if upper is not None:
+            mask &= plane < upper
+        current = self[z]
+        current[mask] = 1
+        self[z] = current
+        log.info("Otsu start: slice %d, threshold %.4g, %d voxels -> class 1", z, threshold, mask.sum())
+        return float(threshold)
+
+
+def _otsu_of(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    if values.size == 0 or np.all(values == values.flat[0]):
+        raise ScrollsegError("the image region is uniform: Otsu needs at least two grey levels")
+    return float(threshold_otsu(values))
+
+
+def volume_otsu(data: Any, *, max_blocks: int = 256, bins: int = 1024) -> float:
+    """Otsu threshold of a (dask or numpy) volume from a histogram of sampled blocks."""
+    import dask
+    import dask.array as da
+    from skimage.filters import threshold_otsu
+
+    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data))
+    n_blocks = arr.numblocks
+    total = int(np.prod(n_blocks))
+    picks = np.unique(np.linspace(0, total - 1, min(total, max_blocks)).round().astype(int))
+    blocks = [arr.blocks[np.unravel_index(i, n_blocks)] for i in picks]
+    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
+        lo, hi = float(np.iinfo(arr.dtype).min), float(np.iinfo(arr.dtype).max) + 1
+        bins = int(hi - lo)
+    else:
+        mins, maxs = dask.compute([b.min() for b in blocks], [b.max() for b in blocks])
+        lo, hi = float(min(mins)), float(max(maxs))
+        if hi <= lo:
+            raise ScrollsegError("the volume is uniform: Otsu needs at least two grey levels")
+    hists = dask.compute(*[da.histogram(b, bins=bins, range=(lo, hi))[0] for b in blocks])
+    counts = np.sum(hists, axis=0)
+    edges = np.linspace(lo, hi, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    keep = counts > 0
+    if keep.sum() < 2:
+        raise ScrollsegError("the volume is uniform: Otsu needs at least two grey levels")
+    first, last = np.flatnonzero(keep)[[0, -1]]
+    return float(threshold_otsu(hist=(counts[first : last + 1], centres[first : last + 1])))
+
+
+def autosave_every(store: AnnotationStore, seconds: float) -> threading.Event:
+    """Save ``store`` every ``seconds`` on a daemon thread; set the returned event to stop.
+
+    Saves once more when stopped. The widget uses a Qt timer instead.
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            store.save()
+        store.save()
+
+    threading.Thread(target=loop, name=f"autosave-{store.path.name}", daemon=True).start()
+    return stop

@@ -1,0 +1,762 @@
+"""Load a trained nnU-Net v2 model and apply its preprocessing exactly as nnU-Net does.
+
+A model is an nnU-Net v2 trained-model folder (``…/DatasetXXX_Name/Trainer__Plans__config``
+with ``plans.json``, ``dataset.json`` and ``fold_N/checkpoint_*.pth``), a folder above one
+(pick it with ``configuration=``), or the zip written by ``nnUNetv2_export_model_to_zip``.
+Model files are untrusted: checkpoints load with ``torch.load(weights_only=True)`` and zip
+members that would land outside the extraction folder are refused.
+
+Everything works in *volume* axis order ``(z, y, x)``: the model's ``transpose_forward``
+is applied inside :meth:`LoadedModel.forward`, and ``patch_size``, ``spacing`` are given
+in volume order. What scrollseg does not do that nnU-Net does: resampling. A volume whose
+spacing differs from the model's is refused (``ignore_spacing=True`` overrides).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.tiling import TTA_MODES, Grid, make_grid, tta_transforms
+
+if TYPE_CHECKING:
+    import dask.array
+    import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LoadedModel",
+    "as_czyx",
+    "choose_device",
+    "clear_cache",
+    "forward_passes",
+    "load_model",
+    "nonzero_bbox",
+]
+
+Box = tuple[slice, ...]
+SUPPORTED_SCHEMES = (
+    "CTNormalization",
+    "ZScoreNormalization",
+    "NoNormalization",
+    "RescaleTo01Normalization",
+    "RGBTo01Normalization",
+)
+_SPACING_RTOL = 1e-2
+
+_MODELS: dict[tuple, LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+_BBOXES: dict[str, Box] = {}
+_STATS: dict[tuple, list[dict[str, float]]] = {}
+
+
+class _Counter:
+    """Thread-safe count of tiles run through a network (each tile once, whatever the TTA)."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._n += n
+
+    @property
+    def value(self) -> int:
+        return self._n
+
+
+_FORWARD_PASSES = _Counter()
+
+
+def forward_passes() -> int:
+    """Number of tiles run through any model's :meth:`~LoadedModel.forward` in this process.
+
+    One tile counts once however many folds and TTA passes it gets, so this compares
+    directly with nnU-Net's number of sliding-window steps (:attr:`Grid.n_tiles`).
+    """
+    return _FORWARD_PASSES.value
+
+
+# -- devices --------------------------------------------------------------------------------
+def choose_device(device: str | None = None) -> torch.device:
+    """The torch device to run on: ``device`` if given, else CUDA, else MPS, else CPU."""
+    import torch
+
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ScrollsegError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ScrollsegError("device 'cuda' requested but CUDA is not available: use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ScrollsegError("device 'mps' requested but MPS is not available: use --device cpu")
+    return dev
+
+
+# -- volumes --------------------------------------------------------------------------------
+def as_czyx(volume: Any) -> tuple[dask.array.Array, tuple[float, ...] | None]:
+    """A volume as a dask array ``(c, z, y, x)`` and its spacing (None if unknown).
+
+    Accepts a :class:`~napari_scrollseg.engine.volumes.Volume` (anything with ``.data``,
+    ``.spacing`` and optionally ``.axes``), a dask array or a numpy array, ``(z, y, x)`` or
+    ``(c, z, y, x)``.
+    """
+    import dask.array as da
+
+    data = getattr(volume, "data", volume)
+    spacing = getattr(volume, "spacing", None)
+    axes = getattr(volume, "axes", None)
+    arr = data if isinstance(data, da.Array) else da.asarray(np.asarray(data))
+    if axes is not None and axes not in ("zyx", "czyx"):
+        raise ScrollsegError(f"volume axes {axes!r} not supported: expected 'zyx' or 'czyx'")
+    if arr.ndim == 3 and axes != "czyx":
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ScrollsegError(
+            f"expected a 3D volume (z, y, x) or (c, z, y, x), got shape {tuple(arr.shape)}: "
+            "nnU-Net models here run on 3D volumes; give a single 2D image as (1, y, x)"
+        )
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+    return arr, spacing
+
+
+def _key(arr: dask.array.Array) -> str:
+    return arr.name
+
+
+def nonzero_bbox(volume: Any) -> Box:
+    """nnU-Net's ``crop_to_nonzero`` bounding box: where any channel is nonzero.
+
+    One dask reduction over the volume, cached per volume. An all-zero volume gives the
+    whole volume. (nnU-Net fills holes in the mask first; that cannot change the box.)
+    """
+    import dask
+
+    arr, _ = as_czyx(volume)
+    key = _key(arr)
+    if key not in _BBOXES:
+        nz = (arr != 0).any(axis=0)
+        projections = [nz.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
+        projections = dask.compute(*projections)
+        box = []
+        for p, n in zip(projections, arr.shape[1:]):
+            idx = np.flatnonzero(p)
+            box.append(slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, int(n)))
+        _BBOXES[key] = tuple(box)
+    return _BBOXES[key]
+
+
+# -- zip and folder ---------------------------------------------------------------------------
+def _cache_root() -> Path:
+    """Where exported zips are extracted: ``$SCROLLSEG_CACHE/models`` or the user cache."""
+    base = os.environ.get("SCROLLSEG_CACHE")
+    if base:
+        return Path(base) / "models"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "napari-scrollseg" / "models"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _extract_zip(path: Path) -> Path:
+    """Extract an exported model zip into the cache (once per zip content); refuse unsafe paths."""
+    digest = _sha256_file(path)
+    target = _cache_root() / digest[:16]
+    if target.is_dir():
+        return target
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise ScrollsegError(f"{path} is not a valid zip file: re-export the model") from exc
+    with zf:
+        for info in zf.infolist():
+            name = info.filename
+            parts = Path(name).parts
+            mode = info.external_attr >> 16
+            if (
+                name.startswith(("/", "\\"))
+                or (len(name) > 1 and name[1] == ":")
+                or ".." in parts
+                or "\\" in name
+                or stat.S_ISLNK(mode)
+            ):
+                raise ScrollsegError(
+                    f"refusing to extract {path}: member {name!r} would leave the target folder "
+                    "(absolute path, '..' or link); use a zip made by nnUNetv2_export_model_to_zip"
+                )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
+        try:
+            root = tmp.resolve()
+            for info in zf.infolist():
+                dest = (tmp / info.filename).resolve()
+                if root not in dest.parents and dest != root:
+                    raise ScrollsegError(f"refusing to extract {path}: {info.filename!r} is unsafe")
+                zf.extract(info, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _find_model_folder(path: Path, configuration: str | None) -> Path:
+    if (path / "plans.json").is_file():
+        return path
+    found = sorted(
+        p.parent for p in path.rglob("plans.json") if (p.parent / "dataset.json").is_file()
+    )
+    if configuration is not None:
+        found = [p for p in found if p.name.endswith(f"__{configuration}")]
+    if not found:
+        what = f" for configuration {configuration!r}" if configuration else ""
+        raise ScrollsegError(
+            f"no plans.json{what} in {path}: point at an nnU-Net trained-model folder "
+            "(…/DatasetXXX_Name/Trainer__Plans__configuration holding plans.json, dataset.json "
+            "and fold_N/) or a zip from nnUNetv2_export_model_to_zip"
+        )
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(path)) for p in found)
+        raise ScrollsegError(f"{path} holds several models ({names}): choose one with configuration=")
+    return found[0]
+
+
+def _fold_dir(folder: Path, fold: int | str) -> Path:
+    return folder / ("fold_all" if str(fold) == "all" else f"fold_{int(fold)}")
+
+
+def _available_folds(folder: Path) -> list[str]:
+    return sorted(p.name[5:] for p in folder.glob("fold_*") if p.is_dir())
+
+
+def _resolve_folds(
+    folder: Path, folds: Any, checkpoint: str
+) -> tuple[tuple[int | str, ...], list[Path]]:
+    if folds is None:
+        auto = sorted(
+            int(p.name[5:])
+            for p in folder.glob("fold_*")
+            if p.name[5:].isdigit() and (p / checkpoint).is_file()
+        )
+        chosen: list[int | str] = list(auto)
+        if not chosen and (folder / "fold_all" / checkpoint).is_file():
+            chosen = ["all"]
+        if not chosen:
+            raise ScrollsegError(
+                f"no fold_*/{checkpoint} in {folder} (folds present: "
+                f"{', '.join(_available_folds(folder)) or 'none'}): train the model first or pass "
+                "checkpoint='checkpoint_best.pth' / --checkpoint"
+            )
+    else:
+        if isinstance(folds, (int, str)):
+            folds = [folds]
+        chosen = ["all" if str(f) == "all" else int(f) for f in folds]
+    files = []
+    for f in chosen:
+        d = _fold_dir(folder, f)
+        if not d.is_dir():
+            raise ScrollsegError(
+                f"fold {f} not found in {folder}: folds present are "
+                f"{', '.join(_available_folds(folder)) or 'none'} (pass folds= / --folds)"
+            )
+        ck = d / checkpoint
+        if not ck.is_file():
+            present = ", ".join(sorted(p.name for p in d.glob("*.pth"))) or "none"
+            raise ScrollsegError(
+                f"{d.name} has no {checkpoint} (checkpoints present: {present}): pass "
+                "checkpoint='checkpoint_best.pth' / --checkpoint, or finish training"
+            )
+        files.append(ck)
+    return tuple(chosen), files
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """``torch.load(weights_only=True)``, allowing only the numpy scalar types nnU-Net logs."""
+    import pickle
+
+    import torch
+
+    allowed = [np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
+    try:
+        allowed.append(np._core.multiarray.scalar)
+    except AttributeError:  # numpy < 2
+        allowed.append(np.core.multiarray.scalar)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ScrollsegError(
+            f"{path} holds objects that are not plain weights and was not loaded (it could run "
+            f"code): {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        raise ScrollsegError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+
+
+# -- the model --------------------------------------------------------------------------------
+@dataclass(eq=False)
+class LoadedModel:
+    """A trained nnU-Net v2 model, ready to run on volumes (see :func:`load_model`).
+
+    ``patch_size``, ``spacing`` and ``mirror_axes`` are in volume axis order; for a 2D
+    model they are in-plane ``(y, x)`` and the model runs slice by slice along z.
+    ``n_classes`` is the number of output channels (label 0 is background).
+    """
+
+    folder: Path
+    configuration: str
+    folds: tuple[int | str, ...]
+    checkpoint: str
+    plans: dict
+    dataset_json: dict
+    patch_size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    n_channels: int
+    label_names: dict[int, str]
+    n_classes: int
+    is_2d: bool
+    mirror_axes: tuple[int, ...]
+    device: torch.device
+    sha256: str
+    normalization_schemes: tuple[str, ...] = ()
+    trainer_name: str = ""
+    _networks: list = field(default_factory=list, repr=False)
+    _transpose: tuple[int, ...] = (0, 1, 2)
+    _model_mirror_axes: tuple[int, ...] = ()
+    _use_mask_for_norm: tuple[bool, ...] = ()
+    _intensity: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    tiles_run: int = 0
+
+    # -- volume checks and preprocessing --------------------------------------------------
+    def check_volume(self, volume: Any, *, ignore_spacing: bool = False) -> None:
+        """Raise :class:`ScrollsegError` if the volume's channels or spacing do not fit.
+
+        Spacing is checked against the model's target spacing (scrollseg does not
+        resample); an unknown spacing (None or all ones) is accepted.
+        """
+        arr, spacing = as_czyx(volume)
+        if arr.shape[0] != self.n_channels:
+            raise ScrollsegError(
+                f"the model expects {self.n_channels} input channel(s) "
+                f"({', '.join(self.dataset_json.get('channel_names', {}).values())}) but the volume "
+                f"has {arr.shape[0]} (shape {tuple(arr.shape)}): give a (c, z, y, x) volume with "
+                f"{self.n_channels} channel(s)"
+            )
+        if ignore_spacing or spacing is None or all(abs(s - 1) < 1e-6 for s in spacing):
+            return
+        ours = spacing[1:] if self.is_2d else spacing
+        if not np.allclose(ours, self.spacing, rtol=_SPACING_RTOL, atol=0):
+            raise ScrollsegError(
+                f"volume spacing {tuple(spacing)} differs from the model's spacing "
+                f"{self.spacing} and scrollseg does not resample: resample the volume to the "
+                "model's spacing, or pass ignore_spacing=True to predict at the volume's own spacing"
+            )
+
+    def grid(self, volume: Any, step: float = 0.5) -> Grid:
+        """nnU-Net's global tile grid for this model over the volume's nonzero box."""
+        bbox = nonzero_bbox(volume)
+        return make_grid(
+            tuple(b.stop - b.start for b in bbox),
+            self.patch_size,
+            step,
+            offset=tuple(b.start for b in bbox),
+        )
+
+    def _stats(self, volume: Any) -> list[dict[str, float]]:
+        import dask
+
+        arr, _ = as_czyx(volume)
+        key = (_key(arr), self.sha256, self.configuration)
+        if key in _STATS:
+            return _STATS[key]
+        bbox = nonzero_bbox(volume)
+        todo: dict[tuple[int, str], Any] = {}
+        for c, scheme in enumerate(self.normalization_schemes):
+            x = arr[(c, *bbox)].astype(np.float64)
+            if scheme == "ZScoreNormalization":
+                if self._use_mask_for_norm[c]:
+                    m = arr[(c, *bbox)] != 0
+                    for other in range(arr.shape[0]):
+                        m = m | (arr[(other, *bbox)] != 0)
+                    n = m.sum()
+                    s1 = (x * m).sum()
+                    s2 = ((x * x) * m).sum()
+                    todo[(c, "n")], todo[(c, "s1")], todo[(c, "s2")] = n, s1, s2
+                else:
+                    todo[(c, "mean")], todo[(c, "std")] = x.mean(), x.std()
+            elif scheme == "RescaleTo01Normalization":
+                todo[(c, "min")], todo[(c, "max")] = x.min(), x.max()
+        values = dict(zip(todo, dask.compute(*todo.values()))) if todo else {}
+        stats: list[dict[str, float]] = []
+        for c in range(len(self.normalization_schemes)):
+            d = {k: float(v) for (cc, k), v in values.items() if cc == c}
+            if "n" in d:
+                n = max(d["n"], 1.0)
+                mean = d["s1"] / n
+                d = {"mean": mean, "std": float(np.sqrt(max(d["s2"] / n - mean * mean, 0.0)))}
+            stats.append(d)
+        if any(v.get("std", 1) == 0 for v in stats):
+            log.warning("a channel of the volume is constant: zscore normalisation divides by ~0")
+        _STATS[key] = stats
+        return stats
+
+    def normalizer(self, volume: Any) -> Callable[[np.ndarray], np.ndarray]:
+        """A function mapping raw ``(c, *box)`` input to float32 normalised as nnU-Net does.
+
+        Schemes come per channel from the plans. ``CTNormalization`` uses the dataset's
+        statistics from the plans. ``ZScoreNormalization`` and ``RescaleTo01Normalization``
+        use statistics of the *whole* volume's nonzero box (as nnU-Net, which sees the
+        whole image); they are computed once with a dask reduction and cached per
+        (volume, model). With ``use_mask_for_norm`` the mask is the nonzero voxels
+        (nnU-Net also fills holes in it; enclosed zero voxels differ).
+        """
+        stats = self._stats(volume)
+        schemes = self.normalization_schemes
+        props = self._intensity
+        use_mask = self._use_mask_for_norm
+
+        def normalise(raw: np.ndarray) -> np.ndarray:
+            out = np.empty(raw.shape, np.float32)
+            nonzero = np.any(raw != 0, axis=0) if any(use_mask) else None
+            for c, scheme in enumerate(schemes):
+                x = raw[c].astype(np.float32)
+                if scheme == "CTNormalization":
+                    p = props[str(c)] if str(c) in props else props[c]
+                    np.clip(x, p["percentile_00_5"], p["percentile_99_5"], out=x)
+                    x -= np.float32(p["mean"])
+                    x /= np.float32(max(p["std"], 1e-8))
+                elif scheme == "ZScoreNormalization":
+                    mean, std = np.float32(stats[c]["mean"]), np.float32(max(stats[c]["std"], 1e-8))
+                    if use_mask[c]:
+                        x = np.where(nonzero, (x - mean) / std, x).astype(np.float32)
+                    else:
+                        x -= mean
+                        x /= std
+                elif scheme == "RescaleTo01Normalization":
+                    lo, hi = stats[c]["min"], stats[c]["max"]
+                    x -= np.float32(lo)
+                    x /= np.float32(max(hi - lo, 1e-8))
+                elif scheme == "RGBTo01Normalization":
+                    x /= np.float32(255.0)
+                out[c] = x
+            return out
+
+        return normalise
+
+    def reader(self, volume: Any) -> Callable[[Box], np.ndarray]:
+        """``read(box)``: the normalised ``(c, *box)`` input as nnU-Net's network sees it.
+
+        Zero outside the nonzero box (nnU-Net crops there and pads with zeros), also where
+        ``box`` leaves the volume. One dask compute per call.
+        """
+        arr, _ = as_czyx(volume)
+        bbox = nonzero_bbox(volume)
+        norm = self.normalizer(volume)
+
+        def read(box: Box) -> np.ndarray:
+            out = np.zeros((arr.shape[0], *(b.stop - b.start for b in box)), np.float32)
+            inter = [slice(max(b.start, d.start), min(b.stop, d.stop)) for b, d in zip(box, bbox)]
+            if any(i.start >= i.stop for i in inter):
+                return out
+            raw = np.asarray(arr[(slice(None), *inter)])
+            dst = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))
+            out[(slice(None), *dst)] = norm(raw)
+            return out
+
+        return read
+
+    # -- the network ----------------------------------------------------------------------
+    def forward(
+        self,
+        batch: torch.Tensor,
+        *,
+        mirror: bool = True,
+        tta: str | None = None,
+        half: bool = False,
+    ) -> torch.Tensor:
+        """Logits for a batch of tiles, averaged over folds and TTA passes.
+
+        Parameters
+        ----------
+        batch
+            ``(n, c, *patch_size)`` in volume axis order (2D models: ``(n, c, py, px)``).
+        mirror
+            nnU-Net's mirroring over the model's ``inference_allowed_mirroring_axes``
+            (ignored when ``tta`` is given).
+        tta
+            ``"mirror"``, ``"none"`` or ``"rot-flip-12"`` (2D only; not nnU-Net's answer).
+            The TTA passes of the batch run as one larger network batch.
+        half
+            Autocast (float16 on CUDA, bfloat16 on CPU). Not nnU-Net-equivalent on CPU.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``(n, n_classes, *patch_size)`` on ``self.device``.
+        """
+        import torch
+
+        mode = tta or ("mirror" if mirror else "none")
+        if mode not in TTA_MODES:
+            raise ScrollsegError(f"unknown TTA mode {mode!r}: use one of {', '.join(TTA_MODES)}")
+        n_sp = batch.ndim - 2
+        if mode == "rot-flip-12":
+            if not self.is_2d:
+                raise ScrollsegError("tta='rot-flip-12' is for 2D models; use 'mirror' or 'none'")
+            if len(set(self.patch_size)) != 1:
+                raise ScrollsegError(
+                    f"tta='rot-flip-12' needs a square patch, the model's is {self.patch_size}"
+                )
+        transforms = tta_transforms(mode, mirror_axes=self._model_mirror_axes, n_spatial=n_sp)
+        perm = (0, 1, *(2 + t for t in self._transpose))
+        inv = tuple(int(i) for i in np.argsort(perm))
+        n = batch.shape[0]
+        with self._lock, torch.inference_mode():
+            x = batch.to(self.device, torch.float32).permute(perm)
+            views = []
+            for k, axes in transforms:
+                v = torch.rot90(x, k, dims=(-2, -1)) if k else x
+                views.append(torch.flip(v, [a + 2 for a in axes]) if axes else v)
+            big = torch.cat(views) if len(views) > 1 else views[0]
+            total = None
+            ctx = (
+                torch.autocast(
+                    self.device.type,
+                    dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16,
+                )
+                if half
+                else _nullcontext()
+            )
+            for net in self._networks:
+                with ctx:
+                    out = net(big)
+                out = out.float()
+                for i, (k, axes) in enumerate(transforms):
+                    o = out[i * n : (i + 1) * n]
+                    if axes:
+                        o = torch.flip(o, [a + 2 for a in axes])
+                    if k:
+                        o = torch.rot90(o, -k, dims=(-2, -1))
+                    total = o.clone() if total is None else total.add_(o)
+            total /= len(self._networks) * len(transforms)
+            self.tiles_run += n
+        _FORWARD_PASSES.add(n)
+        return total.permute(inv).contiguous()
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def clear_cache() -> None:
+    """Forget loaded models and cached volume statistics."""
+    with _MODELS_LOCK:
+        _MODELS.clear()
+    _BBOXES.clear()
+    _STATS.clear()
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    folds: Any = None,
+    checkpoint: str = "checkpoint_final.pth",
+    device: str | torch.device | None = None,
+    configuration: str | None = None,
+) -> LoadedModel:
+    """Load an nnU-Net v2 trained model (folder or exported zip); cached.
+
+    Parameters
+    ----------
+    path
+        Trained-model folder (``…/Trainer__Plans__configuration``), a folder above it, or a
+        zip from ``nnUNetv2_export_model_to_zip``.
+    folds
+        Folds to ensemble (ints or ``"all"``); default: every ``fold_N`` with the checkpoint,
+        else ``fold_all`` (as nnU-Net).
+    checkpoint
+        ``checkpoint_final.pth`` or ``checkpoint_best.pth``.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``; default CUDA > MPS > CPU.
+    configuration
+        Which model when ``path`` holds several (e.g. ``"3d_fullres"``).
+
+    Returns
+    -------
+    LoadedModel
+        The same object for the same arguments (a second call costs nothing).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ScrollsegError(f"model {p} does not exist: give a trained-model folder or zip")
+    dev = device if not isinstance(device, str) and device is not None else choose_device(device)
+    key = (str(p.resolve()), repr(folds), checkpoint, str(dev), configuration)
+    with _MODELS_LOCK:
+        if key in _MODELS:
+            return _MODELS[key]
+        model = _load(p, folds=folds, checkpoint=checkpoint, device=dev, configuration=configuration)
+        _MODELS[key] = model
+        return model
+
+
+def _load(
+    p: Path, *, folds: Any, checkpoint: str, device: torch.device, configuration: str | None
+) -> LoadedModel:
+    import json
+
+    root = _extract_zip(p) if p.is_file() and zipfile.is_zipfile(p) else p
+    if root.is_file():
+        raise ScrollsegError(f"{p} is a file but not a zip: give a trained-model folder or zip")
+    folder = _find_model_folder(root, configuration)
+    if not (folder / "dataset.json").is_file():
+        raise ScrollsegError(f"{folder} has plans.json but no dataset.json: copy it from the dataset")
+    plans = json.loads((folder / "plans.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    chosen, files = _resolve_folds(folder, folds, checkpoint)
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    ckpts = [_load_checkpoint(f) for f in files]
+    first = ckpts[0]
+    config_name = first.get("init_args", {}).get("configuration") or folder.name.split("__")[-1]
+    pm = PlansManager(plans)
+    if config_name not in pm.available_configurations:
+        raise ScrollsegError(
+            f"configuration {config_name!r} of the checkpoint is not in {folder / 'plans.json'}"
+        )
+    cm = pm.get_configuration(config_name)
+    lm = pm.get_label_manager(dataset_json)
+    if lm.has_regions:
+        raise ScrollsegError(
+            f"{folder} is a region-based model (sigmoid outputs): not supported yet; train with "
+            "plain labels"
+        )
+    if cm.previous_stage_name is not None:
+        raise ScrollsegError(
+            f"{folder} is a cascade stage ({config_name}) that needs the previous stage's "
+            "segmentation: use the 3d_fullres, 3d_lowres or 2d model instead"
+        )
+    schemes = tuple(cm.normalization_schemes)
+    unknown = [s for s in schemes if s not in SUPPORTED_SCHEMES]
+    if unknown:
+        raise ScrollsegError(
+            f"normalization scheme(s) {unknown} of {folder} are not supported: supported are "
+            f"{', '.join(SUPPORTED_SCHEMES)}"
+        )
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    n_out = lm.num_segmentation_heads
+    patch = tuple(int(v) for v in cm.patch_size)
+    is_2d = len(patch) == 2
+    tf = tuple(int(t) for t in pm.transpose_forward)
+    if is_2d:
+        if tf[0] != 0:
+            raise ScrollsegError(
+                f"2D model with transpose_forward {list(tf)} slices along another axis than z: "
+                "not supported"
+            )
+        transpose = tuple(t - 1 for t in tf[1:])
+    else:
+        transpose = tf
+    back = tuple(int(i) for i in np.argsort(transpose))
+    spacing_model = tuple(float(s) for s in cm.spacing)
+
+    mirror = first.get("inference_allowed_mirroring_axes")
+    model_mirror = tuple(int(a) for a in mirror) if mirror is not None else ()
+
+    networks = []
+    for ck, f in zip(ckpts, files):
+        net = get_network_from_plans(
+            cm.network_arch_class_name,
+            cm.network_arch_init_kwargs,
+            cm.network_arch_init_kwargs_req_import,
+            n_in,
+            n_out,
+            allow_init=False,
+            deep_supervision=False,
+        )
+        weights = ck["network_weights"]
+        if any(k.startswith("module.") for k in weights):
+            weights = {k.removeprefix("module."): v for k, v in weights.items()}
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ScrollsegError(
+                f"{f} does not fit the network in plans.json (trainer "
+                f"{ck.get('trainer_name')} may change the architecture): {str(exc).splitlines()[0]}"
+            ) from exc
+        networks.append(net.to(device).eval())
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(_sha256_file(f).encode())
+    labels = {int(v): str(k) for k, v in dataset_json["labels"].items() if k != "ignore"}
+    props = plans.get("foreground_intensity_properties_per_channel", {})
+    model = LoadedModel(
+        folder=folder,
+        configuration=config_name,
+        folds=chosen,
+        checkpoint=checkpoint,
+        plans=plans,
+        dataset_json=dataset_json,
+        patch_size=tuple(patch[b] for b in back),
+        spacing=tuple(spacing_model[b] for b in back),
+        n_channels=n_in,
+        label_names=dict(sorted(labels.items())),
+        n_classes=n_out,
+        is_2d=is_2d,
+        mirror_axes=tuple(sorted(transpose[a] for a in model_mirror)),
+        device=device,
+        sha256=h.hexdigest(),
+        normalization_schemes=schemes,
+        trainer_name=str(first.get("trainer_name", "")),
+        _networks=networks,
+        _transpose=transpose,
+        _model_mirror_axes=model_mirror,
+        _use_mask_for_norm=tuple(bool(u) for u in cm.use_mask_for_norm),
+        _intensity=props,
+    )
+    log.info(
+        "loaded %s (%s, folds %s, %s) on %s",
+        folder,
+        config_name,
+        chosen,
+        checkpoint,
+        device,
+    )
+    return model

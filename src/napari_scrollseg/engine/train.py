@@ -1,0 +1,609 @@
+"""Plan, preprocess and train nnU-Net v2 on an exported dataset, with progress events.
+
+nnU-Net runs in a subprocess (:mod:`napari_scrollseg.engine._train_worker`): torch
+stays out of the calling process (the napari GUI), the nnU-Net path variables are
+set for that process only, and cancelling is a signal. The functions here are
+generators that yield :class:`TrainEvent` objects; closing the generator (or
+``worker.quit()`` in napari) stops the training at the next iteration and leaves a
+``checkpoint_latest.pth`` that ``resume=True`` continues from.
+
+Training uses :class:`napari_scrollseg.nnunet_trainers.sparse.nnUNetTrainerSparse`
+(annotated voxels at random positions within the patches) and writes a stock
+nnU-Net model folder ``<results>/<Dataset>/nnUNetTrainer__<plans>__<configuration>``
+that plain nnU-Net loads. Curves: ``progress.csv`` and ``progress.png`` in the
+model folder; the per-class Dice pooled over the validation cases of all trained
+folds in ``dice_summary.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from napari_scrollseg.engine.errors import ScrollsegError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+PLANNERS = ("default", "resenc-m", "resenc-l", "resenc-xl")
+_PLANS_IDENTIFIER = {
+    "default": "nnUNetPlans",
+    "resenc-m": "nnUNetResEncUNetMPlans",
+    "resenc-l": "nnUNetResEncUNetLPlans",
+    "resenc-xl": "nnUNetResEncUNetXLPlans",
+}
+STOCK_TRAINER = "nnUNetTrainer"
+_MARKER = "\x1escrollseg-event "
+_DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """One progress report of :func:`train` or :func:`plan_and_preprocess`.
+
+    ``kind`` is ``"step"`` (a stage begins; see ``message``), ``"epoch"`` (an epoch
+    finished), ``"resumed"``, ``"fold_done"`` or ``"done"`` (the last event; it has
+    ``model_folder`` and ``dice``).
+    """
+
+    kind: str
+    message: str = ""
+    fold: int | str | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    pseudo_dice: dict[str, float] = field(default_factory=dict)
+    epoch_time: float | None = None
+    model_folder: Path | None = None
+    dice: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if self.kind == "epoch":
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in self.pseudo_dice.items())
+            return (
+                f"fold {self.fold} epoch {self.epoch + 1}/{self.epochs}: train loss "
+                f"{self.train_loss:.4f}, val loss {self.val_loss:.4f}, pseudo Dice [{dice}], "
+                f"{self.epoch_time:.1f} s"
+            )
+        if self.kind == "done":
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in self.dice.items())
+            return f"model: {self.model_folder} (validation Dice: {dice or 'n/a'})"
+        return self.message
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    raw: Path  # the Dataset###_Name folder
+    dataset_id: int
+    name: str  # Dataset###_Name
+    json: dict
+    cases: tuple[str, ...]
+
+
+def _dataset(dataset_dir: str | os.PathLike) -> _Dataset:
+    raw = Path(dataset_dir).expanduser().resolve()
+    m = _DATASET_RE.match(raw.name)
+    if m is None or not raw.is_dir():
+        raise ScrollsegError(
+            f"{dataset_dir} is not an nnU-Net raw dataset folder: expected a folder named "
+            "Dataset<ID>_<Name> (three-digit ID), as `scrollseg export` writes"
+        )
+    meta = raw / "dataset.json"
+    if not meta.is_file():
+        raise ScrollsegError(
+            f"{raw} has no dataset.json: export the dataset with `scrollseg export`"
+        )
+    info = json.loads(meta.read_text())
+    ending = info.get("file_ending", ".nii.gz")
+    labels = raw / "labelsTr"
+    cases = (
+        sorted(p.name[: -len(ending)] for p in labels.glob(f"*{ending}")) if labels.is_dir() else []
+    )
+    if not cases:
+        raise ScrollsegError(
+            f"{raw} has no training cases in labelsTr/: export some annotations first"
+        )
+    return _Dataset(raw, int(m.group(1)), raw.name, info, tuple(cases))
+
+
+def _env(results_dir: Path, preprocessed_dir: Path, raw_parent: Path, num_processes: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        nnUNet_raw=str(raw_parent),
+        nnUNet_preprocessed=str(preprocessed_dir),
+        nnUNet_results=str(results_dir),
+        nnUNet_def_n_proc=str(max(1, num_processes)),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    """Ask the worker to stop (SIGTERM: it saves a checkpoint), then kill what is left."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            log.warning("training worker did not stop within %.0f s: killing it", grace)
+    if os.name == "posix":
+        with suppress(ProcessLookupError, PermissionError):  # data-augmentation processes
+            os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _run_worker(
+    args: Sequence[str], *, env: dict, log_path: Path, what: str, grace: float = 120.0
+) -> Iterator[dict]:
+    """Run the worker, yield its events as dicts; raise ScrollsegError if it fails."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "napari_scrollseg.engine._train_worker", *args]
+    log.debug("running %s", " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        start_new_session=os.name == "posix",
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    tail: list[str] = []
+    finished = False
+    try:
+        with open(log_path, "a") as out:
+            while True:
+                line = lines.get()
+                if line is None:
+                    break
+                if line.startswith(_MARKER):
+                    yield json.loads(line[len(_MARKER) :])
+                    continue
+                out.write(line)
+                out.flush()
+                text = line.strip()
+                if text:
+                    tail = [*tail[-40:], text]
+                    log.debug("%s", text)
+        rc = proc.wait()
+        finished = True
+    finally:
+        if not finished:
+            _stop(proc, grace)
+    if rc != 0:
+        reason = next((t for t in reversed(tail) if not t.startswith(("File ", "^", "~"))), "")
+        raise ScrollsegError(
+            f"{what} failed (exit {rc}): {reason[:400]} -- full output in {log_path}"
+        )
+
+
+def _preprocessed_ok(pre: Path, plans: str, configuration: str, cases: Sequence[str]) -> bool:
+    plans_file = pre / f"{plans}.json"
+    if not plans_file.is_file():
+        return False
+    conf = json.loads(plans_file.read_text())["configurations"].get(configuration)
+    if conf is None:
+        return False
+    data = pre / conf.get("data_identifier", f"{plans}_{configuration}")
+    done = {p.name.split(".")[0] for p in data.glob("*.pkl")} if data.is_dir() else set()
+    return set(cases) <= done
+
+
+def apply_plans_overrides(
+    plans: dict, configuration: str, overrides: dict, plans_name: str
+) -> dict:
+    """A copy of nnU-Net ``plans`` with another network size or patch for ``configuration``.
+
+    Parameters
+    ----------
+    plans
+        The planner's plans (``nnUNetPlans.json`` content).
+    configuration
+        The configuration to change, e.g. ``"3d_fullres"``.
+    overrides
+        Any of ``n_stages`` (fewer resolution stages), ``features_per_stage``,
+        ``patch_size``, ``batch_size``.
+    plans_name
+        Name of the new plans (the model folder is ``nnUNetTrainer__<plans_name>__<config>``).
+
+    The data identifier is kept, so the preprocessed data are reused.
+    """
+    unknown = set(overrides) - {"n_stages", "features_per_stage", "patch_size", "batch_size"}
+    if unknown:
+        raise ScrollsegError(
+            f"unknown plans override(s) {sorted(unknown)}: use n_stages, features_per_stage, "
+            "patch_size, batch_size"
+        )
+    out = copy.deepcopy(plans)
+    out["plans_name"] = plans_name
+    if configuration not in out["configurations"]:
+        raise ScrollsegError(f"configuration {configuration!r} is not in the plans")
+    conf = out["configurations"][configuration]
+    arch = conf["architecture"]["arch_kwargs"]
+    n = int(overrides.get("n_stages", arch["n_stages"]))
+    if not 1 <= n <= arch["n_stages"]:
+        raise ScrollsegError(f"n_stages must be 1..{arch['n_stages']} for this plan, got {n}")
+    arch["n_stages"] = n
+    for key in ("kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage"):
+        if key in arch:
+            arch[key] = arch[key][:n]
+    if "n_conv_per_stage_decoder" in arch:
+        arch["n_conv_per_stage_decoder"] = arch["n_conv_per_stage_decoder"][: n - 1]
+    features = overrides.get("features_per_stage")
+    features = arch["features_per_stage"][:n] if features is None else [int(f) for f in features]
+    if len(features) != n:
+        raise ScrollsegError(f"features_per_stage needs {n} values (one per stage), got {features}")
+    arch["features_per_stage"] = list(features)
+    if "patch_size" in overrides:
+        patch = [int(p) for p in overrides["patch_size"]]
+        if len(patch) != len(conf["patch_size"]):
+            raise ScrollsegError(f"patch_size needs {len(conf['patch_size'])} values, got {patch}")
+        conf["patch_size"] = patch
+    divisor = [1] * len(conf["patch_size"])
+    for stride in arch["strides"]:
+        divisor = [d * s for d, s in zip(divisor, stride, strict=False)]
+    if any(p % d for p, d in zip(conf["patch_size"], divisor, strict=False)):
+        raise ScrollsegError(
+            f"patch_size {conf['patch_size']} must be divisible by {divisor}, the product of the "
+            f"strides of {n} stages: choose another patch size or number of stages"
+        )
+    if "batch_size" in overrides:
+        conf["batch_size"] = int(overrides["batch_size"])
+    return out
+
+
+def _ensure_splits(pre: Path, cases: Sequence[str], folds: Sequence[int | str]) -> None:
+    """Leave-one-out splits when there are 2..4 cases (nnU-Net's default 5-fold split needs 5)."""
+    splits_file = pre / "splits_final.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text())
+        known = {c for s in splits for part in ("train", "val") for c in s[part]}
+        if known == set(cases):
+            return
+        log.info("cases changed since %s was written: making a new split", splits_file)
+        splits_file.unlink()
+    numeric = [f for f in folds if f != "all"]
+    if len(cases) >= 5 or not numeric:
+        return
+    if len(cases) < 2:
+        raise ScrollsegError(
+            "only one training case: cross-validation folds need at least 2; "
+            "train with folds=('all',) (--fold all) or export more annotated volumes"
+        )
+    if max(int(f) for f in numeric) >= len(cases):
+        raise ScrollsegError(
+            f"{len(cases)} cases give folds 0..{len(cases) - 1}; asked for folds {list(folds)}"
+        )
+    splits = [{"train": [c for c in cases if c != v], "val": [v]} for v in cases]
+    splits_file.write_text(json.dumps(splits, indent=1))
+    log.info("wrote a %d-fold leave-one-out split to %s", len(cases), splits_file)
+
+
+def plan_and_preprocess(
+    dataset_dir: str | os.PathLike,
+    *,
+    results_dir: str | os.PathLike,
+    configuration: str = "3d_fullres",
+    planner: str = "default",
+    num_processes: int = 2,
+    plans_overrides: dict | None = None,
+    plans_name: str | None = None,
+    preprocessed_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Iterator[TrainEvent]:
+    """Check the dataset, plan and preprocess it with nnU-Net (skipped when already done).
+
+    Parameters
+    ----------
+    dataset_dir
+        The exported ``Dataset<ID>_<Name>`` folder (nnU-Net raw format).
+    results_dir
+        Where models go (``nnUNet_results``); preprocessed data default to
+        ``results_dir/nnUNet_preprocessed``.
+    configuration
+        nnU-Net configuration to preprocess (``3d_fullres``, ``2d``, ...).
+    planner
+        ``"default"`` or a residual-encoder preset ``"resenc-m"``, ``"resenc-l"``, ``"resenc-xl"``.
+    num_processes
+        Worker processes for fingerprinting and preprocessing (nnU-Net's ``-np``).
+    plans_overrides
+        Network/patch changes, see :func:`apply_plans_overrides`.
+    plans_name
+        Name of the overridden plans (default: the planner's name + ``"Scrollseg"``).
+    preprocessed_dir
+        ``nnUNet_preprocessed`` folder.
+    overwrite
+        Plan and preprocess again even if done.
+
+    Yields
+    ------
+    TrainEvent
+        ``step`` events; the last one's ``message`` names the plans identifier.
+    """
+    ds = _dataset(dataset_dir)
+    if planner not in PLANNERS:
+        raise ScrollsegError(f"unknown planner {planner!r}: choose one of {', '.join(PLANNERS)}")
+    results = Path(results_dir).expanduser().resolve()
+    pre_root = (
+        Path(preprocessed_dir).expanduser().resolve()
+        if preprocessed_dir
+        else results / "nnUNet_preprocessed"
+    )
+    pre = pre_root / ds.name
+    base = _PLANS_IDENTIFIER[planner]
+    if overwrite or not _preprocessed_ok(pre, base, configuration, ds.cases):
+        env = _env(results, pre_root, ds.raw.parent, num_processes)
+        args = [
+            "plan",
+            f"--dataset-id={ds.dataset_id}",
+            f"--dataset-name={ds.name}",
+            f"--configuration={configuration}",
+            f"--planner={planner}",
+            f"--num-processes={num_processes}",
+        ]
+        t0 = time.perf_counter()
+        log_path = results / "logs" / f"{ds.name}_plan.log"
+        with closing(
+            _run_worker(args, env=env, log_path=log_path, what="nnU-Net planning")
+        ) as events:
+            for ev in events:
+                if ev["kind"] == "step":
+                    yield TrainEvent("step", message=ev["message"])
+        yield TrainEvent(
+            "step", message=f"planned and preprocessed in {time.perf_counter() - t0:.0f} s"
+        )
+    else:
+        yield TrainEvent("step", message=f"reusing preprocessed data in {pre}")
+    identifier = base
+    if plans_overrides:
+        identifier = plans_name or f"{base}Scrollseg"
+        plans = json.loads((pre / f"{base}.json").read_text())
+        custom = apply_plans_overrides(plans, configuration, dict(plans_overrides), identifier)
+        (pre / f"{identifier}.json").write_text(json.dumps(custom, indent=2))
+    yield TrainEvent("step", message=f"plans: {identifier}")
+
+
+def train(
+    dataset_dir: str | os.PathLike,
+    *,
+    results_dir: str | os.PathLike,
+    configuration: str = "3d_fullres",
+    folds: Sequence[int | str] = (0,),
+    device: str | None = None,
+    epochs: int | None = None,
+    iterations: int | None = None,
+    planner: str = "default",
+    num_processes: int = 2,
+    da_processes: int | None = None,
+    resume: bool = False,
+    plans_overrides: dict | None = None,
+    plans_name: str | None = None,
+    preprocessed_dir: str | os.PathLike | None = None,
+) -> Iterator[TrainEvent]:
+    """Plan/preprocess if needed, then train ``folds`` with the sparse-aware trainer.
+
+    Parameters
+    ----------
+    dataset_dir
+        The exported ``Dataset<ID>_<Name>`` folder.
+    results_dir
+        ``nnUNet_results``: the model folder is
+        ``results_dir/<Dataset>/nnUNetTrainer__<plans>__<configuration>``.
+    configuration
+        nnU-Net configuration.
+    folds
+        Folds to train, one after the other (``"all"`` trains on every case).
+    device
+        ``"cuda"``, ``"mps"``, ``"cpu"``, or None for the best available.
+    epochs, iterations
+        Number of epochs and training iterations per epoch (nnU-Net: 1000 x 250).
+    planner, num_processes, plans_overrides, plans_name, preprocessed_dir
+        As :func:`plan_and_preprocess`.
+    da_processes
+        Data-augmentation processes (nnU-Net's ``nnUNet_n_proc_DA``); 0 runs it in
+        the training process. None: nnU-Net's default.
+    resume
+        Continue each fold from its latest checkpoint (nnU-Net's ``--c``).
+
+    Yields
+    ------
+    TrainEvent
+        ``step``/``resumed`` events, one ``epoch`` event per epoch, ``fold_done`` per
+        fold, and finally ``done`` with the model folder and the validation Dice.
+    """
+    for name, value in (("epochs", epochs), ("iterations", iterations)):
+        if value is not None and value < 1:
+            raise ScrollsegError(f"{name} must be at least 1, got {value}")
+    if device not in (None, "auto", "cpu", "cuda", "mps"):
+        raise ScrollsegError(f"unknown device {device!r}: use cpu, cuda or mps")
+    folds = [f if f == "all" else int(f) for f in folds]
+    ds = _dataset(dataset_dir)
+    results = Path(results_dir).expanduser().resolve()
+    pre_root = (
+        Path(preprocessed_dir).expanduser().resolve()
+        if preprocessed_dir
+        else results / "nnUNet_preprocessed"
+    )
+    identifier = None
+    for ev in plan_and_preprocess(
+        ds.raw,
+        results_dir=results,
+        configuration=configuration,
+        planner=planner,
+        num_processes=num_processes,
+        plans_overrides=plans_overrides,
+        plans_name=plans_name,
+        preprocessed_dir=pre_root,
+    ):
+        if ev.message.startswith("plans: "):
+            identifier = ev.message[len("plans: ") :]
+        yield ev
+    _ensure_splits(pre_root / ds.name, ds.cases, folds)
+    model_folder = results / ds.name / f"{STOCK_TRAINER}__{identifier}__{configuration}"
+    env = _env(results, pre_root, ds.raw.parent, num_processes)
+    if da_processes is not None:
+        env["nnUNet_n_proc_DA"] = str(da_processes)
+    for fold in folds:
+        args = [
+            "train",
+            f"--dataset-name={ds.name}",
+            f"--configuration={configuration}",
+            f"--plans={identifier}",
+            f"--fold={fold}",
+        ]
+        args += [f"--device={device}"] if device else []
+        args += [f"--epochs={epochs}"] if epochs else []
+        args += [f"--iterations={iterations}"] if iterations else []
+        args += ["--resume"] if resume else []
+        log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
+        events = _run_worker(args, env=env, log_path=log_path, what=f"training fold {fold}")
+        with closing(events):
+            yield from _fold_events(events, fold, model_folder)
+    write_curves(model_folder)
+    dice = dice_summary(model_folder)
+    yield TrainEvent("done", model_folder=model_folder, dice=dice.get("per_class", {}))
+
+
+def _fold_events(
+    events: Iterator[dict], fold: int | str, model_folder: Path
+) -> Iterator[TrainEvent]:
+    for ev in events:
+        kind = ev.pop("kind")
+        if kind == "epoch":
+            yield TrainEvent(
+                "epoch",
+                fold=ev["fold"],
+                epoch=ev["epoch"],
+                epochs=ev["epochs"],
+                train_loss=ev["train_loss"],
+                val_loss=ev["val_loss"],
+                pseudo_dice=ev["pseudo_dice"],
+                epoch_time=ev["epoch_time"],
+                model_folder=model_folder,
+            )
+            write_curves(model_folder)
+        elif kind == "resumed":
+            yield TrainEvent(
+                "resumed",
+                fold=fold,
+                epoch=ev["epoch"],
+                message=f"fold {fold}: resuming at epoch {ev['epoch'] + 1} from {ev['checkpoint']}",
+            )
+        elif kind == "fold_done":
+            yield TrainEvent("fold_done", fold=fold, message=f"fold {fold}: done")
+        elif kind == "step":
+            yield TrainEvent("step", fold=fold, message=ev["message"])
+
+
+def read_progress(model_folder: str | os.PathLike) -> list[dict]:
+    """All rows of the folds' ``progress.csv`` files, numbers as floats."""
+    rows = []
+    for path in sorted(Path(model_folder).glob("fold_*/progress.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                rows.append({k: (v if k == "fold" else float(v)) for k, v in row.items()})
+    return rows
+
+
+def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
+    """Write ``progress.csv`` (all folds) and ``progress.png`` (loss, pseudo Dice) there."""
+    from matplotlib.figure import Figure
+
+    model_folder = Path(model_folder)
+    rows = read_progress(model_folder)
+    if not rows:
+        return None
+    columns = list(rows[0])
+    csv_path = model_folder / "progress.csv"
+    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    dice_cols = [c for c in columns if c.startswith("dice_")]
+    for fold in sorted({r["fold"] for r in rows}):
+        fr = [r for r in rows if r["fold"] == fold]
+        x = [int(r["epoch"]) + 1 for r in fr]
+        ax_loss.plot(x, [r["train_loss"] for r in fr], "-o", ms=3, label=f"train (fold {fold})")
+        ax_loss.plot(x, [r["val_loss"] for r in fr], "--o", ms=3, label=f"val (fold {fold})")
+        for c in dice_cols:
+            ax_dice.plot(x, [r[c] for r in fr], "-o", ms=3, label=f"{c[5:]} (fold {fold})")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_dice.set(xlabel="epoch", ylabel="pseudo Dice", title="pseudo Dice per class", ylim=(0, 1))
+    ax_loss.legend(fontsize=7)
+    ax_dice.legend(fontsize=7)
+    png_path = model_folder / "progress.png"
+    fig.savefig(png_path, dpi=90)
+    return csv_path, png_path
+
+
+def dice_summary(model_folder: str | os.PathLike) -> dict:
+    """Per-class Dice pooled over the validation cases of all folds: 2TP / (2TP + FP + FN).
+
+    Reads ``fold_*/validation/summary.json`` (nnU-Net's validation) and writes
+    ``dice_summary.json`` in the model folder. Returns ``{"per_class": {name: dice},
+    "mean": float, "folds": [...], "cases": n}``; empty ``per_class`` when no fold
+    has been validated yet.
+    """
+    model_folder = Path(model_folder)
+    names = {}
+    meta = model_folder / "dataset.json"
+    if meta.is_file():
+        names = {str(v): k for k, v in json.loads(meta.read_text())["labels"].items()}
+    totals: dict[str, list[float]] = {}
+    folds, n_cases = [], 0
+    for summary in sorted(model_folder.glob("fold_*/validation/summary.json")):
+        folds.append(summary.parent.parent.name[len("fold_") :])
+        for case in json.loads(summary.read_text())["metric_per_case"]:
+            n_cases += 1
+            for label, m in case["metrics"].items():
+                t = totals.setdefault(label, [0.0, 0.0, 0.0])
+                t[0] += m["TP"]
+                t[1] += m["FP"]
+                t[2] += m["FN"]
+    per_class = {}
+    for label, (tp, fp, fn) in sorted(totals.items()):
+        denom = 2 * tp + fp + fn
+        per_class[names.get(label, label)] = 2 * tp / denom if denom else float("nan")
+    valid = [v for v in per_class.values() if v == v]
+    result = {
+        "per_class": per_class,
+        "mean": sum(valid) / len(valid) if valid else float("nan"),
+        "folds": folds,
+        "cases": n_cases,
+    }
+    if folds:
+        (model_folder / "dice_summary.json").write_text(json.dumps(result, indent=2))
+    return result

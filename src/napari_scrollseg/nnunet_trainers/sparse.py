@@ -1,0 +1,238 @@
+"""A sparse-aware nnU-Net trainer: annotated voxels anywhere in the patch.
+
+Only the sampling changes (and, through attributes the engine sets, the number of
+epochs and iterations); network, loss and data augmentation are nnU-Net's
+defaults. Because the network is the stock one, checkpoints record the stock
+``nnUNetTrainer`` name and the results folder is the stock
+``nnUNetTrainer__<plans>__<configuration>``: the model then loads in plain nnU-Net
+(``nnUNetv2_predict``, ``nnUNetPredictor``) where this package is not installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+from contextlib import suppress
+from os.path import basename, join
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from napari_scrollseg.nnunet_trainers.sampling import sparse_bbox
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class TrainingCancelled(Exception):
+    """Raised inside the training loop when a stop was requested."""
+
+
+class SparseDataLoader(nnUNetDataLoader):
+    """nnU-Net's data loader with the annotated voxel placed at a random position in the patch."""
+
+    def _pick_voxels(self, force_fg: bool, class_locations: dict | None, overwrite_class=None):
+        if class_locations is None:
+            return None
+        if force_fg:
+            keys = [k for k, v in class_locations.items() if len(v) > 0]
+            if len(keys) > 1 and self.annotated_classes_key in keys:
+                keys.remove(self.annotated_classes_key)
+            if not keys:
+                return None
+            key = overwrite_class if overwrite_class in keys else keys[np.random.choice(len(keys))]
+            return class_locations[key]
+        if self.has_ignore:
+            return class_locations.get(self.annotated_classes_key)
+        return None
+
+    def get_bbox(
+        self,
+        data_shape: np.ndarray,
+        force_fg: bool,
+        class_locations: dict | None,
+        overwrite_class: int | tuple[int, ...] | None = None,
+        verbose: bool = False,
+    ) -> tuple[list[int], list[int]]:
+        """Patch box around an annotated (or foreground) voxel, off-centre; random otherwise."""
+        dim = len(data_shape)
+        need_to_pad = self.need_to_pad.copy()
+        for d in range(dim):
+            need_to_pad[d] = max(need_to_pad[d], self.patch_size[d] - data_shape[d])
+        lbs = [-need_to_pad[d] // 2 for d in range(dim)]
+        ubs = [
+            data_shape[d] + need_to_pad[d] // 2 + need_to_pad[d] % 2 - self.patch_size[d]
+            for d in range(dim)
+        ]
+        voxels = self._pick_voxels(force_fg, class_locations, overwrite_class)
+        if voxels is None or len(voxels) == 0:
+            lower = [np.random.randint(lbs[d], ubs[d] + 1) for d in range(dim)]
+            return lower, [lower[d] + self.patch_size[d] for d in range(dim)]
+        voxel = voxels[np.random.choice(len(voxels))][1:]  # first entry is the channel
+        return sparse_bbox(voxel, data_shape, self.patch_size, self.final_patch_size, lbs)
+
+
+class nnUNetTrainerSparse(nnUNetTrainer):
+    """nnU-Net's default trainer with :class:`SparseDataLoader` sampling.
+
+    Attributes set by the engine before ``initialize``: ``num_epochs``,
+    ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``;
+    ``should_stop`` (a callable checked before every training step) and
+    ``epoch_callback`` (called with a dict after every epoch).
+    """
+
+    record_as = "nnUNetTrainer"
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature)
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.should_stop: Callable[[], bool] | None = None
+        self.epoch_callback: Callable[[dict], None] | None = None
+        self._use_stock_folder()
+
+    def _use_stock_folder(self) -> None:
+        """Write into ``nnUNetTrainer__<plans>__<config>``, not a folder named after this class."""
+        if self.output_folder_base is None:
+            return
+        old_base, old_folder = self.output_folder_base, self.output_folder
+        self.output_folder_base = join(
+            str(nnUNet_results),
+            self.plans_manager.dataset_name,
+            f"{self.record_as}__{self.plans_manager.plans_name}__{self.configuration_name}",
+        )
+        self.output_folder = join(self.output_folder_base, f"fold_{self.fold}")
+        os.makedirs(self.output_folder, exist_ok=True)
+        new_log = join(self.output_folder, basename(self.log_file))
+        shutil.move(self.log_file, new_log)
+        self.log_file = new_log
+        self.logger.output_folder = self.output_folder
+        for folder in (old_folder, old_base):
+            with suppress(OSError):  # not empty: someone else's results, leave them
+                os.rmdir(folder)
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, with :class:`SparseDataLoader` swapped in."""
+        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
+
+        original = stock.nnUNetDataLoader
+        stock.nnUNetDataLoader = SparseDataLoader
+        try:
+            return super().get_dataloaders()
+        finally:
+            stock.nnUNetDataLoader = original
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimisation step; raises :class:`TrainingCancelled` when a stop was requested."""
+        if self.should_stop is not None and self.should_stop():
+            raise TrainingCancelled(self.current_epoch)
+        return super().train_step(batch)
+
+    def on_epoch_end(self) -> None:
+        """Stock bookkeeping, then ``progress.csv`` and the epoch callback."""
+        super().on_epoch_end()
+        epoch = self.current_epoch - 1
+        self.write_progress_csv()
+        if self.epoch_callback is not None and self.local_rank == 0:
+            self.epoch_callback(self.epoch_record(epoch))
+
+    def class_names(self) -> list[str]:
+        """Names of the foreground labels, in the order of nnU-Net's pseudo Dice."""
+        by_value = {}
+        for name, value in self.dataset_json["labels"].items():
+            if isinstance(value, int):
+                by_value[value] = name
+        return [by_value.get(v, str(v)) for v in self.label_manager.foreground_labels]
+
+    def epoch_record(self, epoch: int) -> dict:
+        """Train/val loss, pseudo Dice per class and time of one finished epoch."""
+        get = self.logger.get_value
+        dice = get("dice_per_class_or_region", step=epoch)
+        return {
+            "fold": self.fold,
+            "epoch": epoch,
+            "epochs": self.num_epochs,
+            "train_loss": float(get("train_losses", step=epoch)),
+            "val_loss": float(get("val_losses", step=epoch)),
+            "pseudo_dice": {n: float(d) for n, d in zip(self.class_names(), dice, strict=False)},
+            "ema_pseudo_dice": float(get("ema_fg_dice", step=epoch)),
+            "lr": float(get("lrs", step=epoch)),
+            "epoch_time": float(
+                get("epoch_end_timestamps", step=epoch) - get("epoch_start_timestamps", step=epoch)
+            ),
+        }
+
+    def write_progress_csv(self) -> None:
+        """``fold_X/progress.csv``: one row per finished epoch (whole history after a resume)."""
+        n = len(self.logger.get_value("epoch_end_timestamps", step=None))
+        names = self.class_names()
+        path = join(self.output_folder, "progress.csv")
+        with open(path + ".tmp", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(
+                ["fold", "epoch", "train_loss", "val_loss", "ema_pseudo_dice", "lr", "epoch_time"]
+                + [f"dice_{n}" for n in names]
+            )
+            for e in range(n):
+                r = self.epoch_record(e)
+                w.writerow(
+                    [r["fold"], e, r["train_loss"], r["val_loss"], r["ema_pseudo_dice"], r["lr"]]
+                    + [r["epoch_time"]]
+                    + [r["pseudo_dice"][k] for k in names]
+                )
+        os.replace(path + ".tmp", path)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, recording the stock trainer name so plain nnU-Net can load it."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        from torch._dynamo import OptimizedModule
+
+        mod = self.network.module if self.is_ddp else self.network
+        if isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        checkpoint = {
+            "network_weights": mod.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict()
+            if self.grad_scaler is not None
+            else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.record_as,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "scrollseg": {"trainer": type(self).__name__, "sampling": "annotated voxel off-centre"},
+        }
+        torch.save(checkpoint, filename + ".tmp")
+        os.replace(filename + ".tmp", filename)
+
+    def save_interrupted(self) -> str:
+        """Save ``checkpoint_latest.pth`` so that a resume restarts the unfinished epoch."""
+        epoch = self.current_epoch
+        for values in self.logger.local_logger.my_fantastic_logging.values():
+            del values[epoch:]
+        self.current_epoch = epoch - 1
+        path = join(self.output_folder, "checkpoint_latest.pth")
+        try:
+            self.save_checkpoint(path)
+        finally:
+            self.current_epoch = epoch
+        return path

@@ -1,0 +1,219 @@
+"""Annotation store: class table, sparse painting, atomic incremental saves, Otsu start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_scrollseg.engine.annotations import (
+    AnnotationStore,
+    ClassTable,
+    LabelClass,
+    ignore_value,
+    volume_otsu,
+)
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.phantom import AIR, PAPYRUS, make_phantom
+
+NAMES = ["air", "papyrus", "ink"]
+
+
+def _chunk_files(store: AnnotationStore) -> dict[str, float]:
+    root = store.path / "0"
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def test_class_table_json_round_trip(tmp_path: Path) -> None:
+    table = ClassTable.from_names(NAMES)
+    assert table.ids() == [1, 2, 3]
+    assert table.names() == NAMES
+    path = table.to_json(tmp_path / "dataset_info.json")
+    data = json.loads(path.read_text())
+    assert data["papyrus"] == {"id": 2, "color": list(table.classes[1].color)}
+    # the soil workflow's file lists 0 = ToPredict: it is skipped
+    data["ToPredict"] = {"id": 0, "color": [0, 0, 0]}
+    path.write_text(json.dumps(data))
+    again = ClassTable.from_json(path)
+    assert again == table
+    colors = again.as_napari_colors()
+    assert colors[0][3] == 0.0
+    assert colors[2] == (*(c / 255 for c in table.classes[1].color), 1.0)
+    assert ignore_value("uint8") == 255
+    assert ignore_value("uint16") == 65535
+
+
+def test_class_table_rejects_gaps_and_duplicates() -> None:
+    with pytest.raises(ScrollsegError, match="no gaps"):
+        ClassTable([LabelClass(1, "a", (0, 0, 0)), LabelClass(3, "b", (0, 0, 0))])
+    with pytest.raises(ScrollsegError, match="unique"):
+        ClassTable.from_names(["a", "a"])
+
+
+def test_store_paints_sparsely_saves_incrementally_and_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "ann.zarr"
+    store = AnnotationStore.create(
+        path, shape=(40, 70, 90), spacing=(2.0, 1.0, 1.0), classes=NAMES, chunks=(16, 32, 32)
+    )
+    assert _chunk_files(store) == {}
+    store[5, 10:40, 20:40] = 2  # spans y-chunks 0 and 1 of z-chunk 0
+    store[30:33, 65:70, 85:90] = 255  # one edge chunk, ignore
+    assert store.dirty_chunks == 3
+    assert store.save() == 3
+    assert store.save() == 0
+    files = _chunk_files(store)
+    assert sorted(files) == ["0/0/0", "0/1/0", "1/2/2"]
+    assert store.annotated_bbox() == (slice(5, 33), slice(10, 70), slice(20, 90))
+    assert store.annotated_bbox(classes_only=True) == (slice(5, 6), slice(10, 40), slice(20, 40))
+
+    time.sleep(0.01)
+    store[6, 0, 0] = 3  # touches chunk 0/0/0 only
+    assert store.save() == 1
+    after = _chunk_files(store)
+    assert after["0/1/0"] == files["0/1/0"]
+    assert after["1/2/2"] == files["1/2/2"]
+    assert after["0/0/0"] != files["0/0/0"]
+
+    store.classes = ClassTable.from_names([*NAMES, "crack"])
+    store.save()
+    reopened = AnnotationStore.open(path)
+    assert reopened.classes.names() == [*NAMES, "crack"]
+    assert reopened.spacing == (2.0, 1.0, 1.0)
+    expected = np.zeros((40, 70, 90), np.uint8)
+    expected[5, 10:40, 20:40] = 2
+    expected[30:33, 65:70, 85:90] = 255
+    expected[6, 0, 0] = 3
+    np.testing.assert_array_equal(reopened[:], expected)
+    np.testing.assert_array_equal(reopened.as_dask().compute(), expected)
+    assert reopened.class_counts() == {2: 600, 3: 1, 255: 75}
+
+    # unsaved paint is visible through reads and as_dask, then discarded
+    reopened[0, 0, 0] = 1
+    assert reopened.as_dask()[0, 0, 0].compute() == 1
+    assert reopened.discard() == 1
+    assert reopened[0, 0, 0] == 0
+
+    # erasing a whole chunk removes its file
+    reopened[30:33, 65:70, 85:90] = 0
+    reopened.save()
+    assert "1/2/2" not in _chunk_files(reopened)
+
+
+def test_store_rejects_bad_paint_and_wrong_image(tmp_path: Path) -> None:
+    store = AnnotationStore.create(tmp_path / "a.zarr", shape=(8, 8, 8), classes=NAMES)
+    with pytest.raises(ScrollsegError, match=r"label values \[7\] are not in the class table"):
+        store[0, 0, 0:2] = [1, 7]
+    with pytest.raises(ScrollsegError, match="cannot paint"):
+        store[0, 0:2, 0:2] = np.ones((3, 3), np.uint8)
+    assert store.dirty_chunks == 0
+    with pytest.raises(ScrollsegError, match="not a scrollseg annotation store"):
+        AnnotationStore.open(tmp_path)
+    with pytest.raises(ScrollsegError, match=r"has shape \(8, 8, 8\) but the image has"):
+        AnnotationStore.open_or_create(tmp_path / "a.zarr", np.zeros((8, 8, 9)))
+
+
+def test_otsu_start_fills_class_1_on_the_chosen_slice(tmp_path: Path) -> None:
+    image, truth = make_phantom((24, 64, 64), seed=1)
+    store = AnnotationStore.create(tmp_path / "o.zarr", shape=image.shape, classes=NAMES)
+    z = 7
+    threshold = store.otsu_start(image, z=z)
+    assert 60 < threshold < 140  # between air (~45) and papyrus (~150)
+    labels = store.as_dask().compute()
+    filled = labels[z] == 1
+    assert filled.sum() > 200
+    assert np.array_equal(filled, image[z] > threshold)
+    assert not labels[np.arange(24) != z].any()  # no other slice touched
+    # bright voxels are the papyrus sheets of the truth
+    assert (truth[z][filled] == PAPYRUS).mean() > 0.9
+    assert (truth[z][~filled] == AIR).mean() > 0.8
+
+    # volume threshold from sampled blocks, with an upper cut-off, default middle slice
+    import dask.array as da
+
+    vol_t = volume_otsu(da.from_array(image, chunks=(8, 32, 32)), max_blocks=6)
+    assert abs(vol_t - threshold) < 25
+    t2 = store.otsu_start(image, threshold_from="volume", upper=170)
+    middle = store[12]
+    assert np.array_equal(middle == 1, (image[12] > t2) & (image[12] < 170))
+    with pytest.raises(ScrollsegError, match="outside the volume"):
+        store.otsu_start(image, z=99)
+
+
+_SAVER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from napari_scrollseg.engine.annotations import AnnotationStore
+
+    store = AnnotationStore.open(sys.argv[1])
+    gen = int(sys.argv[2])
+    grid = [(i, j, k) for i in range(4) for j in range(2) for k in range(2)]
+    while True:
+        for idx in grid:
+            box = tuple(slice(c * s, (c + 1) * s) for c, s in zip(idx, store.chunks))
+            rng = np.random.default_rng([gen, *idx])
+            block = rng.integers(1, 4, size=store.chunks).astype(np.uint8)
+            block.flat[:8] = [(gen >> (2 * d)) & 3 for d in range(8)]
+            store[box] = block
+        store.save()
+        print(gen, flush=True)
+        gen += 1
+    """
+)
+
+
+def _check_chunks(store: AnnotationStore) -> set[int]:
+    """Every chunk holds a complete generation pattern; return the generations seen."""
+    gens = set()
+    for i, j, k in [(i, j, k) for i in range(4) for j in range(2) for k in range(2)]:
+        box = tuple(slice(c * s, (c + 1) * s) for c, s in zip((i, j, k), store.chunks))
+        block = store[box]
+        gen = sum(int(v) << (2 * d) for d, v in enumerate(block.flat[:8]))
+        rng = np.random.default_rng([gen, i, j, k])
+        expected = rng.integers(1, 4, size=store.chunks).astype(np.uint8)
+        expected.flat[:8] = block.flat[:8]
+        assert np.array_equal(block, expected), f"chunk {(i, j, k)} is torn"
+        gens.add(gen)
+    return gens
+
+
+def test_kill_9_during_save_leaves_old_or_new_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "killed.zarr"
+    AnnotationStore.create(path, shape=(64, 64, 64), classes=NAMES, chunks=(16, 32, 32))
+    rng = np.random.default_rng(0)
+    start = 0
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(path), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            first = int(proc.stdout.readline())  # one full save done
+            time.sleep(rng.uniform(0.0, 0.4))
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        finally:
+            proc.kill()
+            out, _ = proc.communicate()
+        last = int(out.split()[-1]) if out.split() else first
+        store = AnnotationStore.open(path)  # opens, and removes unfinished writes
+        assert not list(path.rglob("*.partial"))
+        gens = _check_chunks(store)
+        # each chunk is from the last complete save or from the one in progress
+        assert gens <= {last, last + 1}, (gens, last)
+        start = last + 2
+    assert kills == 4

@@ -1,0 +1,282 @@
+"""Whole-volume prediction: equals nnU-Net, no wasted tiles, resumable, distributed, masked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.engine.conftest import blocky_volume
+
+SHAPE = (29, 51, 45)  # odd: not a multiple of the patch (16, 32, 32) nor of the chunk
+CHUNK = (12, 20, 24)
+
+
+def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    import zarr
+
+    probs = zarr.open_array(str(out / "0"), mode="r")[:]
+    labels = zarr.open_array(str(out / "labels" / "prediction" / "0"), mode="r")[:]
+    return probs, labels
+
+
+def _nnunet(folder: Path, image: np.ndarray, *, mirror: bool) -> tuple[np.ndarray, np.ndarray]:
+    """nnU-Net's own predictor on a (z, y, x) image: (uint8-rounded probs, labels)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=mirror,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0, 1))
+    seg, probs = predictor.predict_single_npy_array(
+        image[None].astype(np.float32), {"spacing": [1.0, 1.0, 1.0]}, None, None, True
+    )
+    return np.rint(probs * 255).astype(np.uint8), seg
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory, tiny_model_3d: Path) -> dict:
+    """A volume with a zero border on disk and its uninterrupted, threaded prediction."""
+    from napari_scrollseg.engine.model import forward_passes
+    from napari_scrollseg.engine.omezarr import write_image
+    from napari_scrollseg.engine.predict_volume import predict_volume
+
+    root = tmp_path_factory.mktemp("predict_volume")
+    image = blocky_volume(SHAPE, seed=5, zero_border=2)
+    write_image(root / "vol.zarr", image, spacing=(1.0, 1.0, 1.0), chunks=(16, 16, 16))
+    events: list = []
+    before = forward_passes()
+    out = predict_volume(
+        tiny_model_3d, root / "vol.zarr", root / "ref.zarr", chunk=CHUNK, device="cpu",
+        progress=events.append,
+    )
+    probs, labels = _read(out)
+    return {
+        "root": root,
+        "image": image,
+        "volume": root / "vol.zarr",
+        "model": tiny_model_3d,
+        "ref": out,
+        "probs": probs,
+        "labels": labels,
+        "events": events,
+        "forward": forward_passes() - before,
+    }
+
+
+def _assert_same_as(case: dict, out: Path) -> None:
+    probs, labels = _read(out)
+    np.testing.assert_array_equal(labels, case["labels"])
+    np.testing.assert_array_equal(probs, case["probs"])
+
+
+def test_chunked_equals_nnunet_and_runs_each_tile_once(case: dict) -> None:
+    from napari_scrollseg.engine.model import load_model
+    from napari_scrollseg.engine.volumes import open_volume
+
+    probs, labels = case["probs"], case["labels"]
+    assert probs.shape == (3, *SHAPE) and labels.shape == SHAPE
+    assert len(np.unique(labels)) == 3  # a non-trivial answer
+    ref_probs, ref_labels = _nnunet(case["model"], case["image"], mirror=True)
+    agree = (labels == ref_labels).mean()
+    diff = np.abs(probs.astype(int) - ref_probs.astype(int)).max()
+    print(f"3D chunked vs nnUNetPredictor: labels agree {agree:.6%}, max prob diff {diff}/255")
+    assert agree >= 0.9999
+    assert diff <= 1
+    # no wasted work: every tile of nnU-Net's grid ran exactly once
+    n_tiles = load_model(case["model"], device="cpu").grid(open_volume(case["volume"])).n_tiles
+    last = case["events"][-1]
+    assert last.stage == "done" and last.chunks_done == last.chunks_total == 3 * 3 * 2
+    assert case["forward"] == last.tiles_computed == n_tiles
+    # the partial sums are gone, the output is marked complete
+    assert not (case["ref"] / ".scrollseg" / "partial").exists()
+
+
+def test_region_equals_full_volume(case: dict) -> None:
+    from napari_scrollseg.engine.model import load_model
+    from napari_scrollseg.engine.predict import predict_region
+    from napari_scrollseg.engine.volumes import open_volume
+
+    model = load_model(case["model"], device="cpu")
+    box = (slice(5, 26), slice(15, 45), slice(0, 30))  # straddles chunk borders, one face
+    probs, labels = predict_region(model, open_volume(case["volume"]), box)
+    np.testing.assert_array_equal(labels, case["labels"][box])
+    diff = np.abs(np.rint(probs * 255).astype(int) - case["probs"][(slice(None), *box)]).max()
+    assert diff <= 1
+
+
+def test_2d_model_chunked_equals_nnunet(tmp_path: Path, tiny_model_2d: Path) -> None:
+    from napari_scrollseg.engine.omezarr import write_image
+    from napari_scrollseg.engine.predict_volume import predict_volume
+
+    image = blocky_volume((7, 45, 37), seed=7)
+    write_image(tmp_path / "vol.zarr", image, spacing=(1.0, 1.0, 1.0), chunks=(4, 32, 32))
+    events: list = []
+    out = predict_volume(
+        tiny_model_2d, tmp_path / "vol.zarr", tmp_path / "out.zarr", chunk=(3, 20, 16),
+        device="cpu", progress=events.append,
+    )
+    probs, labels = _read(out)
+    ref_probs, ref_labels = _nnunet(tiny_model_2d, image, mirror=True)
+    agree = (labels == ref_labels).mean()
+    diff = np.abs(probs.astype(int) - ref_probs.astype(int)).max()
+    print(f"2D chunked vs nnUNetPredictor: labels agree {agree:.6%}, max prob diff {diff}/255")
+    assert len(np.unique(labels)) > 1
+    assert agree >= 0.9999 and diff <= 1
+    assert events[-1].tiles_computed == 7 * 2 * 2  # every slice, 2 x 2 tiles each
+
+
+def _done(out: Path) -> list[Path]:
+    folder = out / ".scrollseg" / "done"
+    return [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+
+
+def test_kill_9_then_rerun_resumes_to_identical_output(case: dict, tmp_path: Path) -> None:
+    from napari_scrollseg import cli
+
+    out = tmp_path / "killed.zarr"
+    argv = ["predict", str(case["model"]), str(case["volume"]), str(out), "--device", "cpu"]
+    argv += ["--chunk", ",".join(map(str, CHUNK)), "--batch-size", "1", "--threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_scrollseg.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    total = 3 * 3 * 2
+    try:
+        deadline = time.monotonic() + 120
+        while len(_done(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = _done(out)
+    assert proc.returncode == -signal.SIGKILL
+    assert 2 <= len(done) < total, "the run finished before it could be killed"
+    # whatever is marked done is completely written
+    probs, labels = _read(out)
+    for marker in done:
+        i, j, k = (int(v) for v in marker.name.split("_"))
+        box = tuple(slice(n * c, (n + 1) * c) for n, c in zip((i, j, k), CHUNK, strict=True))
+        np.testing.assert_array_equal(labels[box], case["labels"][box])
+        np.testing.assert_array_equal(probs[(slice(None), *box)], case["probs"][(slice(None), *box)])
+
+    events: list = []
+    from napari_scrollseg.engine.predict_volume import predict_volume
+
+    predict_volume(
+        case["model"], case["volume"], out, chunk=CHUNK, device="cpu", progress=events.append
+    )
+    last = events[-1]
+    assert last.chunks_resumed == len(done)
+    assert last.chunks_computed == total - len(done) < total
+    assert last.tiles_computed < case["events"][-1].tiles_computed
+    _assert_same_as(case, out)
+    # and the CLI, rerun on the finished output, has nothing left to do
+    assert cli.main(argv) == 0
+    _assert_same_as(case, out)
+
+
+def test_close_generator_cancels_then_resume(case: dict, tmp_path: Path) -> None:
+    from napari_scrollseg.engine.predict_volume import iter_predict_volume
+
+    out = tmp_path / "cancelled.zarr"
+    gen = iter_predict_volume(case["model"], case["volume"], out, chunk=CHUNK, device="cpu")
+    for ev in gen:
+        if ev.chunks_done >= 2:
+            break
+    gen.close()
+    time.sleep(0.5)  # tasks already running finish; no new ones start
+    n_done = len(_done(out))
+    assert 2 <= n_done < ev.chunks_total
+    events = list(iter_predict_volume(case["model"], case["volume"], out, chunk=CHUNK, device="cpu"))
+    assert events[-1].chunks_resumed >= n_done
+    _assert_same_as(case, out)
+
+
+def test_local_cluster_two_processes_identical(case: dict, tmp_path: Path) -> None:
+    from napari_scrollseg.engine.predict_volume import open_client, predict_volume
+
+    out = tmp_path / "distributed.zarr"
+    with open_client(cluster="local", workers=2) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        events: list = []
+        predict_volume(
+            case["model"], case["volume"], out, chunk=CHUNK, device="cpu", client=client,
+            progress=events.append,
+        )
+        pids = set(client.run(os.getpid).values())
+    assert os.getpid() not in pids and len(pids) == 2
+    assert events[-1].tiles_computed == case["events"][-1].tiles_computed
+    _assert_same_as(case, out)
+
+
+def test_mask_skips_tiles_and_leaves_background(case: dict, tmp_path: Path) -> None:
+    from napari_scrollseg.engine.model import load_model
+    from napari_scrollseg.engine.omezarr import write_image
+    from napari_scrollseg.engine.predict_volume import predict_volume
+    from napari_scrollseg.engine.volumes import open_volume
+
+    grid = load_model(case["model"], device="cpu").grid(open_volume(case["volume"]))
+    z_starts = sorted({t[0] for t in grid.tiles()})
+    per_row = grid.n_tiles // len(z_starts)
+    # a half-resolution mask, nonzero only before the second row of tiles: every row but
+    # the first sees only zeros and is skipped
+    mshape = tuple(-(-s // 2) for s in SHAPE)
+    k = z_starts[1] * mshape[0] // SHAPE[0]
+    edge = -(-k * SHAPE[0] // mshape[0])  # first voxel z mapped to a zero mask slice
+    assert z_starts[0] < edge <= z_starts[1]
+    mask = np.zeros(mshape, np.uint8)
+    mask[:k] = 1
+    write_image(tmp_path / "mask.zarr", mask, spacing=(2.0, 2.0, 2.0), chunks=(8, 8, 8))
+    events: list = []
+    out = predict_volume(
+        case["model"], case["volume"], tmp_path / "masked.zarr", chunk=CHUNK, device="cpu",
+        mask=tmp_path / "mask.zarr", progress=events.append,
+    )
+    last = events[-1]
+    print(f"mask: {last.tiles_skipped} of {grid.n_tiles} tiles skipped")
+    assert last.tiles_computed == per_row
+    assert last.tiles_skipped == grid.n_tiles - per_row
+    probs, labels = _read(out)
+    # masked voxels are background
+    assert (labels[edge:] == 0).all()
+    assert (probs[0, edge:] == 255).all() and (probs[1:, edge:] == 0).all()
+    # where only unskipped tiles reach, the answer is the unmasked one
+    np.testing.assert_array_equal(labels[:edge], case["labels"][:edge])
+    assert np.abs(probs[:, :edge].astype(int) - case["probs"][:, :edge]).max() <= 1
+
+
+def test_output_opens_with_ome_zarr_and_open_volume(case: dict) -> None:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    from napari_scrollseg.engine.volumes import open_volume
+
+    nodes = list(Reader(parse_url(str(case["ref"])))())
+    assert nodes and nodes[0].data[0].shape == (3, *SHAPE)
+    labels_nodes = list(Reader(parse_url(str(case["ref"] / "labels" / "prediction")))())
+    assert labels_nodes[0].data[0].shape == SHAPE
+    vol = open_volume(case["ref"])
+    assert vol.axes == "czyx" and vol.shape == (3, *SHAPE) and len(vol.levels) >= 1
+    assert tuple(vol.spacing) == (1.0, 1.0, 1.0)
+    assert "prediction" in vol.labels
+    np.testing.assert_array_equal(np.asarray(vol.labels["prediction"][0]), case["labels"])
+    info = vol.attrs["scrollseg"]
+    assert info["complete"] is True and info["tta"] == "mirror" and info["step"] == 0.5
+    assert len(info["model_sha256"]) == 64 and info["folds"] == ["0", "1"]
