@@ -158,15 +158,16 @@ def _has_tiff(path: Path) -> bool:
 
 
 def _tiff_is_volume(path: Path) -> bool:
-    """Whether a TIFF's first series has three or more axes larger than 1 (header only)."""
+    """Whether a TIFF's first series has three non-channel axes larger than 1 (header only)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
-            shape = tf.series[0].shape
+            series = tf.series[0]
+            shape, axes = series.shape, series.axes.upper()
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return False
-    return sum(s > 1 for s in shape) >= 3
+    return sum(s > 1 for s, a in zip(shape, axes) if a not in "CS") >= 3
 
 
 # -- layers -------------------------------------------------------------------------------
@@ -207,9 +208,7 @@ def _labels_layer(
     levels = list(levels)
     # a label image may be stored at another resolution than the image it belongs to
     full = volume.shape[-3:]
-    scale = tuple(
-        s * f / n for s, f, n in zip(volume.spacing, full, levels[0].shape[-3:])
-    )
+    scale = tuple(s * f / n for s, f, n in zip(volume.spacing, full, levels[0].shape[-3:]))
     meta: dict[str, Any] = {
         "name": name,
         "scale": scale,
@@ -260,7 +259,7 @@ def _label_style(
             rgba = [float(c) / 255 for c in entry["rgba"]]
         except (KeyError, TypeError, ValueError):
             continue
-        colors[value] = tuple((rgba + [1.0])[:4])
+        colors[value] = tuple([*rgba, 1.0][:4])
     names: dict[int, str] = {}
     for entry in label_meta.get("properties") or ():
         if "label-value" in entry and "class" in entry:
@@ -297,7 +296,7 @@ def contrast_limits(arr: da.Array) -> tuple[float, float]:
     else:
         picks = sorted(
             {
-                tuple(int(round(t * (n - 1))) for n in arr.numblocks)
+                tuple(round(float(t) * (n - 1)) for n in arr.numblocks)
                 for t in np.linspace(0.2, 0.8, _SAMPLE_BLOCKS)
             }
         )

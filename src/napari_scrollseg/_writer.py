@@ -163,7 +163,7 @@ def label_colors(colormap: Any) -> dict[int, tuple[int, int, int, int]]:
         if rgba.size not in (3, 4):
             continue  # a colour name; napari has already turned those into RGBA
         rgba = np.append(rgba, 1.0) if rgba.size == 3 else rgba
-        out[int(value)] = tuple(int(round(c * 255)) for c in np.clip(rgba, 0, 1))
+        out[int(value)] = tuple(round(float(c) * 255) for c in np.clip(rgba, 0, 1))
     return out
 
 

@@ -106,6 +106,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="checkpoint_final.pth")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best)")
     p.add_argument("--chunk", type=_chunk_arg, default=None, help="output chunk: N or Z,Y,X")
+    p.add_argument(
+        "--superchunk",
+        type=_shape,
+        default=None,
+        help="share partial sums only within groups of N chunks per axis: bounds scratch "
+        "disk, reruns tiles on group borders (default: whole volume, each tile once)",
+    )
     p.add_argument("--batch-size", type=_shape, default=4, help="tiles per network batch")
     p.add_argument("--half", action="store_true", help="autocast (not nnU-Net-equivalent)")
     p.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1: predict this box only")
@@ -114,6 +121,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prob-reduction", default="mean", choices=["mean", "max", "nearest"])
     p.add_argument("--label-reduction", default="mode", choices=["mode", "max", "nearest"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction")
+    p.add_argument(
+        "--ignore-spacing",
+        action="store_true",
+        help="predict even if the volume's spacing differs from the model's (no resampling)",
+    )
     dist = p.add_argument_group("distributed (dask.distributed)")
     where = dist.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, help="address of a running dask scheduler")
@@ -158,9 +170,11 @@ def _run_predict(args: argparse.Namespace) -> int:
             half=args.half,
             batch_size=args.batch_size,
             chunk=args.chunk[0] if args.chunk and len(args.chunk) == 1 else args.chunk,
+            superchunk=args.superchunk,
             roi=args.roi,
             mask=args.mask,
             overwrite=args.overwrite,
+            ignore_spacing=args.ignore_spacing,
             prob_reduction=args.prob_reduction,
             label_reduction=args.label_reduction,
             num_workers=args.threads,
@@ -240,12 +254,130 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train --------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from napari_scrollseg.engine.train import PLANNERS
+
+    p = sub.add_parser(
+        "train",
+        help="plan, preprocess and train nnU-Net on an exported dataset (sparse-aware)",
+        description="Plan, preprocess and train nnU-Net v2 on an exported Dataset<ID>_<Name> "
+        "folder. The model folder (stock nnU-Net layout) is printed at the end.",
+    )
+    p.add_argument("dataset", help="the Dataset<ID>_<Name> folder written by `scrollseg export`")
+    p.add_argument("--out", required=True, help="results folder (nnUNet_results)")
+    p.add_argument("--config", default="3d_fullres", help="nnU-Net configuration (%(default)s)")
+    p.add_argument("--fold", nargs="+", default=["0"], help="fold(s) to train, or 'all' (0)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: best")
+    p.add_argument("--epochs", type=_shape, default=None, help="epochs (nnU-Net: 1000)")
+    p.add_argument("--iterations", type=_shape, default=None, help="iterations/epoch (250)")
+    p.add_argument("--planner", choices=PLANNERS, default="default")
+    p.add_argument(
+        "-np",
+        "--num-processes",
+        type=_shape,
+        default=2,
+        dest="num_processes",
+        help="processes for fingerprint and preprocessing (%(default)s)",
+    )
+    p.add_argument(
+        "--da-processes",
+        type=int,
+        default=None,
+        help="data-augmentation processes (0: in the training process)",
+    )
+    p.add_argument(
+        "--resume",
+        "--continue",
+        "--c",
+        action="store_true",
+        dest="resume",
+        help="continue from the latest checkpoint",
+    )
+    p.add_argument(
+        "--plans-overrides",
+        default=None,
+        metavar="JSON",
+        help='network/patch changes, e.g. \'{"n_stages": 3, "features_per_stage": '
+        '[4, 8, 16], "patch_size": [32, 64, 64]}\'',
+    )
+    p.add_argument("--plans-name", default=None, help="name of the overridden plans")
+    p.add_argument("--preprocessed", default=None, help="nnUNet_preprocessed (default: OUT/...)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from napari_scrollseg.engine.train import train
+
+    overrides = None
+    if args.plans_overrides:
+        try:
+            overrides = json.loads(args.plans_overrides)
+        except json.JSONDecodeError as exc:
+            raise ScrollsegError(f"--plans-overrides is not valid JSON: {exc}") from exc
+        if not isinstance(overrides, dict):
+            raise ScrollsegError("--plans-overrides must be a JSON object")
+    bar = None
+    try:
+        for ev in train(
+            args.dataset,
+            results_dir=args.out,
+            configuration=args.config,
+            folds=[f if f == "all" else int(f) for f in args.fold],
+            device=args.device,
+            epochs=args.epochs,
+            iterations=args.iterations,
+            planner=args.planner,
+            num_processes=args.num_processes,
+            da_processes=args.da_processes,
+            resume=args.resume,
+            plans_overrides=overrides,
+            plans_name=args.plans_name,
+            preprocessed_dir=args.preprocessed,
+        ):
+            if ev.kind == "epoch":
+                if bar is None:
+                    bar = tqdm(
+                        total=ev.epochs, initial=ev.epoch, unit="epoch", desc=f"fold {ev.fold}"
+                    )
+                bar.update(ev.epoch + 1 - bar.n)
+                bar.set_postfix(loss=f"{ev.train_loss:.3f}", val=f"{ev.val_loss:.3f}")
+                tqdm.write(str(ev))
+            else:
+                if bar is not None and ev.kind in ("fold_done", "done"):
+                    bar.close()
+                    bar = None
+                tqdm.write(str(ev))
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0
+
+
+# -- models -------------------------------------------------------------------------------
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("models", help="list the built-in models: NAME PATH")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from napari_scrollseg.engine.builtin import builtin_models
+
+    for name, path in builtin_models().items():
+        print(f"{name} {path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "info": (_add_info, _run_info),
     "phantom": (_add_phantom, _run_phantom),
     "demo": (_add_demo, _run_demo),
     "predict": (_add_predict, _run_predict),
     "export": (_add_export, _run_export),
+    "train": (_add_train, _run_train),
+    "models": (_add_models, _run_models),
 }
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
 import json
 import logging
 import os
 import pickle
+import sys
 import threading
 import time
 
@@ -136,6 +138,18 @@ def test_ome_zarr_v05_zarr3_written_by_hand(tmp_path):
     assert "(NGFF 0.5)" in describe(vol)
 
 
+def test_bioformats2raw_layout_opens_image_0(tmp_path):
+    data = _random(AWKWARD, np.uint8, seed=7)
+    root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    omezarr.write_image(tmp_path / "b2r.zarr" / "0", data, spacing=(1.0, 2.0, 2.0), n_levels=2)
+    vol = open_volume(tmp_path / "b2r.zarr")
+    assert vol.kind == "ome-zarr"
+    assert vol.spacing == (1.0, 2.0, 2.0)
+    assert len(vol.levels) == 2
+    np.testing.assert_array_equal(vol.data.compute(), data)
+
+
 # -- plain zarr ---------------------------------------------------------------------------
 def test_plain_zarr_array_and_groups(tmp_path, caplog):
     data = _random(AWKWARD, np.uint8, seed=2)
@@ -247,6 +261,13 @@ def test_tiff_files(tmp_path):
     assert vol.spacing == (3.0, 0.25, 0.25)
     np.testing.assert_array_equal(vol.data.compute(), zcyx.transpose(1, 0, 2, 3))
 
+    # a folder holding just one stack opens that stack
+    (tmp_path / "one").mkdir()
+    tifffile.imwrite(tmp_path / "one" / "stack.tif", data)
+    vol = open_volume(tmp_path / "one")
+    assert vol.kind == "tiff"
+    np.testing.assert_array_equal(vol.data.compute(), data)
+
     tifffile.imwrite(tmp_path / "flat.tif", data[0])
     with pytest.raises(ScrollsegError, match=r"is not a 3D volume .*must be 3D"):
         open_volume(tmp_path / "flat.tif")
@@ -286,6 +307,23 @@ def test_bad_paths(tmp_path):
     (tmp_path / "scan.png").write_bytes(b"\x89PNG")
     with pytest.raises(ScrollsegError, match=r"unsupported file type \.png; open an OME-Zarr"):
         open_volume(tmp_path / "scan.png")
+
+
+def test_hdf5_without_h5py_says_what_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f["v"] = np.zeros((2, 3, 4), np.uint8)
+    monkeypatch.setitem(sys.modules, "h5py", None)  # as if h5py were not installed
+    with pytest.raises(ScrollsegError, match=r"needs h5py: pip install napari-scrollseg\[hdf5\]"):
+        open_volume(f"{path}:/v")
+
+
+def test_url_protocol_errors():
+    with pytest.raises(ScrollsegError, match=r"cannot open nosuch://b/v\.zarr: .*fsspec knows"):
+        open_volume("nosuch://b/v.zarr")
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(ScrollsegError, match=r"gcs:// URLs needs an fsspec driver .*gcsfs"):
+            open_volume("gcs://bucket/v.zarr")
 
 
 # -- URLs ---------------------------------------------------------------------------------

@@ -72,27 +72,39 @@ def test_open_ome_zarr_pyramid_with_labels(viewer, phantom_zarr):
 
 def test_open_prediction_channels(viewer, tmp_path):
     """A (c, z, y, x) probability image opens with one layer per class, plus its labels."""
-    probs = _random((3, 16, 40, 36), np.uint8, seed=1)
+    probs = _random((3, 64, 72, 64), np.uint8, seed=1)
     out = tmp_path / "pred.zarr"
-    omezarr.write_image(out, probs, spacing=(2.0, 1.0, 1.0), chunks=(1, 8, 16, 16))
+    omezarr.write_image(out, probs, spacing=(2.0, 1.0, 1.0), chunks=(1, 32, 32, 32))
     omezarr.write_image(
-        out / "labels" / "prediction", probs.argmax(0).astype(np.uint8), spacing=(2.0, 1.0, 1.0),
-        chunks=(8, 16, 16), labels_of=out, name="prediction", reduction="mode",
+        out / "labels" / "prediction",
+        probs.argmax(0).astype(np.uint8),
+        spacing=(2.0, 1.0, 1.0),
+        chunks=(32, 32, 32),
+        labels_of=out,
+        name="prediction",
+        reduction="mode",
     )
     layers = viewer.open(out, plugin=PLUGIN)
     assert [layer._type_string for layer in layers] == ["image"] * 3 + ["labels"]
     for c, layer in enumerate(layers[:3]):
-        assert layer.data.shape == (16, 40, 36)
-        assert isinstance(layer.data, da.Array)
+        assert layer.multiscale
+        assert [level.shape for level in layer.data] == [(64, 72, 64), (32, 36, 32)]
+        assert all(isinstance(level, da.Array) for level in layer.data)
         np.testing.assert_allclose(layer.scale, (2.0, 1.0, 1.0))
-        np.testing.assert_array_equal(layer.data.compute(), probs[c])
+        np.testing.assert_array_equal(layer.data[0].compute(), probs[c])
     assert layers[3].name == "prediction"
 
 
-def test_open_plain_zarr_array(viewer, tmp_path):
+def test_open_single_level_forms(viewer, tmp_path):
+    """Plain zarr, slice-TIFF folder, 3D TIFF and HDF5 open as lazy image layers.
+
+    One viewer for the four forms keeps the test fast; each block checks one form.
+    """
+    # plain zarr array, spacing from its attributes
     data = _random((20, 33, 47))
-    arr = zarr.create_array(str(tmp_path / "plain.zarr"), shape=data.shape, chunks=(8, 16, 16),
-                            dtype=data.dtype)
+    arr = zarr.create_array(
+        str(tmp_path / "plain.zarr"), shape=data.shape, chunks=(8, 16, 16), dtype=data.dtype
+    )
     arr[:] = data
     arr.attrs["spacing"] = [3.0, 1.5, 1.5]
     (layer,) = viewer.open(tmp_path / "plain.zarr", plugin=PLUGIN)
@@ -104,8 +116,7 @@ def test_open_plain_zarr_array(viewer, tmp_path):
     lo, hi = layer.contrast_limits
     assert data.min() <= lo < hi <= data.max()
 
-
-def test_open_slice_tiff_folder(viewer, tmp_path):
+    # folder of 2D slice TIFFs: one slice per chunk
     data = _random((12, 30, 40), seed=2)
     folder = tmp_path / "slices"
     folder.mkdir()
@@ -118,19 +129,24 @@ def test_open_slice_tiff_folder(viewer, tmp_path):
     assert layer.data.chunksize[0] == 1
     np.testing.assert_array_equal(layer.data.compute(), data)
 
-
-def test_open_3d_tiff(viewer, tmp_path):
+    # one 3D TIFF with ImageJ voxel size
     data = _random((10, 24, 20), seed=3)
     path = tmp_path / "vol.tif"
-    tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.5, 1 / 0.5),
-                     metadata={"spacing": 2.0, "axes": "ZYX"})
+    tifffile.imwrite(
+        path,
+        data,
+        imagej=True,
+        resolution=(1 / 0.5, 1 / 0.5),
+        metadata={"spacing": 2.0, "axes": "ZYX"},
+    )
     (layer,) = viewer.open(path, plugin=PLUGIN)
+    assert layer.name == "vol"
     assert isinstance(layer.data, da.Array)
     np.testing.assert_allclose(layer.scale, (2.0, 0.5, 0.5))
     np.testing.assert_array_equal(layer.data.compute(), data)
 
-
-def test_open_hdf5(viewer, tmp_path):
+    # HDF5: napari opens only existing paths, so a file with several volumes gives
+    # one layer per volume; the reader itself also takes file.h5:/dataset
     h5py = pytest.importorskip("h5py")
     raw, seg = _random((8, 20, 16), seed=4), _random((8, 20, 16), np.uint8, seed=5)
     path = tmp_path / "scan.h5"
@@ -138,22 +154,29 @@ def test_open_hdf5(viewer, tmp_path):
         h5.create_dataset("volume/raw", data=raw, chunks=(4, 10, 8))
         h5.create_dataset("volume/seg", data=seg)
         h5.create_dataset("notes", data=np.arange(3))
-    # napari opens only existing paths: a file with several volumes gives one layer each
     layers = viewer.open(path, plugin=PLUGIN)
     assert [layer.name for layer in layers] == ["volume_raw", "volume_seg"]
     assert all(isinstance(layer.data, da.Array) for layer in layers)
     np.testing.assert_array_equal(layers[0].data.compute(), raw)
-    # the reader itself also takes file.h5:/dataset
-    (data, meta, kind) = get_reader(f"{path}:/volume/seg")(f"{path}:/volume/seg")[0]
+    (data, _meta, kind) = get_reader(f"{path}:/volume/seg")(f"{path}:/volume/seg")[0]
     assert kind == "image"
     np.testing.assert_array_equal(data.compute(), seg)
 
 
 def test_open_large_volume_lazily(viewer, tmp_path):
-    """An 8 GiB uint16 volume opens in napari without being read whole."""
+    """An 8 GiB uint16 volume opens in napari without being read whole.
+
+    napari shows one plane, which reads the one slab of chunks through it (here
+    16 x 2048 x 2048 voxels, 128 MiB); everything else stays on disk.
+    """
     shape = (1024, 2048, 2048)
-    zarr.create_array(str(tmp_path / "big.zarr"), shape=shape, chunks=(64, 256, 256),
-                      dtype=np.uint16, fill_value=0)
+    zarr.create_array(
+        str(tmp_path / "big.zarr"),
+        shape=shape,
+        chunks=(16, 512, 512),
+        dtype=np.uint16,
+        fill_value=0,
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     (layer,) = viewer.open(tmp_path / "big.zarr", plugin=PLUGIN)
@@ -181,7 +204,7 @@ def test_get_reader_declines_what_it_cannot_open(tmp_path):
 
 # -- writer -----------------------------------------------------------------------------
 def test_save_labels_round_trip(viewer, tmp_path):
-    _, truth = make_phantom((16, 40, 36), seed=1)
+    _, truth = make_phantom((64, 64, 64), seed=1)
     layer = viewer.add_labels(truth, scale=(2.0, 0.5, 0.5), name="annot")
     layer.colormap = {0: "transparent", 2: (0.0, 1.0, 0.0, 1.0), None: "gray"}
     written = layer.save(str(tmp_path / "annot.zarr"), plugin=PLUGIN)
@@ -210,13 +233,18 @@ def test_save_labels_round_trip(viewer, tmp_path):
 def test_write_labels_from_dask(tmp_path):
     truth = make_phantom((24, 40, 36), seed=2)[1].astype(np.uint16)
     lazy = da.from_array(truth, chunks=(5, 17, 13))
-    meta = {"scale": (1.0, 2.0, 3.0), "name": "lazy", "features": {"index": [0, 1],
-            "class": ["unlabeled", "air"]}}
+    meta = {
+        "scale": (1.0, 2.0, 3.0),
+        "name": "lazy",
+        "features": {"index": [0, 1], "class": ["unlabeled", "air"]},
+    }
     (zpath,) = write_labels(str(tmp_path / "lazy.zarr"), lazy, meta)
     attrs = json.loads((Path(zpath) / ".zattrs").read_text())
     assert attrs["image-label"]["properties"] == [{"label-value": 1, "class": "air"}]
     assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
-        1.0, 2.0, 3.0
+        1.0,
+        2.0,
+        3.0,
     ]
     np.testing.assert_array_equal(zarr.open_array(zpath + "/0")[:], truth)
     # uint16 goes to ImageJ TIFF; int64 (napari's default labels dtype) to BigTIFF + sidecar

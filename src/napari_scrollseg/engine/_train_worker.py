@@ -152,8 +152,9 @@ def _train(args: argparse.Namespace) -> int:
         stop["in_loop"] = False
     if stop["requested"]:
         return 128 + signal.SIGTERM
-    emit("step", message=f"fold {fold}: validating on the held-out cases")
-    trainer.perform_actual_validation(False)
+    if args.validate:
+        emit("step", message=f"fold {fold}: validating on the held-out cases")
+        trainer.perform_actual_validation(False)
     emit("fold_done", fold=fold, output_folder=trainer.output_folder)
     return 0
 
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--iterations", type=int, default=None)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--no-validate", action="store_false", dest="validate")
     args = parser.parse_args(argv)
     return _plan(args) if args.step == "plan" else _train(args)
 

@@ -108,10 +108,7 @@ class ClassTable:
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",")]
         return cls(
-            [
-                LabelClass(i + 1, str(n), _PALETTE[i % len(_PALETTE)])
-                for i, n in enumerate(names)
-            ]
+            [LabelClass(i + 1, str(n), _PALETTE[i % len(_PALETTE)]) for i, n in enumerate(names)]
         )
 
     @classmethod
@@ -216,6 +213,16 @@ def _normalize_box(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...],
     return tuple(slices), tuple(int_axes)
 
 
+def _overlap(
+    box: tuple[slice, ...], cbox: tuple[slice, ...]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where ``box`` and chunk box ``cbox`` overlap, relative to each of them."""
+    inter = [slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, cbox)]
+    in_box = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))
+    in_chunk = tuple(slice(i.start - c.start, i.stop - c.start) for i, c in zip(inter, cbox))
+    return in_box, in_chunk
+
+
 class AnnotationStore:
     """An integer label volume aligned with an image, backed by a sparse zarr on disk.
 
@@ -233,7 +240,7 @@ class AnnotationStore:
             group = _group if _group is not None else zarr.open_group(str(self.path), mode="r+")
             meta = dict(group.attrs[ATTRS_KEY]["annotation"])
             self._array = group["0"]
-        except (FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, KeyError, TypeError, ValueError) as exc:
             raise ScrollsegError(
                 f"{self.path} is not a scrollseg annotation store; create one with "
                 "AnnotationStore.create or open_or_create"
@@ -419,13 +426,8 @@ class AnnotationStore:
                 buf = self._dirty.get(idx)
                 if buf is None:
                     continue
-                cbox = self._chunk_box(idx)
-                inter = tuple(
-                    slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, cbox)
-                )
-                out[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))] = (
-                    buf[tuple(slice(i.start - c.start, i.stop - c.start) for i, c in zip(inter, cbox))]
-                )
+                in_box, in_chunk = _overlap(box, self._chunk_box(idx))
+                out[in_box] = buf[in_chunk]
             return out
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -448,7 +450,9 @@ class AnnotationStore:
         box, int_axes = _normalize_box(key, self.shape)
         region = tuple(s.stop - s.start for s in box)
         value = np.asarray(value)
-        if value.dtype.kind not in "biu" and not (value.dtype.kind == "f" and np.all(value % 1 == 0)):
+        if value.dtype.kind not in "biu" and not (
+            value.dtype.kind == "f" and np.all(value % 1 == 0)
+        ):
             raise ScrollsegError(f"labels must be integers, got {value.dtype}")
         self._check_values(value)
         if int_axes and value.ndim == len(self.shape) - len(int_axes):
@@ -463,12 +467,8 @@ class AnnotationStore:
                 buf = self._dirty.get(idx)
                 if buf is None:
                     buf = np.array(self._array[cbox], dtype=self.dtype)
-                inter = tuple(
-                    slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, cbox)
-                )
-                buf[tuple(slice(i.start - c.start, i.stop - c.start) for i, c in zip(inter, cbox))] = (
-                    value[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))]
-                )
+                in_box, in_chunk = _overlap(box, cbox)
+                buf[in_chunk] = value[in_box]
                 self._dirty[idx] = buf
 
     def save(self) -> int:
@@ -525,7 +525,11 @@ class AnnotationStore:
                 block = self._dirty.get(idx)
                 if block is None:
                     block = np.asarray(self._array[cbox])
-                mask = (block != UNLABELED) & (block != self.ignore_value) if classes_only else block != 0
+                mask = (
+                    (block != UNLABELED) & (block != self.ignore_value)
+                    if classes_only
+                    else block != 0
+                )
                 if not mask.any():
                     continue
                 for ax in range(3):
@@ -559,9 +563,10 @@ class AnnotationStore:
         z: int | None = None,
         threshold_from: Literal["slice", "volume"] = "slice",
         upper: float | None = None,
+        label: int = 1,
         max_blocks: int = 256,
     ) -> float:
-        """Fill slice ``z`` (default the middle one) with class 1 where ``otsu < image < upper``.
+        """Fill slice ``z`` (default the middle one) with ``label`` where ``otsu < image < upper``.
 
         The threshold comes from that slice or from the volume (a histogram over at most
         ``max_blocks`` evenly spread dask blocks, so the volume is never loaded whole).
@@ -581,14 +586,18 @@ class AnnotationStore:
         elif threshold_from == "volume":
             threshold = volume_otsu(data, max_blocks=max_blocks)
         else:
-            raise ScrollsegError(f"threshold_from must be 'slice' or 'volume', not {threshold_from!r}")
+            raise ScrollsegError(
+                f"threshold_from must be 'slice' or 'volume', not {threshold_from!r}"
+            )
         mask = plane > threshold
         if upper is not None:
             mask &= plane < upper
         current = self[z]
-        current[mask] = 1
+        current[mask] = label
         self[z] = current
-        log.info("Otsu start: slice %d, threshold %.4g, %d voxels -> class 1", z, threshold, mask.sum())
+        log.info(
+            "Otsu start: slice %d, threshold %.4g, %d voxels -> %d", z, threshold, mask.sum(), label
+        )
         return float(threshold)
 
 

@@ -27,14 +27,17 @@ Rules (DESIGN.md "Annotation", SEEDS.md "Export to nnU-Net"):
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +52,6 @@ from napari_scrollseg.engine.errors import ScrollsegError
 if TYPE_CHECKING:
     import dask.array as da
 
-    from napari_scrollseg.engine.annotations import AnnotationStore
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
 @dataclass(frozen=True)
 class ExportProgress:
-    """One step of an export: ``done`` of ``total`` files of case ``index`` written."""
+    """One step of an export: ``done`` of ``total`` slabs of case ``index`` written."""
 
     case: str
     index: int
@@ -185,7 +187,7 @@ def iter_export_dataset(
     append: bool = False,
     folds: int | None = None,
 ) -> Generator[ExportProgress, None, Path]:
-    """:func:`export_dataset` as a generator yielding one :class:`ExportProgress` per file.
+    """:func:`export_dataset` as a generator yielding one :class:`ExportProgress` per slab.
 
     The dataset path is the generator's return value. Closing the generator early
     leaves nothing behind.
@@ -201,6 +203,7 @@ def iter_export_dataset(
         raise ScrollsegError("give at least one (image, labels) pair to export")
 
     prepared = [_prepare(i, img, lab, table) for i, (img, lab) in enumerate(cases)]
+    n_channels = _check_channels(prepared, old_json)
     n_old = old_json["numTraining"] if old_json else 0
     n_total = n_old + len(prepared)
     if folds is not None and n_total < folds:
@@ -238,9 +241,16 @@ def iter_export_dataset(
             for cname, case in zip(names, prepared)
         }
         meta = _dataset_json(
-            old_json, table, name=name, norm=norm, ending=ending, margins=margins, record=record
+            old_json,
+            table,
+            name=name,
+            norm=norm,
+            ending=ending,
+            margins=margins,
+            record=record,
+            n_channels=n_channels,
         )
-        _check_written(tmp, names, prepared, ending, n_channels=prepared[0].image.shape[0])
+        _check_written(tmp, names, prepared, ending, n_channels=n_channels)
         if existing:
             _merge_into(tmp, target, meta)
         else:
@@ -254,7 +264,7 @@ def iter_export_dataset(
     return target
 
 
-def verify_dataset(dataset_dir: str | Path, *, num_processes: int = 2) -> None:
+def verify_dataset(dataset_dir: str | Path, *, num_processes: int = 1) -> None:
     """Run nnU-Net's own ``verify_dataset_integrity`` on a raw dataset folder.
 
     It runs in a subprocess (nnU-Net prints its findings from worker processes);
@@ -346,7 +356,6 @@ def _check_target(out_dir: Path, target: Path, *, dataset_id: int, append: bool)
         if not (target / "dataset.json").is_file():
             raise ScrollsegError(f"{target} exists but has no dataset.json; remove it first")
         return True
-    out_dir.mkdir(parents=True, exist_ok=True)
     return False
 
 
@@ -448,6 +457,14 @@ def _prepare(index: int, image: Any, labels: Any, table: ClassTable) -> _Case:
         )
     k = len(table)
     if isinstance(lab, AnnotationStore):
+        if lab.classes.names()[:k] != table.names()[: len(lab.classes)]:
+            log.warning(
+                "%s: the annotation's classes %s differ from the export's %s; "
+                "label values are exported by id",
+                where,
+                lab.classes.names(),
+                table.names(),
+            )
         ign = lab.ignore_value
         values = sorted(lab.class_counts())
         bbox = lab.annotated_bbox(classes_only=True)
@@ -495,7 +512,9 @@ def _scan_labels(lab: da.Array, ign: int) -> tuple[list[int], tuple[slice, ...] 
     starts = [np.cumsum((0, *c[:-1])) for c in lab.chunks]
     blocks = lab.to_delayed()
     tasks = [
-        dask.delayed(_block_summary)(blocks[idx], tuple(int(s[i]) for s, i in zip(starts, idx)), ign)
+        dask.delayed(_block_summary)(
+            blocks[idx], tuple(int(s[i]) for s, i in zip(starts, idx)), ign
+        )
         for idx in np.ndindex(*lab.numblocks)
     ]
     results = dask.compute(*tasks)
@@ -571,6 +590,70 @@ def _label_slab(case: _Case, z0: int, z1: int, lut: np.ndarray | None, k: int) -
     return out
 
 
+class _Abort(Exception):
+    """Stops a :class:`_SlabWriter` thread part-way (the file is then discarded)."""
+
+
+class _SlabWriter:
+    """Write one volume file from slabs handed over by the caller, on a thread.
+
+    The caller reads slab ``i + 1`` while slab ``i`` is compressed and written, and can
+    yield progress between slabs (tifffile consumes a page iterator in one call).
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any, **kwargs: Any) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(path, shape, dtype), kwargs=kwargs, daemon=True
+        )
+        self._thread.start()
+
+    def _pages(self) -> Iterator[np.ndarray]:
+        while True:
+            slab = self._queue.get()
+            if slab is None:
+                return
+            if slab is _Abort:
+                raise _Abort
+            yield from slab
+
+    def _run(self, path: Path, shape: tuple[int, ...], dtype: Any, **kwargs: Any) -> None:
+        try:
+            _write_volume(path, self._pages(), shape, dtype, **kwargs)
+        except BaseException as exc:  # handed to the caller's thread
+            self._error = exc
+
+    def _put(self, item: Any) -> None:
+        while True:
+            if self._error is not None or not self._thread.is_alive():
+                self._thread.join()
+                raise self._error or ScrollsegError("internal error: the file writer stopped")
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def write(self, slab: np.ndarray) -> None:
+        """Queue the next slab (z-slices in order)."""
+        self._put(slab)
+
+    def close(self) -> None:
+        """Finish the file; raise the writer's error if it had one."""
+        self._put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop the writer without finishing the file."""
+        if self._thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(_Abort, timeout=5)
+            self._thread.join(timeout=30)
+
+
 def _write_case(
     tmp: Path,
     cname: str,
@@ -587,28 +670,44 @@ def _write_case(
     slabs = _slabs(case)
     shape = tuple(s.stop - s.start for s in case.crop)
     n_channels = case.image.shape[0]
-    total = n_channels + 1
-    out_dtype = np.float32 if norm in ("rescale_to_0_1", "rgb_to_0_1") else case.image.dtype
-    origin = tuple(o + s.start * sp for o, s, sp in zip(case.origin, case.crop, case.spacing))
-
-    def stream(make: Callable[[int, int], np.ndarray]) -> Iterator[np.ndarray]:
-        for z0, z1 in slabs:
-            yield from make(z0, z1)
-
-    for c in range(n_channels):
-        path = tmp / "imagesTr" / f"{cname}_{c:04d}{ending}"
-        pages = stream(lambda z0, z1, c=c: _image_slab(case, c, z0, z1, norm))
-        _write_volume(path, pages, shape, out_dtype, case.spacing, origin, compress=False)
-        yield ExportProgress(cname, index, n_cases, c + 1, total)
-    out_lab = np.uint8 if k < 255 else np.uint16
-    path = tmp / "labelsTr" / f"{cname}{ending}"
-    pages = stream(lambda z0, z1: _label_slab(case, z0, z1, lut, k))
-    _write_volume(path, pages, shape, out_lab, case.spacing, origin, compress=True)
+    total = len(slabs) * (n_channels + 1)
+    geometry = {
+        "spacing": case.spacing,
+        "origin": tuple(o + s.start * sp for o, s, sp in zip(case.origin, case.crop, case.spacing)),
+    }
+    image_dtype = np.float32 if norm in ("rescale_to_0_1", "rgb_to_0_1") else case.image.dtype
+    files: list[tuple[Path, Any, Callable[[int, int], np.ndarray], bool]] = [
+        (
+            tmp / "imagesTr" / f"{cname}_{c:04d}{ending}",
+            image_dtype,
+            lambda z0, z1, c=c: _image_slab(case, c, z0, z1, norm),
+            False,
+        )
+        for c in range(n_channels)
+    ]
+    files.append(
+        (
+            tmp / "labelsTr" / f"{cname}{ending}",
+            np.uint8 if k < 255 else np.uint16,
+            lambda z0, z1: _label_slab(case, z0, z1, lut, k),
+            True,
+        )
+    )
+    done = 0
+    for path, dtype, make, compress in files:
+        writer = _SlabWriter(path, shape, dtype, compress=compress, **geometry)
+        try:
+            for z0, z1 in slabs:
+                writer.write(make(z0, z1))
+                done += 1
+                yield ExportProgress(cname, index, n_cases, done, total)
+            writer.close()
+        finally:
+            writer.abort()
     if ending == ".tif":
         sidecar = {"spacing": list(case.spacing)}
         _write_json(tmp / "imagesTr" / f"{cname}.json", sidecar)
         _write_json(tmp / "labelsTr" / f"{cname}.json", sidecar)
-    yield ExportProgress(cname, index, n_cases, total, total)
 
 
 def _write_volume(
@@ -616,9 +715,9 @@ def _write_volume(
     pages: Iterator[np.ndarray],
     shape: tuple[int, ...],
     dtype: Any,
+    *,
     spacing: tuple[float, ...],
     origin: tuple[float, ...],
-    *,
     compress: bool,
 ) -> None:
     """Write z-slices from ``pages`` as a 3D TIFF or a gzipped NIfTI, one slice at a time."""
@@ -632,7 +731,8 @@ def _write_volume(
             shape=shape,
             dtype=dtype,
             photometric="minisblack",
-            compression="zlib" if compress else None,
+            # tifffile 2026.3 mis-shapes compressed iterators of one-pixel-wide pages
+            compression="zlib" if compress and shape[-1] > 1 else None,
         )
         return
     import nibabel as nib
@@ -644,7 +744,7 @@ def _write_volume(
     affine[:3, 3] = origin[::-1]
     header.set_qform(affine, code=1)
     header.set_sform(affine, code=1)
-    header.set_xyzt_units("micron")
+    header.set_xyzt_units("mm")  # values as given: SimpleITK would rescale micron to mm
     header["vox_offset"] = 352
     with gzip.open(path, "wb", compresslevel=1 if not compress else 6) as f:
         f.write(header.binaryblock)
@@ -662,6 +762,7 @@ def _dataset_json(
     ending: str,
     margins: tuple[int, ...],
     record: dict,
+    n_channels: int,
 ) -> dict:
     from napari_scrollseg import __version__
 
@@ -677,7 +778,7 @@ def _dataset_json(
     return {
         "name": name,
         "description": "sparse annotations exported by napari-scrollseg",
-        "channel_names": {"0": NORMS[norm]},
+        "channel_names": {str(c): NORMS[norm] for c in range(n_channels)},
         "labels": labels,
         "numTraining": 0,
         "file_ending": ending,
@@ -695,17 +796,24 @@ def _dataset_json(
     }
 
 
+def _check_channels(cases: list[_Case], old: dict | None) -> int:
+    """All cases (and the dataset appended to) have the same number of channels."""
+    counts = [int(c.image.shape[0]) for c in cases]
+    if old is not None:
+        counts.insert(0, len(old["channel_names"]))
+    if len(set(counts)) > 1:
+        raise ScrollsegError(
+            f"cases have {counts} channels; all images of a dataset need the same channels"
+        )
+    return counts[0]
+
+
 def _check_written(
     tmp: Path, names: list[str], cases: list[_Case], ending: str, *, n_channels: int
 ) -> None:
     """Every file is there with the crop's shape (read from headers only)."""
     for cname, case in zip(names, cases):
         want = tuple(s.stop - s.start for s in case.crop)
-        if case.image.shape[0] != n_channels:
-            raise ScrollsegError(
-                f"case {cname} has {case.image.shape[0]} channels, the first case {n_channels}; "
-                "all cases need the same channels"
-            )
         files = [tmp / "labelsTr" / f"{cname}{ending}"] + [
             tmp / "imagesTr" / f"{cname}_{c:04d}{ending}" for c in range(n_channels)
         ]

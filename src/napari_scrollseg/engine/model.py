@@ -14,6 +14,7 @@ spacing differs from the model's is refused (``ignore_spacing=True`` overrides).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -246,7 +247,9 @@ def _find_model_folder(path: Path, configuration: str | None) -> Path:
         )
     if len(found) > 1:
         names = ", ".join(str(p.relative_to(path)) for p in found)
-        raise ScrollsegError(f"{path} holds several models ({names}): choose one with configuration=")
+        raise ScrollsegError(
+            f"{path} holds several models ({names}): choose one with configuration="
+        )
     return found[0]
 
 
@@ -271,10 +274,12 @@ def _resolve_folds(
         if not chosen and (folder / "fold_all" / checkpoint).is_file():
             chosen = ["all"]
         if not chosen:
+            present = sorted({p.name for p in folder.glob("fold_*/*.pth")})
             raise ScrollsegError(
                 f"no fold_*/{checkpoint} in {folder} (folds present: "
-                f"{', '.join(_available_folds(folder)) or 'none'}): train the model first or pass "
-                "checkpoint='checkpoint_best.pth' / --checkpoint"
+                f"{', '.join(_available_folds(folder)) or 'none'}; checkpoints there: "
+                f"{', '.join(present) or 'none'}): pass one of those as checkpoint= / "
+                "--checkpoint, or train the model first"
             )
     else:
         if isinstance(folds, (int, str)):
@@ -330,6 +335,8 @@ class LoadedModel:
     ``patch_size``, ``spacing`` and ``mirror_axes`` are in volume axis order; for a 2D
     model they are in-plane ``(y, x)`` and the model runs slice by slice along z.
     ``n_classes`` is the number of output channels (label 0 is background).
+    :meth:`forward` runs the TTA passes of a batch as network batches of at most
+    ``max(n, max_network_batch)`` tiles (lower it if the device runs out of memory).
     """
 
     folder: Path
@@ -356,6 +363,16 @@ class LoadedModel:
     _intensity: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     tiles_run: int = 0
+    max_network_batch: int = 16
+
+    @property
+    def needs_volume_stats(self) -> bool:
+        """True if a channel's normalisation uses statistics of the whole input (zscore,
+        rescale): a crop predicted on its own then differs from the full volume."""
+        return any(
+            s in ("ZScoreNormalization", "RescaleTo01Normalization")
+            for s in self.normalization_schemes
+        )
 
     # -- volume checks and preprocessing --------------------------------------------------
     def check_volume(self, volume: Any, *, ignore_spacing: bool = False) -> None:
@@ -382,9 +399,13 @@ class LoadedModel:
                 "model's spacing, or pass ignore_spacing=True to predict at the volume's own spacing"
             )
 
-    def grid(self, volume: Any, step: float = 0.5) -> Grid:
-        """nnU-Net's global tile grid for this model over the volume's nonzero box."""
-        bbox = nonzero_bbox(volume)
+    def grid(self, volume: Any, step: float = 0.5, *, bbox: Box | None = None) -> Grid:
+        """nnU-Net's global tile grid for this model over the volume's nonzero box.
+
+        ``bbox`` overrides the nonzero box (which costs one pass over the volume), e.g.
+        the whole volume when it is known to have no all-zero border.
+        """
+        bbox = nonzero_bbox(volume) if bbox is None else tuple(bbox)
         return make_grid(
             tuple(b.stop - b.start for b in bbox),
             self.patch_size,
@@ -392,14 +413,14 @@ class LoadedModel:
             offset=tuple(b.start for b in bbox),
         )
 
-    def _stats(self, volume: Any) -> list[dict[str, float]]:
+    def _stats(self, volume: Any, bbox: Box | None) -> list[dict[str, float]]:
         import dask
 
         arr, _ = as_czyx(volume)
-        key = (_key(arr), self.sha256, self.configuration)
+        bbox = nonzero_bbox(volume) if bbox is None else tuple(bbox)
+        key = (_key(arr), self.sha256, self.configuration, repr(bbox))
         if key in _STATS:
             return _STATS[key]
-        bbox = nonzero_bbox(volume)
         todo: dict[tuple[int, str], Any] = {}
         for c, scheme in enumerate(self.normalization_schemes):
             x = arr[(c, *bbox)].astype(np.float64)
@@ -430,7 +451,9 @@ class LoadedModel:
         _STATS[key] = stats
         return stats
 
-    def normalizer(self, volume: Any) -> Callable[[np.ndarray], np.ndarray]:
+    def normalizer(
+        self, volume: Any, *, bbox: Box | None = None
+    ) -> Callable[[np.ndarray], np.ndarray]:
         """A function mapping raw ``(c, *box)`` input to float32 normalised as nnU-Net does.
 
         Schemes come per channel from the plans. ``CTNormalization`` uses the dataset's
@@ -438,9 +461,10 @@ class LoadedModel:
         use statistics of the *whole* volume's nonzero box (as nnU-Net, which sees the
         whole image); they are computed once with a dask reduction and cached per
         (volume, model). With ``use_mask_for_norm`` the mask is the nonzero voxels
-        (nnU-Net also fills holes in it; enclosed zero voxels differ).
+        (nnU-Net also fills holes in it; enclosed zero voxels differ). ``bbox`` overrides
+        the nonzero box the statistics are taken over.
         """
-        stats = self._stats(volume)
+        stats = self._stats(volume, bbox)
         schemes = self.normalization_schemes
         props = self._intensity
         use_mask = self._use_mask_for_norm
@@ -473,15 +497,23 @@ class LoadedModel:
 
         return normalise
 
-    def reader(self, volume: Any) -> Callable[[Box], np.ndarray]:
+    def reader(
+        self,
+        volume: Any,
+        *,
+        bbox: Box | None = None,
+        normalizer: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> Callable[[Box], np.ndarray]:
         """``read(box)``: the normalised ``(c, *box)`` input as nnU-Net's network sees it.
 
         Zero outside the nonzero box (nnU-Net crops there and pads with zeros), also where
-        ``box`` leaves the volume. One dask compute per call.
+        ``box`` leaves the volume (negative or past-the-end coordinates are fine). One dask
+        compute per call. Pass ``bbox`` (``grid.data``) and ``normalizer`` computed once
+        elsewhere (e.g. on a dask.distributed driver) to skip the whole-volume reductions.
         """
         arr, _ = as_czyx(volume)
-        bbox = nonzero_bbox(volume)
-        norm = self.normalizer(volume)
+        bbox = nonzero_bbox(volume) if bbox is None else tuple(bbox)
+        norm = self.normalizer(volume, bbox=bbox) if normalizer is None else normalizer
 
         def read(box: Box) -> np.ndarray:
             out = np.zeros((arr.shape[0], *(b.stop - b.start for b in box)), np.float32)
@@ -541,7 +573,7 @@ class LoadedModel:
         perm = (0, 1, *(2 + t for t in self._transpose))
         inv = tuple(int(i) for i in np.argsort(perm))
         n = batch.shape[0]
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.no_grad():
             x = batch.to(self.device, torch.float32).permute(perm)
             views = []
             for k, axes in transforms:
@@ -555,11 +587,12 @@ class LoadedModel:
                     dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16,
                 )
                 if half
-                else _nullcontext()
+                else contextlib.nullcontext()
             )
+            step = max(n, self.max_network_batch)
             for net in self._networks:
                 with ctx:
-                    out = net(big)
+                    out = torch.cat([net(big[i : i + step]) for i in range(0, len(big), step)])
                 out = out.float()
                 for i, (k, axes) in enumerate(transforms):
                     o = out[i * n : (i + 1) * n]
@@ -572,14 +605,6 @@ class LoadedModel:
             self.tiles_run += n
         _FORWARD_PASSES.add(n)
         return total.permute(inv).contiguous()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def clear_cache() -> None:
@@ -628,7 +653,9 @@ def load_model(
     with _MODELS_LOCK:
         if key in _MODELS:
             return _MODELS[key]
-        model = _load(p, folds=folds, checkpoint=checkpoint, device=dev, configuration=configuration)
+        model = _load(
+            p, folds=folds, checkpoint=checkpoint, device=dev, configuration=configuration
+        )
         _MODELS[key] = model
         return model
 
@@ -643,9 +670,16 @@ def _load(
         raise ScrollsegError(f"{p} is a file but not a zip: give a trained-model folder or zip")
     folder = _find_model_folder(root, configuration)
     if not (folder / "dataset.json").is_file():
-        raise ScrollsegError(f"{folder} has plans.json but no dataset.json: copy it from the dataset")
-    plans = json.loads((folder / "plans.json").read_text())
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+        raise ScrollsegError(
+            f"{folder} has plans.json but no dataset.json: copy it from the dataset"
+        )
+    try:
+        plans = json.loads((folder / "plans.json").read_text())
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ScrollsegError(
+            f"{folder}: plans.json or dataset.json is not valid JSON ({exc}): re-copy the model"
+        ) from exc
     chosen, files = _resolve_folds(folder, folds, checkpoint)
 
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans

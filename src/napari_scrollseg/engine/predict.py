@@ -5,7 +5,8 @@ gaussian-weighted logits of some tiles of the global grid inside an output box, 
 callers can add partial sums from different tiles (overlap-add) and divide by
 :func:`~napari_scrollseg.engine.tiling.weight_sum` at the end. :func:`predict_region`
 does that for every tile touching a box: the result inside the box equals what
-``nnUNetPredictor`` gives for the whole volume there (live inference).
+``nnUNetPredictor`` gives for the whole volume there (live inference); a
+:class:`TileCache` lets it reuse tiles already run while the view pans.
 
 Differences from nnU-Net, by design: logits and weights are summed in float32 (nnU-Net
 sums in float16), and the volume is not resampled (see :mod:`.model`).
@@ -14,7 +15,8 @@ sums in float16), and the volume is not resampled (see :mod:`.model`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finalize", "forward_passes", "grid_patch", "predict_region", "run_tiles"]
+__all__ = ["TileCache", "finalize", "forward_passes", "grid_patch", "predict_region", "run_tiles"]
 
 Box = tuple[slice, ...]
 
@@ -91,6 +93,44 @@ def run_tiles(
     numpy.ndarray
         float32 ``(n_classes, *out_box shape)``.
     """
+    out = np.zeros((model.n_classes, *(b.stop - b.start for b in out_box)), np.float32)
+    patch = grid_patch(model)
+    for tile, weighted in _weighted_tile_logits(
+        model,
+        read,
+        tiles,
+        mirror=mirror,
+        batch_size=batch_size,
+        half=half,
+        on_batch=on_batch,
+        tta=tta,
+        blend=blend,
+    ):
+        _add_tile(out, tile, patch, weighted, out_box)
+    return out
+
+
+def _add_tile(
+    out: np.ndarray, tile: Sequence[int], patch: Sequence[int], weighted: np.ndarray, box: Box
+) -> None:
+    ov = _overlap(tile, patch, box)
+    if ov is not None:
+        out[(slice(None), *ov[1])] += weighted[(slice(None), *ov[0])]
+
+
+def _weighted_tile_logits(
+    model: LoadedModel,
+    read: Callable[[Box], np.ndarray],
+    tiles: Sequence[tuple[int, ...]],
+    *,
+    mirror: bool,
+    batch_size: int,
+    half: bool,
+    on_batch: Callable[[int, int], None] | None,
+    tta: str | None,
+    blend: str,
+) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Yield ``(tile, weighted logits (n_classes, *patch))``, reading the next batch ahead."""
     import torch
 
     if blend not in BLEND_MODES:
@@ -98,9 +138,7 @@ def run_tiles(
     if batch_size < 1:
         raise ScrollsegError(f"batch size must be at least 1, got {batch_size}")
     patch = grid_patch(model)
-    gmap = weight_map(patch, blend)
-    gmap_t = torch.from_numpy(gmap.copy()).to(model.device)
-    out = np.zeros((model.n_classes, *(b.stop - b.start for b in out_box)), np.float32)
+    gmap_t = torch.from_numpy(weight_map(patch, blend).copy()).to(model.device)
     tiles = list(tiles)
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
 
@@ -118,14 +156,10 @@ def run_tiles(
             if model.is_2d:
                 logits = logits[:, :, None]
             weighted = (logits * gmap_t).cpu().numpy()
-            for t, w in zip(batch, weighted):
-                ov = _overlap(t, patch, out_box)
-                if ov is not None:
-                    out[(slice(None), *ov[1])] += w[(slice(None), *ov[0])]
+            yield from zip(batch, weighted)
             done += len(batch)
             if on_batch is not None:
                 on_batch(done, len(tiles))
-    return out
 
 
 def finalize(
@@ -148,6 +182,63 @@ def finalize(
     probs[0, ~valid] = 1
     labels = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 255 else np.uint16)
     return probs, labels
+
+
+class TileCache:
+    """Least-recently-used store of per-tile weighted logits, for live inference.
+
+    :func:`predict_region` with a cache reuses the tiles it has already run for the same
+    model, volume, TTA, precision and blending (the grid's tiles do not move when the
+    view pans), so only new tiles reach the network; the answer is unchanged. Drop it
+    (or call :meth:`clear`) when the model changes. Thread-safe.
+
+    Parameters
+    ----------
+    max_bytes
+        Memory bound; the least recently used tiles are evicted beyond it.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        import threading
+
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        """The stored array for ``key`` (marked as recently used), or None."""
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: Hashable, value: np.ndarray) -> None:
+        """Store ``value``; evict least recently used entries beyond ``max_bytes``."""
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            self._items[key] = value
+            self.nbytes += value.nbytes
+            while self.nbytes > self.max_bytes and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        """Forget every tile."""
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
 
 
 def _as_box(box: Any, shape: tuple[int, ...]) -> Box:
@@ -180,6 +271,8 @@ def predict_region(
     blend: str = "gaussian",
     ignore_spacing: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    bbox: Box | None = None,
+    cache: TileCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and labels of a box, equal to the full-volume prediction there.
 
@@ -201,41 +294,62 @@ def predict_region(
         See :func:`run_tiles`.
     ignore_spacing
         Predict even if the volume's spacing differs from the model's.
+    bbox
+        The volume's nonzero box if known (see :meth:`LoadedModel.grid`); by default it
+        is computed once per volume (one pass over it) and cached.
+    cache
+        A :class:`TileCache`: tiles already run for this model and volume are reused.
 
     Returns
     -------
     tuple of numpy.ndarray
         float32 probabilities ``(n_classes, *box shape)`` and uint8 labels ``box shape``.
     """
+    if blend not in BLEND_MODES:
+        raise ScrollsegError(f"unknown blend mode {blend!r}: use one of {', '.join(BLEND_MODES)}")
     model.check_volume(volume, ignore_spacing=ignore_spacing)
     arr, _ = as_czyx(volume)
     box = _as_box(box, tuple(arr.shape[1:]))
-    grid: Grid = model.grid(volume, step)
-    tiles = grid.tiles_intersecting(box)
+    grid: Grid = model.grid(volume, step, bbox=bbox)
     patch = grid.patch
+    mode = tta or ("mirror" if mirror else "none")
+    prefix = (model.sha256, model.configuration, str(model.device), arr.name, repr(grid.data))
+    prefix += (mode, bool(half), blend)
+    logit_sum = np.zeros((model.n_classes, *(b.stop - b.start for b in box)), np.float32)
+    tiles = []
+    for tile in grid.tiles_intersecting(box):
+        hit = cache.get((*prefix, tile)) if cache is not None else None
+        if hit is None:
+            tiles.append(tile)
+        else:
+            _add_tile(logit_sum, tile, patch, hit, box)
     ctx_box: Box = box
     ctx = np.zeros((arr.shape[0], *(0 for _ in box)), np.float32)
     if tiles:
         lo = [min(t[a] for t in tiles) for a in range(3)]
         hi = [max(t[a] for t in tiles) + patch[a] for a in range(3)]
         ctx_box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        ctx = model.reader(volume)(ctx_box)
+        ctx = model.reader(volume, bbox=grid.data)(ctx_box)
 
     def read(b: Box) -> np.ndarray:
-        return ctx[(slice(None), *(slice(s.start - c.start, s.stop - c.start) for s, c in zip(b, ctx_box)))]
+        return ctx[
+            (slice(None), *(slice(s.start - c.start, s.stop - c.start) for s, c in zip(b, ctx_box)))
+        ]
 
-    logit_sum = run_tiles(
+    for tile, weighted in _weighted_tile_logits(
         model,
         read,
         tiles,
-        out_box=box,
         mirror=mirror,
         batch_size=batch_size,
         half=half,
         on_batch=on_batch,
         tta=tta,
         blend=blend,
-    )
+    ):
+        _add_tile(logit_sum, tile, patch, weighted, box)
+        if cache is not None:
+            cache.put((*prefix, tile), weighted)
     weights = weight_sum(grid, box, weight_map(patch, blend))
     inside = np.zeros(weights.shape, bool)
     d = grid.data
@@ -245,5 +359,5 @@ def predict_region(
             for dd, b in zip(d, box)
         )
     ] = True
-    log.debug("predicted box %s with %d tiles", box, len(tiles))
+    log.debug("predicted box %s: %d tiles run", box, len(tiles))
     return finalize(logit_sum, weights, data=inside)

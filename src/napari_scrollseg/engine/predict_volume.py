@@ -1,8 +1,9 @@
 """Whole-volume prediction: a dask graph over output chunks, resumable, bounded memory.
 
 The answer equals nnU-Net's ``nnUNetPredictor`` on the whole volume: one global
-sliding-window grid (:func:`napari_scrollseg.engine.predict.volume_grid`), the
-gaussian importance map, the division by the summed weights, softmax and argmax.
+sliding-window grid (:meth:`~napari_scrollseg.engine.model.LoadedModel.grid`), the
+gaussian importance map, the division by the summed weights, softmax and argmax
+(:func:`~napari_scrollseg.engine.predict.finalize`, as for a region).
 Chunking only decides how that sum is organised:
 
 * the output is cut into chunks (``chunk``); the same grid of *blocks* owns the
@@ -13,7 +14,8 @@ Chunking only decides how that sum is organised:
   file in ``OUT.zarr/.scrollseg/partial/`` (written to a temporary name, then
   renamed);
 * a chunk task adds the parts of the partial sums of the (at most ``2**ndim``)
-  blocks that overlap it, divides by the analytic weight sum, writes the uint8
+  blocks that overlap it, divides by the weight sum (analytic; with a mask, the
+  weights of the tiles that ran), writes the uint8
   probabilities and the argmax labels as whole zarr chunks, then an empty
   ``OUT.zarr/.scrollseg/done/<chunk>`` marker (again temp + rename), and deletes
   the partials whose consumers are all done.
@@ -22,7 +24,10 @@ Partial sums travel through files, not memory, so the memory of a task is set by
 the chunk and patch sizes whatever the volume size, and the graph runs unchanged on
 dask's threaded scheduler or on a dask.distributed cluster (the output and the
 volume must then be on storage the workers share). A rerun of the same command
-skips chunks with a done marker and blocks whose partial is already on disk.
+skips chunks with a done marker and blocks whose partial is already on disk; a
+``.scrollseg/lock`` file keeps two live runs off one output. ``superchunk`` groups
+chunks so that partial sums are shared only inside a group, which bounds the disk
+they use at the cost of running the tiles on group borders once per group.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import math
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -76,7 +82,9 @@ class PredictProgress:
     ``tiles_skipped`` tiles were left out because the mask is empty there.
     ``tiles_computed`` counts the tiles this run sent through the network (forward
     passes, one per tile whatever the TTA), ``chunks_computed`` the chunks it wrote and
-    ``blocks_total`` the block tasks of its graph.
+    ``blocks_total`` the block tasks of its graph. ``grid_tiles`` is the number of
+    tiles of nnU-Net's grid that touch the output: ``tiles_total / grid_tiles`` is 1
+    without super-chunks (every tile runs once).
     """
 
     stage: str
@@ -90,6 +98,7 @@ class PredictProgress:
     tiles_computed: int
     chunks_computed: int
     blocks_total: int
+    grid_tiles: int
     voxels_per_s: float
     elapsed_s: float
     eta_s: float | None
@@ -205,7 +214,7 @@ class _Job:
     model: _ModelRef
     volume: Any  # a Volume (threaded) or its source path (distributed: reopened per worker)
     grid: Grid
-    reader: Callable[..., Callable[[tuple[slice, ...]], np.ndarray]]
+    normalizer: Callable[[np.ndarray], np.ndarray]  # computed once by the driver
     probs_path: str
     labels_path: str
     state: str
@@ -253,6 +262,12 @@ def _open_cached(source: str) -> Volume:
     return open_volume(source)
 
 
+def _source(volume: Volume) -> str:
+    """Where a volume came from: an absolute path for local files, else as given (URL)."""
+    src = str(volume.source)
+    return str(Path(src).absolute()) if Path(src).exists() else src
+
+
 def _resolve(volume: Any) -> Volume:
     return _open_cached(volume) if isinstance(volume, str) else volume
 
@@ -274,6 +289,8 @@ def _run_block(job: _Job, spec: _BlockSpec) -> dict:
     partial = Path(spec.partial)
     if partial.exists():  # computed by an interrupted earlier run
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
+    import dask
+
     from napari_scrollseg.engine.predict import run_tiles
 
     model = job.model.load()
@@ -284,7 +301,11 @@ def _run_block(job: _Job, spec: _BlockSpec) -> dict:
     lo = tuple(min(t[a] for t in tiles) for a in range(len(patch)))
     hi = tuple(max(t[a] for t in tiles) + patch[a] for a in range(len(patch)))
     read_box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    data = job.reader(model, volume, job.grid)(read_box)
+    # the driver's bbox and normaliser: workers do no whole-volume reductions; the read
+    # runs in this task's thread (parallelism comes from tasks, not nested thread pools)
+    read_all = model.reader(volume, bbox=job.grid.data, normalizer=job.normalizer)
+    with dask.config.set(scheduler="synchronous"):
+        data = read_all(read_box)
 
     def read(box: tuple[slice, ...]) -> np.ndarray:
         local = tuple(slice(s.start - o, s.stop - o) for s, o in zip(box, lo))
@@ -386,10 +407,6 @@ def _finish_chunk(job: _Job, spec: _ChunkSpec, *_blocks: dict) -> dict:
     return {"chunk": spec.index, "voxels": int(np.prod(shape))}
 
 
-def _reader(model: LoadedModel, volume: Volume, grid: Grid):
-    return model.reader(volume)
-
-
 def _axis_starts(grid: Grid) -> list[tuple[int, ...]]:
     """Tile starts per axis in volume coordinates."""
     return [tuple(int(o + s) for s in st) for o, st in zip(grid.offset, grid.starts)]
@@ -400,53 +417,67 @@ def _config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_out(out: Path, config_hash: str, overwrite: bool) -> bool:
-    """Validate the output location; return True when an earlier run can be resumed."""
-    parent = out.parent
-    for p in [parent, *parent.parents]:
+def _scrollseg_info(out: Path) -> dict | None:
+    """The ``scrollseg`` attributes of an existing prediction output, else None."""
+    try:
+        attrs = json.loads((out / ".zattrs").read_text())
+    except (OSError, ValueError):
+        return None
+    info = attrs.get("scrollseg") if isinstance(attrs, dict) else None
+    return info if isinstance(info, dict) and info.get("kind") == "prediction" else None
+
+
+def _check_location(out: Path) -> None:
+    """Refuse an output path that is a file, holds something else, or cannot be written."""
+    for p in [out.parent, *out.parent.parents]:
         if p.exists():
             if not p.is_dir():
                 raise ScrollsegError(f"cannot write {out}: {p} is a file, not a folder")
             break
     if out.exists():
         if not out.is_dir():
+            raise ScrollsegError(f"{out} is a file; choose another output path (nothing changed)")
+        if _scrollseg_info(out) is None and any(out.iterdir()):
             raise ScrollsegError(
-                f"{out} is a file; choose another output path (nothing was changed)"
+                f"{out} holds something that is not a scrollseg prediction; choose another "
+                "output path (scrollseg never replaces it, even with --overwrite)"
             )
-        attrs = {}
-        with contextlib.suppress(OSError, ValueError):
-            attrs = json.loads((out / ".zattrs").read_text())
-        info = attrs.get("scrollseg", {})
-        if info.get("kind") != "prediction":
-            if any(out.iterdir()):
-                raise ScrollsegError(
-                    f"{out} holds something that is not a scrollseg prediction; "
-                    "choose another output path (scrollseg never replaces it)"
-                )
-            return False
-        if overwrite:
-            log.info("replacing %s (--overwrite)", out)
-            shutil.rmtree(out)
-            return False
-        if info.get("config_hash") != config_hash:
-            raise ScrollsegError(
-                f"{out} holds a prediction made with another model or other arguments; "
-                "pass --overwrite to replace it or choose another output path"
-            )
-        return True
+        probe_dir, made = out, False
+    else:
+        probe_dir, made = out, True
     try:
-        out.mkdir(parents=True)
-        probe = out / f".write-test-{uuid.uuid4().hex}"
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        probe = probe_dir / f".write-test-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
-        out.rmdir()
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            out.rmdir()
         raise ScrollsegError(
             f"cannot write to {out} ({exc.strerror or exc}); choose a writable output location"
         ) from None
-    return False
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _check_resume(out: Path, config_hash: str, overwrite: bool) -> bool:
+    """True when ``out`` holds an unfinished or finished run of the same configuration."""
+    info = _scrollseg_info(out)
+    if info is None:
+        return False
+    if overwrite:
+        log.info("replacing %s (--overwrite)", out)
+        shutil.rmtree(out)
+        return False
+    if info.get("config_hash") != config_hash:
+        raise ScrollsegError(
+            f"{out} holds a prediction made with another model or other arguments; "
+            "pass --overwrite to replace it or choose another output path"
+        )
+    if not (out / "labels" / LABELS_NAME / "0" / ".zarray").is_file():
+        log.info("%s was interrupted while being created: creating it again", out)
+        return False
+    return True
 
 
 def _create_output(
@@ -472,7 +503,7 @@ def _create_output(
         axes="czyx",
         n_levels=n_levels,
         name="probabilities",
-        attrs={},
+        attrs={"scrollseg": attrs},
         overwrite=True,
     )
     create_labels(
@@ -487,7 +518,6 @@ def _create_output(
         axes="zyx",
         n_levels=n_levels,
     )
-    _write_attrs(out, attrs)  # last: its presence marks a resumable scrollseg output
 
 
 def _write_attrs(out: Path, info: dict) -> None:
@@ -543,6 +573,46 @@ def _mask_filter(
     return any_under
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _run_lock(state: Path) -> Iterator[None]:
+    """Refuse a second run on the same output while one is alive (stale locks are taken)."""
+    lock = state / "lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        host, _, pid = lock.read_text().partition(" ")
+        if host != socket.gethostname():
+            raise ScrollsegError(
+                f"{state.parent} is being written by a scrollseg run on {host}; if no run is "
+                f"active any more, delete {lock} and start again"
+            ) from None
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            raise ScrollsegError(
+                f"{state.parent} is being written by another scrollseg run (pid {pid}); wait "
+                "for it to finish or stop it"
+            ) from None
+        lock.write_text(me)  # the run that held it is gone (killed): take over
+    else:
+        os.write(fd, me.encode())
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
 # -- schedulers ------------------------------------------------------------------------------
 class _Cancelled(Exception):
     pass
@@ -551,6 +621,8 @@ class _Cancelled(Exception):
 def _run_threaded(
     dsk: dict, keys: list, num_workers: int, cancel: threading.Event
 ) -> Iterator[tuple[Any, Any]]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from dask.callbacks import Callback
     from dask.threaded import get
 
@@ -564,9 +636,11 @@ def _run_threaded(
         def _posttask(self, key, result, dsk, state, worker_id):
             events.put(("task", key, result))
 
+    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="scrollseg-task")
+
     def target() -> None:
         try:
-            get(dsk, keys, num_workers=num_workers, callbacks=[_Events()._callback])
+            get(dsk, keys, num_workers=num_workers, pool=pool, callbacks=[_Events()._callback])
             events.put(("end", None, None))
         except BaseException as exc:  # handed to the consuming thread
             events.put(("error", None, exc))
@@ -578,15 +652,14 @@ def _run_threaded(
             kind, key, value = events.get()
             if kind == "task":
                 yield key, value
-            elif kind == "end":
-                return
-            elif isinstance(value, _Cancelled):
+            elif kind == "end" or isinstance(value, _Cancelled):
                 return
             else:
                 raise value
     finally:
         cancel.set()
         thread.join()
+        pool.shutdown(wait=True)  # tasks already running finish; none is left behind
 
 
 def _run_distributed(client, dsk: dict, keys: list) -> Iterator[tuple[Any, Any]]:
@@ -692,9 +765,11 @@ def iter_predict_volume(
     half: bool = False,
     batch_size: int = 4,
     chunk: int | Sequence[int] | None = None,
+    superchunk: int | None = None,
     roi: str | Sequence[Span] | None = None,
     mask: str | os.PathLike | Volume | None = None,
     overwrite: bool = False,
+    ignore_spacing: bool = False,
     prob_reduction: str = "mean",
     label_reduction: str = "mode",
     num_workers: int = 3,
@@ -715,6 +790,12 @@ def iter_predict_volume(
         As nnU-Net's predictor (``half``: autocast, not nnU-Net-equivalent).
     chunk
         Output chunk size (one or three ints); also the size of the blocks of tiles.
+    superchunk
+        Share partial sums only inside groups of ``superchunk`` chunks per axis; tiles
+        straddling two groups run once for each. Bounds the scratch disk held by
+        partial sums (whole volume: ~ one slab of blocks; grouped: ~ one slab of a
+        group) at the cost of extra tiles (``tiles_total / grid_tiles``). Default: the
+        whole output is one group (every tile runs once).
     roi
         ``"z0:z1,y0:y1,x0:x1"`` or spans: predict this box only (tiles from the whole grid).
     mask
@@ -722,6 +803,9 @@ def iter_predict_volume(
         mask are skipped and voxels where the mask is zero get no prediction (0).
     overwrite
         Replace an existing scrollseg prediction made with other arguments.
+    ignore_spacing
+        Predict even if the volume's spacing differs from the model's (scrollseg does
+        not resample).
     prob_reduction, label_reduction
         Pyramid reductions (see :func:`~napari_scrollseg.engine.omezarr.write_pyramid`).
     num_workers
@@ -735,6 +819,7 @@ def iter_predict_volume(
     from napari_scrollseg.engine.volumes import open_volume
 
     out = Path(out).absolute()
+    _check_location(out)
     model_ref = _ModelRef(str(Path(model).absolute()), parse_folds(folds), checkpoint, device)
     # in the driver, a distributed run only needs the model's metadata
     loaded = _ModelRef(
@@ -745,12 +830,14 @@ def iter_predict_volume(
     spans = roi if roi is not None and not isinstance(roi, str) else parse_roi(roi, shape)
     spans = tuple((int(a), int(b)) for a, b in spans)
     chunks = _chunk_shape(chunk, len(shape))
-    loaded.check_volume(vol)
+    loaded.check_volume(vol, ignore_spacing=ignore_spacing)
     grid = loaded.grid(vol, step)
-    reader = _reader  # called in the task: (model, volume, grid) -> read(box)
+    normalizer = loaded.normalizer(vol)  # whole-volume statistics where the scheme needs them
+    patch = tuple(int(p) for p in grid.patch)
     mask_vol = None
     if mask is not None:
         mask_vol = mask if hasattr(mask, "levels") else open_volume(mask)
+    keep = _mask_filter(mask_vol, shape, patch) if mask_vol is not None else (lambda start: True)
 
     config = {
         "model": model_ref.path,
@@ -762,14 +849,16 @@ def iter_predict_volume(
         "tta": "mirror" if mirror else "none",
         "mirror_axes": list(loaded.mirror_axes) if mirror else [],
         "half": half,
-        "volume": str(getattr(vol, "source", volume)),
+        "volume": _source(vol),
         "volume_shape": list(shape),
         "roi": [list(s) for s in spans],
         "chunk": list(chunks),
-        "mask": None if mask is None else str(getattr(mask_vol, "source", mask)),
+        "superchunk": superchunk,
+        "mask": None if mask_vol is None else _source(mask_vol),
     }
     config_hash = _config_hash(config)
-    resume = _check_out(out, config_hash, overwrite)
+    resume = _check_resume(out, config_hash, overwrite)
+    was_complete = resume and bool((_scrollseg_info(out) or {}).get("complete"))
     state = out / STATE_DIR
     out_shape = tuple(b - a for a, b in spans)
     spacing = tuple(float(s) for s in vol.spacing)
@@ -797,169 +886,193 @@ def iter_predict_volume(
     (state / "done").mkdir(parents=True, exist_ok=True)
     (state / "partial").mkdir(parents=True, exist_ok=True)
     (state / "config.json").write_text(json.dumps(info, indent=1))
-
-    # plan: per-axis ownership, then the product
-    patch = tuple(int(p) for p in grid.patch)
-    axes = [
-        _plan_axis(starts, p, span, c)
-        for starts, p, span, c in zip(_axis_starts(grid), patch, spans, chunks)
-    ]
-    keep = _mask_filter(mask_vol, shape, patch) if mask_vol is not None else (lambda start: True)
-    token = config_hash[:8]
-    job = _Job(
-        model=model_ref
-        if client is not None
-        else _ModelRef(model_ref.path, model_ref.folds, checkpoint, device),
-        volume=str(vol.source) if client is not None else vol,
-        grid=grid,
-        reader=reader,
-        probs_path=str(out / "0"),
-        labels_path=str(out / "labels" / LABELS_NAME / "0"),
-        state=str(state),
-        roi=spans,
-        n_classes=loaded.n_classes,
-        mirror=mirror,
-        batch_size=batch_size,
-        half=half,
-        mask=None
-        if mask_vol is None
-        else (str(mask_vol.source) if client is not None else mask_vol),
-        volume_shape=shape,
-    )
-
-    def marker(index: tuple[int, ...]) -> str:
-        return str(state / "done" / _key(index))
-
-    all_chunks = list(itertools.product(*(range(len(ax.chunks)) for ax in axes)))
-    done = {c for c in all_chunks if Path(marker(c)).exists()}
-    pending = [c for c in all_chunks if c not in done]
-
-    blocks: dict[tuple[int, ...], _BlockSpec | None] = {}
-    consumers: dict[tuple[int, ...], list[str]] = {}
-    tiles_total = tiles_skipped = 0
-
-    def block(index: tuple[int, ...]) -> _BlockSpec | None:
-        if index not in blocks:
-            starts = [ax.owned[i] for ax, i in zip(axes, index)]
-            tiles = [t for t in itertools.product(*starts)]
-            kept = tuple(t for t in tiles if keep(t))
-            ext = tuple(ax.ext[i] for ax, i in zip(axes, index))
-            blocks[index] = (
-                _BlockSpec(index, kept, ext, str(state / "partial" / f"{_key(index)}.npy"))
-                if kept
-                else None
+    with _run_lock(state):
+        # plan: per axis, the chunks; per super-chunk (a group of chunks whose blocks share
+        # partial sums), the ownership of tiles; then the product over axes
+        axis_starts = _axis_starts(grid)
+        n_chunks = [math.ceil((hi - lo) / c) for (lo, hi), c in zip(spans, chunks, strict=True)]
+        group = [min(int(superchunk or n), n) for n in n_chunks]
+        plans: list[list[_Axis]] = []
+        for starts, p, (lo, hi), c, n, k in zip(
+            axis_starts, patch, spans, chunks, n_chunks, group, strict=True
+        ):
+            plans.append(
+                [
+                    _plan_axis(starts, p, (lo + g * c, min(hi, lo + (g + k) * c)), c)
+                    for g in range(0, n, k)
+                ]
             )
-            nonlocal tiles_total, tiles_skipped
-            tiles_total += len(tiles)
-            tiles_skipped += len(tiles) - len(kept)
-        return blocks[index]
+        grid_tiles = math.prod(
+            sum(1 for s in st if s < hi and s + p > lo)
+            for st, p, (lo, hi) in zip(axis_starts, patch, spans, strict=True)
+        )
+        token = config_hash[:8]
+        job = _Job(
+            model=model_ref,
+            volume=_source(vol) if client is not None else vol,
+            grid=grid,
+            normalizer=normalizer,
+            probs_path=str(out / "0"),
+            labels_path=str(out / "labels" / LABELS_NAME / "0"),
+            state=str(state),
+            roi=spans,
+            n_classes=loaded.n_classes,
+            mirror=mirror,
+            batch_size=batch_size,
+            half=half,
+            mask=None if mask_vol is None else (_source(mask_vol) if client else mask_vol),
+            volume_shape=shape,
+        )
 
-    # every block and its consumers (cheap: no I/O), so counts cover the whole output
-    for c in all_chunks:
-        for b in itertools.product(*(ax.sources[i] for ax, i in zip(axes, c))):
-            if block(b) is not None:
+        def marker(index: tuple[int, ...]) -> str:
+            return str(state / "done" / _key(index))
+
+        all_chunks = list(itertools.product(*(range(n) for n in n_chunks)))
+        done = {c for c in all_chunks if Path(marker(c)).exists()}
+        pending = [c for c in all_chunks if c not in done]
+
+        blocks: dict[tuple[int, ...], _BlockSpec | None] = {}
+        consumers: dict[tuple[int, ...], list[str]] = {}
+        tiles_total = tiles_skipped = 0
+
+        def axes_of(c: tuple[int, ...]) -> tuple[tuple[int, ...], list[_Axis], tuple[int, ...]]:
+            """Super-chunk index, its per-axis plans, and the chunk's index inside it."""
+            g = tuple(i // k for i, k in zip(c, group, strict=True))
+            return (
+                g,
+                [plans[a][g[a]] for a in range(len(c))],
+                tuple(i % k for i, k in zip(c, group, strict=True)),
+            )
+
+        def sources(c: tuple[int, ...]) -> list[tuple[int, ...]]:
+            g, axes, local = axes_of(c)
+            found = []
+            for b in itertools.product(*(ax.sources[i] for ax, i in zip(axes, local, strict=True))):
+                index = (*g, *b)
+                if index not in blocks:
+                    starts = [ax.owned[i] for ax, i in zip(axes, b, strict=True)]
+                    tiles = list(itertools.product(*starts))
+                    kept = tuple(t for t in tiles if keep(t))
+                    ext = tuple(ax.ext[i] for ax, i in zip(axes, b, strict=True))
+                    path = state / "partial" / f"{_key(index)}.npy"
+                    blocks[index] = _BlockSpec(index, kept, ext, str(path)) if kept else None
+                    nonlocal tiles_total, tiles_skipped
+                    tiles_total += len(tiles)
+                    tiles_skipped += len(tiles) - len(kept)
+                if blocks[index] is not None:
+                    found.append(index)
+            return found
+
+        # every block and its consumers (cheap: no I/O), so counts cover the whole output
+        chunk_sources = {c: sources(c) for c in all_chunks}
+        for c, srcs in chunk_sources.items():
+            for b in srcs:
                 consumers.setdefault(b, []).append(marker(c))
 
-    dsk: dict = {}
-    block_keys: dict[tuple[int, ...], tuple] = {}
-    chunk_keys: list[tuple] = []
-    for c in pending:
-        srcs = [
-            b
-            for b in itertools.product(*(ax.sources[i] for ax, i in zip(axes, c)))
-            if blocks.get(b) is not None
-        ]
-        for b in srcs:
-            if b not in block_keys:
-                block_keys[b] = (f"scrollseg-block-{token}", *b)
-                dsk[block_keys[b]] = (_run_block, job, blocks[b])
-        spec = _ChunkSpec(
-            index=c,
-            box=tuple(ax.chunks[i] for ax, i in zip(axes, c)),
-            marker=marker(c),
-            blocks=tuple(blocks[b] for b in srcs),
-            consumers=tuple(tuple(consumers[b]) for b in srcs),
+        dsk: dict = {}
+        block_keys: dict[tuple[int, ...], tuple] = {}
+        chunk_keys: list[tuple] = []
+        for c in pending:
+            srcs = chunk_sources[c]
+            for b in srcs:
+                if b not in block_keys:
+                    block_keys[b] = (f"scrollseg-block-{token}", *b)
+                    dsk[block_keys[b]] = (_run_block, job, blocks[b])
+            spec = _ChunkSpec(
+                index=c,
+                box=tuple(
+                    (lo + i * k, min(hi, lo + (i + 1) * k))
+                    for i, k, (lo, hi) in zip(c, chunks, spans, strict=True)
+                ),
+                marker=marker(c),
+                blocks=tuple(blocks[b] for b in srcs),  # type: ignore[misc]
+                consumers=tuple(tuple(consumers[b]) for b in srcs),
+            )
+            key = (f"scrollseg-chunk-{token}", *c)
+            chunk_keys.append(key)
+            dsk[key] = (_finish_chunk, job, spec, *(block_keys[b] for b in srcs))
+
+        total = len(all_chunks)
+        resumed = len(done)
+        log.info(
+            "predict %s -> %s: %d chunks (%d done before), %d tiles (%d skipped by the mask), "
+            "%d block tasks",
+            config["volume"],
+            out,
+            total,
+            resumed,
+            tiles_total,
+            tiles_skipped,
+            len(block_keys),
         )
-        key = (f"scrollseg-chunk-{token}", *c)
-        chunk_keys.append(key)
-        dsk[key] = (_finish_chunk, job, spec, *(block_keys[b] for b in srcs))
-
-    total = len(all_chunks)
-    resumed = len(done)
-    log.info(
-        "predict %s -> %s: %d chunks (%d done before), %d tiles (%d skipped by the mask), "
-        "%d block tasks",
-        config["volume"],
-        out,
-        total,
-        resumed,
-        tiles_total,
-        tiles_skipped,
-        len(block_keys),
-    )
-    t0 = time.perf_counter()
-    chunks_done = resumed
-    tiles_done = sum(len(b.tiles) for b in blocks.values() if b is not None) - sum(
-        len(blocks[b].tiles)
-        for b in block_keys  # type: ignore[union-attr]
-    )
-    voxels = 0
-    tiles_computed = 0
-    chunks_computed = 0
-
-    def event(stage: str) -> PredictProgress:
-        elapsed = time.perf_counter() - t0
-        rate = voxels / elapsed if elapsed > 0 else 0.0
-        now = chunks_done - resumed
-        eta = elapsed / now * (total - chunks_done) if now else None
-        return PredictProgress(
-            stage=stage,
-            out=out,
-            chunks_done=chunks_done,
-            chunks_total=total,
-            chunks_resumed=resumed,
-            tiles_done=tiles_done,
-            tiles_total=tiles_total - tiles_skipped,
-            tiles_skipped=tiles_skipped,
-            tiles_computed=tiles_computed,
-            chunks_computed=chunks_computed,
-            blocks_total=len(block_keys),
-            voxels_per_s=rate,
-            elapsed_s=elapsed,
-            eta_s=eta,
+        t0 = time.perf_counter()
+        chunks_done = resumed
+        tiles_done = sum(len(b.tiles) for b in blocks.values() if b is not None) - sum(
+            len(blocks[b].tiles)
+            for b in block_keys  # type: ignore[union-attr]
         )
+        voxels = 0
+        tiles_computed = 0
+        chunks_computed = 0
 
-    yield event("predict")
-    keys = list(block_keys.values()) + chunk_keys
-    if keys:
-        cancel = threading.Event()
-        runner = (
-            _run_threaded(dsk, keys, num_workers, cancel)
-            if client is None
-            else _run_distributed(client, dsk, keys)
-        )
-        with contextlib.closing(runner):
-            for key, result in runner:
-                if key[0].startswith("scrollseg-block"):
-                    tiles_done += result["tiles"]
-                    tiles_computed += result["computed"]
-                else:
-                    chunks_done += 1
-                    chunks_computed += 1
-                    voxels += result["voxels"]
-                    yield event("predict")
-    if chunks_done < total:  # pragma: no cover - the runner stops only when all finished
-        raise ScrollsegError(f"only {chunks_done} of {total} chunks were written; run again")
+        def event(stage: str) -> PredictProgress:
+            elapsed = time.perf_counter() - t0
+            rate = voxels / elapsed if elapsed > 0 else 0.0
+            now = chunks_done - resumed
+            eta = elapsed / now * (total - chunks_done) if now else None
+            return PredictProgress(
+                stage=stage,
+                out=out,
+                chunks_done=chunks_done,
+                chunks_total=total,
+                chunks_resumed=resumed,
+                tiles_done=tiles_done,
+                tiles_total=tiles_total - tiles_skipped,
+                tiles_skipped=tiles_skipped,
+                tiles_computed=tiles_computed,
+                chunks_computed=chunks_computed,
+                blocks_total=len(block_keys),
+                grid_tiles=grid_tiles,
+                voxels_per_s=rate,
+                elapsed_s=elapsed,
+                eta_s=eta,
+            )
 
-    from napari_scrollseg.engine.omezarr import write_pyramid
+        yield event("predict")
+        keys = list(block_keys.values()) + chunk_keys
+        if keys:
+            cancel = threading.Event()
+            runner = (
+                _run_threaded(dsk, keys, num_workers, cancel)
+                if client is None
+                else _run_distributed(client, dsk, keys)
+            )
+            with contextlib.closing(runner):
+                for key, result in runner:
+                    if key[0].startswith("scrollseg-block"):
+                        tiles_done += result["tiles"]
+                        tiles_computed += result["computed"]
+                    else:
+                        chunks_done += 1
+                        chunks_computed += 1
+                        voxels += result["voxels"]
+                        yield event("predict")
+        if chunks_done < total:  # pragma: no cover - the runner stops only when all finished
+            raise ScrollsegError(f"only {chunks_done} of {total} chunks were written; run again")
 
-    yield event("pyramid")
-    write_pyramid(out, reduction=prob_reduction)
-    write_pyramid(out / "labels" / LABELS_NAME, reduction=label_reduction)
-    shutil.rmtree(state / "partial", ignore_errors=True)
-    _write_attrs(out, {**info, "complete": True})
-    yield event("done")
-    return out
+        if was_complete and not keys:  # a finished output: nothing to redo
+            yield event("done")
+            return out
+
+        from napari_scrollseg.engine.omezarr import write_pyramid
+
+        yield event("pyramid")
+        write_pyramid(out, reduction=prob_reduction)
+        write_pyramid(out / "labels" / LABELS_NAME, reduction=label_reduction)
+        shutil.rmtree(state / "partial", ignore_errors=True)
+        _write_attrs(out, {**info, "complete": True})
+        yield event("done")
+        return out
 
 
 def predict_volume(
@@ -978,11 +1091,8 @@ def predict_volume(
     Other keyword options as :func:`iter_predict_volume`.
     """
     gen = iter_predict_volume(model, volume, out, **options)
+    show = bool(bar or (bar is None and progress is None))
     pbar = None
-    if bar or (bar is None and progress is None):
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(unit="chunk", desc="predict", dynamic_ncols=True)
     try:
         while True:
             try:
@@ -991,6 +1101,10 @@ def predict_volume(
                 return Path(stop.value)
             if progress is not None:
                 progress(ev)
+            if show and pbar is None:  # opened at the first event: errors come before it
+                from tqdm.auto import tqdm
+
+                pbar = tqdm(unit="chunk", desc="predict", dynamic_ncols=True)
             if pbar is not None:
                 pbar.total = ev.chunks_total
                 pbar.n = ev.chunks_done

@@ -184,7 +184,9 @@ def make_grid(
 
 
 @lru_cache(maxsize=8)
-def _gaussian(patch: tuple[int, ...], sigma_scale: float, value_scaling_factor: float) -> np.ndarray:
+def _gaussian(
+    patch: tuple[int, ...], sigma_scale: float, value_scaling_factor: float
+) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
     tmp = np.zeros(patch)
@@ -265,7 +267,9 @@ def tta_transforms(mode: str, *, mirror_axes: tuple[int, ...], n_spatial: int) -
     if mode == "none":
         return [(0, ())]
     if mode == "mirror":
-        combos = [c for i in range(len(mirror_axes)) for c in itertools.combinations(mirror_axes, i + 1)]
+        combos = [
+            c for i in range(len(mirror_axes)) for c in itertools.combinations(mirror_axes, i + 1)
+        ]
         return [(0, ()), *((0, tuple(c)) for c in combos)]
     if n_spatial != 2:
         raise ValueError("tta='rot-flip-12' is for 2D models only")

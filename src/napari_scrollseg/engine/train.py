@@ -250,8 +250,9 @@ def apply_plans_overrides(
     conf = out["configurations"][configuration]
     arch = conf["architecture"]["arch_kwargs"]
     n = int(overrides.get("n_stages", arch["n_stages"]))
-    if not 1 <= n <= arch["n_stages"]:
-        raise ScrollsegError(f"n_stages must be 1..{arch['n_stages']} for this plan, got {n}")
+    if not 3 <= n <= arch["n_stages"]:
+        # nnU-Net's deep-supervision loss drops the lowest output: with 2 stages nothing is left
+        raise ScrollsegError(f"n_stages must be 3..{arch['n_stages']} for this plan, got {n}")
     arch["n_stages"] = n
     for key in ("kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage"):
         if key in arch:
@@ -405,6 +406,7 @@ def train(
     num_processes: int = 2,
     da_processes: int | None = None,
     resume: bool = False,
+    validate: bool = True,
     plans_overrides: dict | None = None,
     plans_name: str | None = None,
     preprocessed_dir: str | os.PathLike | None = None,
@@ -433,6 +435,8 @@ def train(
         the training process. None: nnU-Net's default.
     resume
         Continue each fold from its latest checkpoint (nnU-Net's ``--c``).
+    validate
+        Run nnU-Net's validation of each fold at the end (needed for the Dice summary).
 
     Yields
     ------
@@ -484,6 +488,7 @@ def train(
         args += [f"--epochs={epochs}"] if epochs else []
         args += [f"--iterations={iterations}"] if iterations else []
         args += ["--resume"] if resume else []
+        args += [] if validate else ["--no-validate"]
         log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
         events = _run_worker(args, env=env, log_path=log_path, what=f"training fold {fold}")
         with closing(events):

@@ -52,7 +52,7 @@ _H5_PATH = re.compile(r"^(?P<file>.+?\.(?:h5|hdf5|hdf|he5))(?::(?P<dataset>.*))?
 _SPATIAL = "zyx"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Volume:
     """A lazily opened volume: dask arrays for each resolution level plus geometry.
 
@@ -74,6 +74,9 @@ class Volume:
         The root attributes of the source (e.g. provenance), where it has any.
     level_spacings, level_origins
         Spatial spacing and origin of each level, where the source records them.
+
+    Two volumes are equal only if they are the same object (dask arrays do not
+    compare as values), so a volume can key a cache.
     """
 
     levels: tuple[da.Array, ...]
@@ -259,8 +262,7 @@ def _url_store(url: str) -> Store:
     except ImportError as exc:
         protocol = url.split("://", 1)[0]
         raise ScrollsegError(
-            f"reading {protocol}:// URLs needs an fsspec driver that is not installed ({exc}); "
-            f"install it (e.g. pip install s3fs for s3://)"
+            f"reading {protocol}:// URLs needs an fsspec driver that is not installed: {exc}"
         ) from exc
     except ValueError as exc:
         raise ScrollsegError(f"cannot open {url}: {exc}; use a URL fsspec knows") from exc
@@ -282,8 +284,8 @@ def _open_zarr(store: Store, *, source: str) -> Volume:
     except Exception as exc:  # aiohttp and cloud clients raise their own types
         if type(exc).__module__.split(".")[0] in ("aiohttp", "botocore", "gcsfs", "requests"):
             raise ScrollsegError(
-                f"cannot read {source} ({type(exc).__name__}: {exc}); check the address and "
-                f"the network"
+                f"cannot read {source} ({type(exc).__name__}: {exc}); check the address, the "
+                f"network and your credentials"
             ) from exc
         raise
     attrs = dict(node.attrs)
@@ -291,7 +293,14 @@ def _open_zarr(store: Store, *, source: str) -> Volume:
         return _plain_zarr(node, attrs, source=source)
     multiscales, version = _multiscales(attrs)
     if not multiscales:
-        return _plain_zarr(_pick_array(node, source), attrs, source=source)
+        first = _member(node, "0")
+        if isinstance(first, zarr.Group) and _multiscales(dict(first.attrs))[0]:
+            # bioformats2raw layout: the images are groups 0, 1, ... of the root
+            log.info("%s: opening its first image, '0'", source)
+            node = first
+            multiscales, version = _multiscales(dict(first.attrs))
+        else:
+            return _plain_zarr(_pick_array(node, source), attrs, source=source)
     levels, axes, spacings, origins = _parse_multiscale(node, multiscales[0], source=source)
     labels = _labels(node, source=source)
     log.debug("OME-Zarr %s: NGFF %s, %d levels", source, version, len(levels))
@@ -411,10 +420,7 @@ def _labels(group: zarr.Group, *, source: str) -> dict[str, tuple[da.Array, ...]
     """OME-Zarr label images listed in ``labels/``'s metadata."""
     import zarr
 
-    try:
-        root = group["labels"]
-    except KeyError:
-        return {}
+    root = _member(group, "labels")
     if not isinstance(root, zarr.Group):
         return {}
     attrs = dict(root.attrs)
@@ -432,14 +438,18 @@ def _labels(group: zarr.Group, *, source: str) -> dict[str, tuple[da.Array, ...]
     return labels
 
 
+def _member(group: zarr.Group, name: str) -> zarr.Array | zarr.Group | None:
+    try:
+        return group[name]
+    except KeyError:
+        return None
+
+
 def _pick_array(group: zarr.Group, source: str) -> zarr.Array:
     """The array to open in a group without multiscales: "0", the single one or the largest."""
     import zarr
 
-    try:
-        zero = group["0"]
-    except KeyError:
-        zero = None
+    zero = _member(group, "0")
     if isinstance(zero, zarr.Array):
         log.info("%s: no multiscales metadata; opening its array '0'", source)
         return zero
@@ -559,6 +569,18 @@ def _page_info(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         ) from exc
 
 
+def _is_stack(path: Path) -> bool:
+    """Whether a TIFF holds more than one page or a 3D page (headers only)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            return series.axes[0] not in "YXS" and series.shape[0] > 1
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return False
+
+
 def _open_tiff_folder(path: Path, *, source: str) -> Volume:
     import dask.array as da
 
@@ -574,6 +596,9 @@ def _open_tiff_folder(path: Path, *, source: str) -> Volume:
             f"the folder {source} has no .tif slices and no zarr metadata (found {found}, ...); "
             f"open {SUPPORTED}"
         )
+    if len(files) == 1 and _is_stack(files[0]):
+        log.info("%s holds one multi-page TIFF; opening it as the volume", source)
+        return _open_tiff(files[0], source=str(files[0]))
     shape, dtype = _page_info(files[0])
     if len(shape) != 2:
         raise ScrollsegError(
@@ -669,8 +694,13 @@ def _open_tiff(path: Path, *, source: str) -> Volume:
     stat = path.stat()
     for arr in arrays:
         token = _tokenize(str(path.resolve()), arr.key, stat.st_mtime_ns, stat.st_size)
+        # strips and tiles are small: read whole multiples of them, about 1024 per y/x axis
+        chunks = tuple(
+            min(n, c * math.ceil(1024 / c)) if a in "YX" else c
+            for a, c, n in zip(tif_axes, arr.chunks, arr.shape, strict=True)
+        )
         lazy = da.from_array(
-            arr, chunks=arr.chunks, meta=np.empty((0,) * arr.ndim, arr.dtype), name=f"tiff-{token}"
+            arr, chunks=chunks, meta=np.empty((0,) * arr.ndim, arr.dtype), name=f"tiff-{token}"
         )
         level, axes = _arrange(lazy, names, spatial, source=source)
         levels.append(level)

@@ -1,0 +1,144 @@
+"""Reproduce the built-in model ``phantom-tiny`` with the project's own code.
+
+Phantoms with several seeds -> sparse labels (a few z-slices of the truth, the rest
+unlabeled) -> ``export_dataset`` -> ``engine.train`` (sparse-aware trainer, a tiny
+3-stage network) -> the trained fold, without optimizer state, copied into
+``src/napari_scrollseg/data/models/phantom-tiny/``.
+
+    .venv/bin/python scripts/train_builtin_model.py --work /tmp/builtin [--install]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from napari_scrollseg.engine.builtin import MODELS_DIR
+from napari_scrollseg.engine.dataset import export_dataset
+from napari_scrollseg.engine.demo import sparse_slices
+from napari_scrollseg.engine.phantom import CLASSES, make_phantom
+from napari_scrollseg.engine.train import train
+
+NAME = "phantom-tiny"
+KEEP = (
+    "network_weights",
+    "init_args",
+    "trainer_name",
+    "inference_allowed_mirroring_axes",
+    "current_epoch",
+)
+
+
+def strip_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a checkpoint keeping only what inference needs (no optimizer state, no logs)."""
+    import torch
+
+    ck = torch.load(src, map_location="cpu", weights_only=False)
+    slim = {k: ck[k] for k in KEEP if k in ck}
+    slim["init_args"] = {**ck["init_args"], "device": torch.device("cpu")}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--work", type=Path, default=Path("/tmp/scrollseg-builtin"))
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128))
+    p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15])
+    p.add_argument("--slices", type=int, default=6, help="annotated z-slices per case")
+    p.add_argument("--features", type=int, nargs="+", default=(8, 16, 32, 64), help="per stage")
+    p.add_argument("--patch", type=int, nargs=3, default=(32, 64, 64))
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best)")
+    p.add_argument("--da-processes", type=int, default=0)
+    p.add_argument(
+        "--install", action="store_true", help=f"copy the model into {MODELS_DIR / NAME}"
+    )
+    args = p.parse_args(argv)
+
+    tiny = {
+        "n_stages": len(args.features),
+        "features_per_stage": list(args.features),
+        "patch_size": list(args.patch),
+        "batch_size": 2,
+    }
+    t0 = time.perf_counter()
+    cases = []
+    for seed in args.seeds:
+        image, truth = make_phantom(args.shape, seed=seed)
+        cases.append((image, sparse_slices(truth, n_slices=args.slices)))
+    classes = sorted(CLASSES, key=CLASSES.get)
+    raw = (
+        export_dataset(
+            cases, out_dir=args.work / "raw", dataset_id=990, name="PhantomTiny", classes=classes
+        )
+        if not (args.work / "raw" / "Dataset990_PhantomTiny").exists()
+        else args.work / "raw" / "Dataset990_PhantomTiny"
+    )
+    print(f"dataset: {raw}", flush=True)
+    model = None
+    for ev in train(
+        raw,
+        results_dir=args.work / "results",
+        folds=(0,),
+        device=args.device,
+        epochs=args.epochs,
+        iterations=args.iterations,
+        num_processes=1,
+        da_processes=args.da_processes,
+        plans_overrides=tiny,
+        plans_name="nnUNetPlansTiny",
+    ):
+        print(f"[{time.perf_counter() - t0:7.1f} s] {ev}", flush=True)
+        if ev.kind == "done":
+            model = ev.model_folder
+            dice = ev.dice
+    assert model is not None
+    if args.install:
+        dst = MODELS_DIR / NAME
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        for name in (
+            "dataset.json",
+            "plans.json",
+            "dataset_fingerprint.json",
+            "progress.csv",
+            "dice_summary.json",
+        ):
+            shutil.copy2(model / name, dst / name)
+        strip_checkpoint(
+            model / "fold_0" / "checkpoint_final.pth", dst / "fold_0" / "checkpoint_final.pth"
+        )
+        (dst / "model.json").write_text(
+            json.dumps(
+                {
+                    "name": NAME,
+                    "made_by": "scripts/train_builtin_model.py",
+                    "phantom_shape": list(args.shape),
+                    "seeds": args.seeds,
+                    "annotated_z_slices_per_case": args.slices,
+                    "epochs": args.epochs,
+                    "iterations_per_epoch": args.iterations,
+                    "plans_overrides": tiny,
+                    "device": args.device,
+                    "validation_dice_fold0": dice,
+                    "training_seconds": round(time.perf_counter() - t0),
+                },
+                indent=2,
+            )
+        )
+        size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+        print(f"installed {dst} ({size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

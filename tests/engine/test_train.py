@@ -1,0 +1,276 @@
+"""Training through the engine: sampler, events, cancel, resume, curves, stock nnU-Net interop.
+
+One real (tiny) nnU-Net training on CPU is shared by the module: it is cancelled
+after its first epoch, then resumed to the end. Everything else reads its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.nnunet_trainers.sampling import sparse_bbox
+
+TINY = {
+    "n_stages": 3,
+    "features_per_stage": [4, 8, 16],
+    "patch_size": [16, 32, 32],
+    "batch_size": 2,
+}
+
+
+# -- the sampler ----------------------------------------------------------------------------
+def test_sparse_bbox_puts_the_annotated_voxel_anywhere_in_the_patch():
+    rng = np.random.default_rng(0)
+    shape, patch = (40, 80, 80), (16, 32, 32)
+    lbs = [0, 0, 0]
+    for voxel in [(20, 40, 40), (0, 0, 79), (39, 5, 70)]:
+        rel = []
+        for _ in range(3000):
+            lo, hi = sparse_bbox(voxel, shape, patch, patch, lbs, rng)
+            assert [h - lo_ for lo_, h in zip(lo, hi)] == list(patch)
+            for v, a, b in zip(voxel, lo, hi):
+                assert a <= v < b, (voxel, lo, hi)  # always inside the patch
+            rel.append([v - a for v, a in zip(voxel, lo)])
+        rel = np.array(rel)
+        centre = np.all(rel == np.array(patch) // 2, axis=1).mean()
+        assert centre < 0.05  # stock nnU-Net: always exactly the centre (1.0)
+        if voxel == (20, 40, 40):  # far from borders: every in-patch position occurs
+            for axis, p in enumerate(patch):
+                assert set(rel[:, axis]) == set(range(p))
+
+
+def test_sparse_bbox_keeps_the_centre_inside_small_images():
+    rng = np.random.default_rng(1)
+    # image smaller than the patch: nnU-Net pads (lower bound below zero)
+    shape, patch, lbs = (10, 20, 20), (16, 32, 32), [-3, -6, -6]
+    for _ in range(500):
+        voxel = rng.integers(0, shape)
+        lo, hi = sparse_bbox(voxel, shape, patch, patch, lbs, rng)
+        assert all(a >= lb for a, lb in zip(lo, lbs))
+        assert all(a <= v < b for v, a, b in zip(voxel, lo, hi))
+
+
+# -- one real training, cancelled then resumed ----------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from napari_scrollseg.engine.dataset import export_dataset
+    from napari_scrollseg.engine.demo import sparse_slices
+    from napari_scrollseg.engine.phantom import make_phantom
+    from napari_scrollseg.engine.train import train
+
+    root = tmp_path_factory.mktemp("train")
+    cases = []
+    for seed in range(3):
+        image, truth = make_phantom((16, 48, 48), seed=seed)
+        cases.append((image, sparse_slices(truth, n_slices=3)))
+    raw = export_dataset(
+        cases, out_dir=root / "raw", dataset_id=901, name="Tiny", classes=["air", "papyrus", "ink"]
+    )
+    options = dict(
+        results_dir=root / "results",
+        device="cpu",
+        epochs=2,
+        iterations=2,
+        num_processes=1,
+        da_processes=0,
+        plans_overrides=TINY,
+    )
+    first = []
+    gen = train(raw, **options)
+    for ev in gen:
+        first.append(ev)
+        if ev.kind == "epoch":
+            break
+    t0 = time.perf_counter()
+    gen.close()  # cancel
+    cancel_seconds = time.perf_counter() - t0
+    model = first[-1].model_folder
+    latest = model / "fold_0" / "checkpoint_latest.pth"
+    after_cancel = {
+        "latest": latest.is_file(),
+        "final": (model / "fold_0" / "checkpoint_final.pth").is_file(),
+    }
+    second = list(train(raw, resume=True, **options))
+    return {
+        "raw": raw,
+        "first": first,
+        "second": second,
+        "cancel_seconds": cancel_seconds,
+        "after_cancel": after_cancel,
+        "model": model,
+        "root": root,
+    }
+
+
+def test_events_arrive_per_epoch(run):
+    first = run["first"]
+    assert [e.kind for e in first if e.kind == "epoch"] == ["epoch"]
+    ep = first[-1]
+    assert (ep.fold, ep.epoch, ep.epochs) == (0, 0, 2)
+    assert np.isfinite([ep.train_loss, ep.val_loss]).all()
+    assert ep.epoch_time > 0
+    assert set(ep.pseudo_dice) == {"papyrus", "ink"}
+    assert "epoch 1/2" in str(ep)
+
+
+def test_cancel_stops_promptly_and_leaves_a_resumable_checkpoint(run):
+    assert run["cancel_seconds"] < 60
+    assert run["after_cancel"] == {"latest": True, "final": False}
+
+
+def test_resume_continues_from_latest(run):
+    second = run["second"]
+    kinds = [e.kind for e in second]
+    assert "resumed" in kinds
+    resumed = next(e for e in second if e.kind == "resumed")
+    assert resumed.epoch == 1  # the cancelled epoch 1 is redone, epoch 0 is not
+    assert [e.epoch for e in second if e.kind == "epoch"] == [1]
+    assert kinds[-2:] == ["fold_done", "done"]
+
+
+def test_model_folder_is_stock_with_curves_and_dice(run):
+    import torch
+
+    model = run["model"]
+    done = run["second"][-1]
+    assert done.model_folder == model
+    assert model.name == "nnUNetTrainer__nnUNetPlansScrollseg__3d_fullres"
+    assert not list(model.parent.glob("nnUNetTrainerSparse*"))  # no stray folder
+    ck = torch.load(
+        model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    assert ck["trainer_name"] == "nnUNetTrainer"
+    assert ck["current_epoch"] == 2
+    rows = (model / "progress.csv").read_text().splitlines()
+    assert rows[0].startswith("fold,epoch,train_loss,val_loss")
+    assert [r.split(",")[1] for r in rows[1:]] == ["0", "1"]
+    assert (model / "progress.png").stat().st_size > 1000
+    summary = json.loads((model / "dice_summary.json").read_text())
+    assert set(summary["per_class"]) == {"papyrus", "ink"} == set(done.dice)
+    assert (summary["folds"], summary["cases"]) == (["0"], 1)
+    assert 0 <= summary["per_class"]["papyrus"] <= 1
+
+
+def test_model_predicts_in_stock_nnunet_without_scrollseg(run, tmp_path):
+    """nnUNetPredictor in a Python where napari_scrollseg cannot be imported."""
+    import tifffile
+
+    image = next((run["raw"] / "imagesTr").glob("*_0000.tif"))
+    site = sysconfig.get_paths()["purelib"]
+    script = f"""
+import importlib.util, sys
+sys.path.append({site!r})  # site-packages without its .pth files (the editable install)
+assert importlib.util.find_spec("napari_scrollseg") is None, "scrollseg importable"
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+                    allow_tqdm=False)
+p.initialize_from_trained_model_folder({str(run["model"])!r}, use_folds=(0,))
+p.predict_from_files([[{str(image)!r}]], [{str(tmp_path / "pred.tif")!r}],
+                     num_processes_preprocessing=1, num_processes_segmentation_export=1)
+print("trainer", type(p.trainer_name) if hasattr(p, "trainer_name") else "", p.network.__class__.__name__)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pred = tifffile.imread(tmp_path / "pred.tif")
+    assert pred.shape == tifffile.imread(image).shape
+    assert set(np.unique(pred)) <= {0, 1, 2}
+    # scrollseg really was absent there
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            f"import sys; sys.path.append({site!r}); import napari_scrollseg",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert check.returncode != 0
+    assert "No module named 'napari_scrollseg'" in check.stderr
+
+
+# -- cheap checks ---------------------------------------------------------------------------
+def test_train_rejects_a_folder_that_is_not_a_dataset(tmp_path):
+    from napari_scrollseg.engine.train import train
+
+    with pytest.raises(ScrollsegError, match="Dataset<ID>_<Name>"):
+        next(train(tmp_path, results_dir=tmp_path / "r"))
+    with pytest.raises(ScrollsegError, match="epochs must be at least 1"):
+        next(train(tmp_path, results_dir=tmp_path / "r", epochs=0))
+
+
+def test_plans_overrides_check_the_patch(run):
+    from napari_scrollseg.engine.train import apply_plans_overrides
+
+    pre = run["root"] / "results" / "nnUNet_preprocessed" / run["raw"].name
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    out = apply_plans_overrides(plans, "3d_fullres", TINY, "X")
+    arch = out["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert (arch["n_stages"], len(arch["strides"])) == (3, 3)
+    assert len(arch["n_conv_per_stage_decoder"]) == 2
+    with pytest.raises(ScrollsegError, match="n_stages must be 3"):
+        apply_plans_overrides(plans, "3d_fullres", {"n_stages": 2}, "X")
+    with pytest.raises(ScrollsegError, match="divisible"):
+        apply_plans_overrides(plans, "3d_fullres", {"patch_size": [15, 32, 32]}, "X")
+    with pytest.raises(ScrollsegError, match="unknown plans override"):
+        apply_plans_overrides(plans, "3d_fullres", {"features": [1]}, "X")
+
+
+def test_dice_summary_pools_over_cases_and_folds(tmp_path):
+    from napari_scrollseg.engine.train import dice_summary
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
+    for fold, (tp, fp, fn) in {0: (10, 0, 0), 1: (0, 5, 5)}.items():
+        d = tmp_path / f"fold_{fold}" / "validation"
+        d.mkdir(parents=True)
+        case = {"metrics": {"1": {"TP": tp, "FP": fp, "FN": fn, "Dice": 0.0}}}
+        d.joinpath("summary.json").write_text(json.dumps({"metric_per_case": [case]}))
+    out = dice_summary(tmp_path)
+    assert out["per_class"] == {"a": pytest.approx(20 / 30)}  # pooled, not mean of 1.0 and 0.0
+    assert out["folds"] == ["0", "1"]
+    assert json.loads((tmp_path / "dice_summary.json").read_text())["cases"] == 2
+
+
+def test_sparse_loader_samples_real_preprocessed_cases(run):
+    """The trainer's data loader on the real preprocessed data: annotated voxel in, off-centre."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from napari_scrollseg.nnunet_trainers.sparse import SparseDataLoader
+
+    pre = run["root"] / "results" / "nnUNet_preprocessed" / run["raw"].name
+    pm = PlansManager(str(pre / "nnUNetPlansScrollseg.json"))
+    lm = pm.get_label_manager(json.loads((pre / "dataset.json").read_text()))
+    folder = str(pre / "nnUNetPlans_3d_fullres")
+    ds = infer_dataset_class(folder)(folder)
+    patch = (16, 32, 32)
+    dl = SparseDataLoader(ds, 2, patch, patch, lm, oversample_foreground_percent=0.0)
+    assert dl.has_ignore
+    data, _, _, props = ds.load_case(ds.identifiers[0])
+    shape = data.shape[1:]
+    annotated = {tuple(v[1:]) for v in props["class_locations"][dl.annotated_classes_key]}
+    centred = 0
+    for _ in range(300):
+        lo, hi = dl.get_bbox(shape, False, props["class_locations"])
+        inside = [v for v in annotated if all(a <= c < b for c, a, b in zip(v, lo, hi))]
+        assert inside
+        centre = tuple(a + p // 2 for a, p in zip(lo, patch))
+        centred += centre in annotated
+    assert centred < 150  # stock nnU-Net: every patch centred on an annotated voxel
