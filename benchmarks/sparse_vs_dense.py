@@ -29,9 +29,10 @@ import zarr
 
 from napari_scrollseg.engine.dataset import export_dataset
 from napari_scrollseg.engine.demo import dice_per_class, sparse_slices
-from napari_scrollseg.engine.phantom import CLASSES, make_phantom, write_phantom
+from napari_scrollseg.engine.phantom import CLASSES, write_phantom
 from napari_scrollseg.engine.predict_volume import predict_volume
 from napari_scrollseg.engine.train import train
+from napari_scrollseg.engine.volumes import open_volume
 
 DATASET_IDS = {"sparse": 981, "dense": 982}
 
@@ -41,34 +42,42 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     names = sorted(CLASSES, key=CLASSES.get)
     cases, annotated = [], 0
-    for seed in args.seeds:
-        image, truth = make_phantom(args.shape, seed=seed)
+    for seed in args.seeds:  # OME-Zarr phantoms, so that the export carries their spacing
+        path = args.work / "phantoms" / f"seed{seed}.zarr"
+        if not path.exists():
+            write_phantom(path, args.shape, seed=seed)
+        truth = np.asarray(open_volume(path).labels["truth"][0])
         labels = sparse_slices(truth, n_slices=args.slices) if mode == "sparse" else truth
         annotated += int((labels > 0).sum())
-        cases.append((image, labels))
+        cases.append((path, labels))
     name = f"Svd{mode.capitalize()}"
     raw = args.work / "raw" / f"Dataset{DATASET_IDS[mode]:03d}_{name}"
     if not raw.exists():
         export_dataset(
             cases, out_dir=args.work / "raw", dataset_id=DATASET_IDS[mode], name=name, classes=names
         )
-    model = None
-    for ev in train(
-        raw,
-        results_dir=args.work / "results",
-        folds=("all",),
-        device=args.device,
-        epochs=args.epochs,
-        iterations=args.iterations,
-        num_processes=2,
-        da_processes=args.da_processes,
-        validate=False,
-        plans_overrides={
-            "n_stages": len(args.features),
-            "features_per_stage": list(args.features),
-            "patch_size": list(args.patch),
-            "batch_size": 2,
-        },
+    model = args.work / "results" / raw.name / "nnUNetTrainer__nnUNetPlansScrollseg__3d_fullres"
+    trained = (model / "fold_all" / "checkpoint_final.pth").is_file() and not args.retrain
+    for ev in (
+        ()
+        if trained
+        else train(
+            raw,
+            results_dir=args.work / "results",
+            folds=("all",),
+            device=args.device,
+            epochs=args.epochs,
+            iterations=args.iterations,
+            num_processes=2,
+            da_processes=args.da_processes,
+            validate=False,
+            plans_overrides={
+                "n_stages": len(args.features),
+                "features_per_stage": list(args.features),
+                "patch_size": list(args.patch),
+                "batch_size": 2,
+            },
+        )
     ):
         print(f"[{mode} {time.perf_counter() - t0:6.0f} s] {ev}", flush=True)
         if ev.kind == "done":
@@ -76,8 +85,17 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - t0
     test = args.work / f"test_seed{args.test_seed}.zarr"
     pred_path = args.work / f"pred_{mode}.zarr"
+    # same physical scale as the training phantoms (models trained before the export
+    # carried the spacing record 1.0: ignore_spacing predicts them at the phantom's grid)
     predict_volume(
-        model, test, pred_path, device=args.device, mirror=False, overwrite=True, bar=False
+        model,
+        test,
+        pred_path,
+        device=args.device,
+        mirror=False,
+        overwrite=True,
+        bar=False,
+        ignore_spacing=True,
     )
     pred = zarr.open_array(str(pred_path / "labels" / "prediction" / "0"), mode="r")[...] + 1
     truth = zarr.open_array(str(test / "labels" / "truth" / "0"), mode="r")[...]
@@ -88,11 +106,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         "mean_dice": float(np.nanmean(list(dice.values()))),
         "annotated_voxels": annotated,
         "annotated_fraction": annotated / (len(args.seeds) * math.prod(args.shape)),
-        "train_seconds": round(train_s),
+        "train_seconds": None if trained else round(train_s),
         "settings": {
             k: (list(v) if isinstance(v, tuple) else v)
             for k, v in vars(args).items()
-            if k not in ("work", "report", "mode")
+            if k not in ("work", "report", "mode", "retrain")
         },
     }
     (args.work / f"{mode}.json").write_text(json.dumps(result, indent=2))
@@ -135,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("benchmarks/results/sparse_vs_dense"))
     p.add_argument("--mode", choices=["sparse", "dense", "both"], default="both")
     p.add_argument("--report", action="store_true", help="only compare existing results")
+    p.add_argument("--retrain", action="store_true", help="train again even if a model exists")
     p.add_argument("--shape", type=int, nargs=3, default=(32, 64, 64))
     p.add_argument("--seeds", type=int, nargs="+", default=[21, 22, 23])
     p.add_argument("--test-seed", type=int, default=0)

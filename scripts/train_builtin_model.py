@@ -17,11 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from napari_scrollseg.engine.builtin import MODELS_DIR
 from napari_scrollseg.engine.dataset import export_dataset
 from napari_scrollseg.engine.demo import sparse_slices
-from napari_scrollseg.engine.phantom import CLASSES, make_phantom
+from napari_scrollseg.engine.phantom import CLASSES, write_phantom
 from napari_scrollseg.engine.train import train
+from napari_scrollseg.engine.volumes import open_volume
 
 NAME = "phantom-tiny"
 KEEP = (
@@ -71,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.perf_counter()
     cases = []
-    for seed in args.seeds:
-        image, truth = make_phantom(args.shape, seed=seed)
-        cases.append((image, sparse_slices(truth, n_slices=args.slices)))
+    for seed in args.seeds:  # OME-Zarr phantoms, so that the export carries their spacing
+        path = args.work / "phantoms" / f"seed{seed}.zarr"
+        if not path.exists():
+            write_phantom(path, args.shape, seed=seed)
+        truth = np.asarray(open_volume(path).labels["truth"][0])
+        cases.append((path, sparse_slices(truth, n_slices=args.slices)))
     classes = sorted(CLASSES, key=CLASSES.get)
     raw = (
         export_dataset(

@@ -183,8 +183,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     ev = events[-1]
     print(
         f"wrote {out}: {ev.chunks_total} chunks ({ev.chunks_resumed} resumed, "
-        f"{ev.chunks_computed} computed now), {ev.tiles_total} tiles ({ev.tiles_computed} run "
-        f"now, {ev.tiles_skipped} skipped by the mask) in {ev.elapsed_s:.1f} s"
+        f"{ev.chunks_computed} computed now), {ev.tiles_total} tiles for {ev.grid_tiles} of "
+        f"nnU-Net's grid ({ev.tiles_computed} run now, {ev.tiles_skipped} skipped by the "
+        f"mask) in {ev.elapsed_s:.1f} s"
     )
     return 0
 
@@ -255,6 +256,15 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # -- train --------------------------------------------------------------------------------
+def _fold(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fold is a number or 'all', got {text!r}") from None
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from napari_scrollseg.engine.train import PLANNERS
 
@@ -267,7 +277,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="the Dataset<ID>_<Name> folder written by `scrollseg export`")
     p.add_argument("--out", required=True, help="results folder (nnUNet_results)")
     p.add_argument("--config", default="3d_fullres", help="nnU-Net configuration (%(default)s)")
-    p.add_argument("--fold", nargs="+", default=["0"], help="fold(s) to train, or 'all' (0)")
+    p.add_argument(
+        "--fold", nargs="+", type=_fold, default=[0], help="fold(s) to train, or 'all' (0)"
+    )
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: best")
     p.add_argument("--epochs", type=_shape, default=None, help="epochs (nnU-Net: 1000)")
     p.add_argument("--iterations", type=_shape, default=None, help="iterations/epoch (250)")
@@ -326,7 +338,7 @@ def _run_train(args: argparse.Namespace) -> int:
             args.dataset,
             results_dir=args.out,
             configuration=args.config,
-            folds=[f if f == "all" else int(f) for f in args.fold],
+            folds=args.fold,
             device=args.device,
             epochs=args.epochs,
             iterations=args.iterations,

@@ -168,13 +168,14 @@ def test_model_predicts_in_stock_nnunet_without_scrollseg(run, tmp_path):
     script = f"""
 import importlib.util, sys
 sys.path.append({site!r})  # site-packages without its .pth files (the editable install)
-assert importlib.util.find_spec("napari_scrollseg") is None, "scrollseg importable"
+# (site-packages holds an empty napari_scrollseg/ with napari.yaml: a namespace, no code)
+assert importlib.util.find_spec("napari_scrollseg.nnunet_trainers") is None, "importable"
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
                     allow_tqdm=False)
 p.initialize_from_trained_model_folder({str(run["model"])!r}, use_folds=(0,))
-p.predict_from_files([[{str(image)!r}]], [{str(tmp_path / "pred.tif")!r}],
+p.predict_from_files([[{str(image)!r}]], [{str(tmp_path / "pred")!r}],
                      num_processes_preprocessing=1, num_processes_segmentation_export=1)
 print("trainer", type(p.trainer_name) if hasattr(p, "trainer_name") else "", p.network.__class__.__name__)
 """
@@ -196,14 +197,14 @@ print("trainer", type(p.trainer_name) if hasattr(p, "trainer_name") else "", p.n
             sys.executable,
             "-S",
             "-c",
-            f"import sys; sys.path.append({site!r}); import napari_scrollseg",
+            f"import sys; sys.path.append({site!r}); import napari_scrollseg.engine",
         ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
     assert check.returncode != 0
-    assert "No module named 'napari_scrollseg'" in check.stderr
+    assert "No module named 'napari_scrollseg.engine'" in check.stderr
 
 
 # -- cheap checks ---------------------------------------------------------------------------
@@ -250,6 +251,7 @@ def test_dice_summary_pools_over_cases_and_folds(tmp_path):
 
 def test_sparse_loader_samples_real_preprocessed_cases(run):
     """The trainer's data loader on the real preprocessed data: annotated voxel in, off-centre."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -261,16 +263,37 @@ def test_sparse_loader_samples_real_preprocessed_cases(run):
     folder = str(pre / "nnUNetPlans_3d_fullres")
     ds = infer_dataset_class(folder)(folder)
     patch = (16, 32, 32)
-    dl = SparseDataLoader(ds, 2, patch, patch, lm, oversample_foreground_percent=0.0)
-    assert dl.has_ignore
     data, _, _, props = ds.load_case(ds.identifiers[0])
     shape = data.shape[1:]
-    annotated = {tuple(v[1:]) for v in props["class_locations"][dl.annotated_classes_key]}
-    centred = 0
-    for _ in range(300):
-        lo, hi = dl.get_bbox(shape, False, props["class_locations"])
-        inside = [v for v in annotated if all(a <= c < b for c, a, b in zip(v, lo, hi))]
-        assert inside
-        centre = tuple(a + p // 2 for a, p in zip(lo, patch))
-        centred += centre in annotated
-    assert centred < 150  # stock nnU-Net: every patch centred on an annotated voxel
+    annotated = {tuple(v[1:]) for v in props["class_locations"][(-1, *lm.all_labels)]}
+
+    def centred_fraction(loader_class) -> float:
+        dl = loader_class(ds, 2, patch, patch, lm, oversample_foreground_percent=0.0)
+        assert dl.has_ignore
+        centred = 0
+        for _ in range(300):
+            lo, hi = dl.get_bbox(shape, False, props["class_locations"])
+            inside = [v for v in annotated if all(a <= c < b for c, a, b in zip(v, lo, hi))]
+            assert inside
+            centre = tuple(a + p // 2 for a, p in zip(lo, patch))
+            centred += centre in annotated
+        return centred / 300
+
+    assert centred_fraction(nnUNetDataLoader) == 1.0  # stock: always on an annotated voxel
+    assert centred_fraction(SparseDataLoader) < 0.8
+
+
+def test_builtin_model_is_listed_and_complete(capsys):
+    from napari_scrollseg.cli import main
+    from napari_scrollseg.engine.builtin import builtin_model, builtin_models
+
+    path = builtin_model()
+    assert path == builtin_models()["phantom-tiny"]
+    for name in ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth"):
+        assert (path / name).is_file()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 5e6
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.split() == ["phantom-tiny", str(path)]
+    with pytest.raises(ScrollsegError, match="no built-in model named 'nope'"):
+        builtin_model("nope")

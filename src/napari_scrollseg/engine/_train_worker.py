@@ -123,7 +123,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         trainer.num_iterations_per_epoch = args.iterations
         trainer.num_val_iterations_per_epoch = max(1, round(args.iterations / 5))
-    trainer.should_stop = lambda: stop["requested"]
+    parent = os.getppid()  # stop too if the calling process died without asking
+    trainer.should_stop = lambda: stop["requested"] or os.getppid() != parent
     trainer.epoch_callback = lambda record: emit("epoch", **record)
     emit(
         "step",

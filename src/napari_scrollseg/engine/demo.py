@@ -161,6 +161,7 @@ def run_demo(
         iterations=iterations,
         num_processes=1,
         da_processes=0,
+        validate=False,  # a sliding-window pass over the training volume: minutes on a CPU
         plans_overrides={
             "n_stages": 3,
             "features_per_stage": [4, 8, 16],

@@ -57,9 +57,9 @@ _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 class TrainEvent:
     """One progress report of :func:`train` or :func:`plan_and_preprocess`.
 
-    ``kind`` is ``"step"`` (a stage begins; see ``message``), ``"epoch"`` (an epoch
-    finished), ``"resumed"``, ``"fold_done"`` or ``"done"`` (the last event; it has
-    ``model_folder`` and ``dice``).
+    ``kind`` is ``"step"`` (a stage begins; see ``message``), ``"planned"`` (``plans``
+    names the plans used), ``"epoch"`` (an epoch finished), ``"resumed"``,
+    ``"fold_done"`` or ``"done"`` (the last event; it has ``model_folder`` and ``dice``).
     """
 
     kind: str
@@ -73,6 +73,7 @@ class TrainEvent:
     epoch_time: float | None = None
     model_folder: Path | None = None
     dice: dict[str, float] = field(default_factory=dict)
+    plans: str | None = None
 
     def __str__(self) -> str:
         if self.kind == "epoch":
@@ -348,7 +349,7 @@ def plan_and_preprocess(
     Yields
     ------
     TrainEvent
-        ``step`` events; the last one's ``message`` names the plans identifier.
+        ``step`` events, then one ``planned`` event naming the plans identifier.
     """
     ds = _dataset(dataset_dir)
     if planner not in PLANNERS:
@@ -390,7 +391,7 @@ def plan_and_preprocess(
         plans = json.loads((pre / f"{base}.json").read_text())
         custom = apply_plans_overrides(plans, configuration, dict(plans_overrides), identifier)
         (pre / f"{identifier}.json").write_text(json.dumps(custom, indent=2))
-    yield TrainEvent("step", message=f"plans: {identifier}")
+    yield TrainEvent("planned", message=f"plans: {identifier}", plans=identifier)
 
 
 def train(
@@ -468,8 +469,8 @@ def train(
         plans_name=plans_name,
         preprocessed_dir=pre_root,
     ):
-        if ev.message.startswith("plans: "):
-            identifier = ev.message[len("plans: ") :]
+        if ev.kind == "planned":
+            identifier = ev.plans
         yield ev
     _ensure_splits(pre_root / ds.name, ds.cases, folds)
     model_folder = results / ds.name / f"{STOCK_TRAINER}__{identifier}__{configuration}"
@@ -527,6 +528,11 @@ def _fold_events(
             yield TrainEvent("fold_done", fold=fold, message=f"fold {fold}: done")
         elif kind == "step":
             yield TrainEvent("step", fold=fold, message=ev["message"])
+        elif kind == "cancelled":
+            raise ScrollsegError(
+                f"training of fold {fold} was stopped from outside at epoch {ev['epoch'] + 1}; "
+                f"{ev['checkpoint']} was saved: train again with resume=True (--resume) to continue"
+            )
 
 
 def read_progress(model_folder: str | os.PathLike) -> list[dict]:
@@ -535,7 +541,12 @@ def read_progress(model_folder: str | os.PathLike) -> list[dict]:
     for path in sorted(Path(model_folder).glob("fold_*/progress.csv")):
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                rows.append({k: (v if k == "fold" else float(v)) for k, v in row.items()})
+                rows.append(
+                    {
+                        k: v if k == "fold" else int(v) if k == "epoch" else float(v)
+                        for k, v in row.items()
+                    }
+                )
     return rows
 
 

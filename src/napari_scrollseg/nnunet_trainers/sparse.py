@@ -117,7 +117,8 @@ class nnUNetTrainerSparse(nnUNetTrainer):
         self.output_folder = join(self.output_folder_base, f"fold_{self.fold}")
         os.makedirs(self.output_folder, exist_ok=True)
         new_log = join(self.output_folder, basename(self.log_file))
-        shutil.move(self.log_file, new_log)
+        if os.path.isfile(self.log_file):
+            shutil.move(self.log_file, new_log)
         self.log_file = new_log
         self.logger.output_folder = self.output_folder
         for folder in (old_folder, old_base):
