@@ -110,6 +110,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_events_arrive_per_epoch(run):
     first = run["first"]
     assert [e.kind for e in first if e.kind == "epoch"] == ["epoch"]
@@ -121,11 +122,13 @@ def test_events_arrive_per_epoch(run):
     assert "epoch 1/2" in str(ep)
 
 
+@pytest.mark.slow
 def test_cancel_stops_promptly_and_leaves_a_resumable_checkpoint(run):
     assert run["cancel_seconds"] < 60
     assert run["after_cancel"] == {"latest": True, "final": False}
 
 
+@pytest.mark.slow
 def test_resume_continues_from_latest(run):
     second = run["second"]
     kinds = [e.kind for e in second]
@@ -136,6 +139,7 @@ def test_resume_continues_from_latest(run):
     assert kinds[-2:] == ["fold_done", "done"]
 
 
+@pytest.mark.slow
 def test_model_folder_is_stock_with_curves_and_dice(run):
     import torch
 
@@ -159,6 +163,7 @@ def test_model_folder_is_stock_with_curves_and_dice(run):
     assert 0 <= summary["per_class"]["papyrus"] <= 1
 
 
+@pytest.mark.slow
 def test_model_predicts_in_stock_nnunet_without_scrollseg(run, tmp_path):
     """nnUNetPredictor in a Python where napari_scrollseg cannot be imported."""
     import tifffile
@@ -208,6 +213,26 @@ print("trainer", type(p.trainer_name) if hasattr(p, "trainer_name") else "", p.n
 
 
 # -- cheap checks ---------------------------------------------------------------------------
+def test_sparse_slices_and_dice():
+    from napari_scrollseg.engine.demo import dice_per_class, sparse_slices
+
+    truth = np.ones((10, 4, 4), np.uint8)
+    truth[:, :2] = 2
+    labels = sparse_slices(truth, n_slices=3)
+    painted = np.flatnonzero(labels.any(axis=(1, 2)))
+    assert len(painted) == 3
+    assert {0, 9}.isdisjoint(painted)  # evenly inside, not the end slices
+    np.testing.assert_array_equal(labels[painted], truth[painted])
+    assert (labels[np.setdiff1d(np.arange(10), painted)] == 0).all()
+    with pytest.raises(ScrollsegError, match="n_slices"):
+        sparse_slices(truth, n_slices=11)
+    pred = truth.copy()
+    pred[0, 0, 0] = 1  # one papyrus voxel called air
+    dice = dice_per_class(pred, truth, {"air": 1, "papyrus": 2})
+    assert dice["papyrus"] == pytest.approx(2 * 79 / (79 + 80))
+    assert dice["air"] == pytest.approx(2 * 80 / (81 + 80))
+
+
 def test_train_rejects_a_folder_that_is_not_a_dataset(tmp_path):
     from napari_scrollseg.engine.train import train
 
@@ -217,6 +242,7 @@ def test_train_rejects_a_folder_that_is_not_a_dataset(tmp_path):
         next(train(tmp_path, results_dir=tmp_path / "r", epochs=0))
 
 
+@pytest.mark.slow
 def test_plans_overrides_check_the_patch(run):
     from napari_scrollseg.engine.train import apply_plans_overrides
 
@@ -249,6 +275,7 @@ def test_dice_summary_pools_over_cases_and_folds(tmp_path):
     assert json.loads((tmp_path / "dice_summary.json").read_text())["cases"] == 2
 
 
+@pytest.mark.slow
 def test_sparse_loader_samples_real_preprocessed_cases(run):
     """The trainer's data loader on the real preprocessed data: annotated voxel in, off-centre."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader

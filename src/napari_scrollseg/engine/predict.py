@@ -24,7 +24,7 @@ import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.model import as_czyx, forward_passes
-from napari_scrollseg.engine.tiling import BLEND_MODES, Grid, weight_map, weight_sum
+from napari_scrollseg.engine.tiling import BLEND_MODES, Grid, tile_overlap, weight_map, weight_sum
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.model import LoadedModel
@@ -39,17 +39,6 @@ Box = tuple[slice, ...]
 def grid_patch(model: LoadedModel) -> tuple[int, ...]:
     """The model's tile shape on a 3D volume: ``patch_size``, or ``(1, py, px)`` for 2D."""
     return (1, *model.patch_size) if model.is_2d else tuple(model.patch_size)
-
-
-def _overlap(tile: Sequence[int], patch: Sequence[int], box: Box) -> tuple[Box, Box] | None:
-    src, dst = [], []
-    for s, p, b in zip(tile, patch, box):
-        lo, hi = max(s, b.start), min(s + p, b.stop)
-        if lo >= hi:
-            return None
-        src.append(slice(lo - s, hi - s))
-        dst.append(slice(lo - b.start, hi - b.start))
-    return tuple(src), tuple(dst)
 
 
 def run_tiles(
@@ -113,7 +102,7 @@ def run_tiles(
 def _add_tile(
     out: np.ndarray, tile: Sequence[int], patch: Sequence[int], weighted: np.ndarray, box: Box
 ) -> None:
-    ov = _overlap(tile, patch, box)
+    ov = tile_overlap(tile, patch, box)
     if ov is not None:
         out[(slice(None), *ov[1])] += weighted[(slice(None), *ov[0])]
 

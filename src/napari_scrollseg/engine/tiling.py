@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -32,6 +33,7 @@ __all__ = [
     "gaussian_map",
     "make_grid",
     "steps_for_sliding_window",
+    "tile_overlap",
     "tta_transforms",
     "weight_map",
     "weight_sum",
@@ -229,7 +231,7 @@ def weight_map(patch: tuple[int, ...], blend: str = "gaussian") -> np.ndarray:
     return gaussian_map(core).reshape(patch)
 
 
-def _overlap(tile: tuple[int, ...], patch: tuple[int, ...], box: Box) -> tuple[Box, Box] | None:
+def tile_overlap(tile: Sequence[int], patch: Sequence[int], box: Box) -> tuple[Box, Box] | None:
     """(slice into the tile, slice into the box) of their intersection, or None."""
     src, dst = [], []
     for s, p, b in zip(tile, patch, box):
@@ -248,7 +250,7 @@ def weight_sum(grid: Grid, box: Box, gmap: np.ndarray) -> np.ndarray:
     """
     out = np.zeros(tuple(b.stop - b.start for b in box), np.float32)
     for tile in grid.tiles_intersecting(box):
-        ov = _overlap(tile, grid.patch, box)
+        ov = tile_overlap(tile, grid.patch, box)
         if ov is not None:
             out[ov[1]] += gmap[ov[0]]
     return out
