@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import zarr
@@ -36,3 +37,11 @@ def test_phantom_command(tmp_path, capsys):
     assert "already exists" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_models_lists_the_builtin_model(capsys):
+    assert main(["models"]) == 0
+    name, path = capsys.readouterr().out.split()
+    assert name == "phantom-tiny"
+    assert (Path(path) / "plans.json").is_file()
+    assert list(Path(path).glob("fold_*/checkpoint_final.pth"))
