@@ -225,6 +225,7 @@ class _Job:
     half: bool
     mask: Any = None  # a Volume / path of the mask, or None
     volume_shape: tuple[int, ...] = ()
+    run: str = ""  # unique per run: keys the output arrays opened once per process
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,20 @@ def _source(volume: Volume) -> str:
 
 def _resolve(volume: Any) -> Volume:
     return _open_cached(volume) if isinstance(volume, str) else volume
+
+
+@functools.lru_cache(maxsize=16)
+def _output_array(path: str, run: str, write_empty_chunks: bool) -> Any:
+    """The output level-0 array at ``path``, opened once per process and run.
+
+    ``run`` keeps an array recreated by another run (``overwrite``) from being served
+    with stale metadata. ``write_empty_chunks`` skips zarr's per-chunk comparison with
+    the fill value (for probabilities, whose chunks are never all zero).
+    """
+    import zarr
+
+    arr = zarr.open_array(path, mode="r+")
+    return arr.with_config({"write_empty_chunks": True}) if write_empty_chunks else arr
 
 
 def _weights(patch: Sequence[int]) -> np.ndarray:
@@ -361,8 +376,6 @@ def _mask_region(mask: Volume, box: tuple[Span, ...], shape: Sequence[int]) -> n
 
 def _finish_chunk(job: _Job, spec: _ChunkSpec, *_blocks: dict) -> dict:
     """Sum the partials over a chunk, normalise, write it, then mark it done."""
-    import zarr
-
     from napari_scrollseg.engine.predict import finalize
     from napari_scrollseg.engine.tiling import weight_sum
 
@@ -393,10 +406,13 @@ def _finish_chunk(job: _Job, spec: _ChunkSpec, *_blocks: dict) -> dict:
         inside &= _mask_region(_resolve(job.mask), spec.box, job.volume_shape)
     probs, labels = finalize(acc, weights, data=inside)
     local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(spec.box, job.roi))
-    probs_arr = zarr.open_array(job.probs_path, mode="r+")
-    labels_arr = zarr.open_array(job.labels_path, mode="r+")
-    probs_arr[(slice(None), *local)] = np.rint(probs * 255).astype(np.uint8)
-    labels_arr[local] = labels.astype(labels_arr.dtype)
+    # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero
+    probs_arr = _output_array(job.probs_path, job.run, True)
+    labels_arr = _output_array(job.labels_path, job.run, False)
+    np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
+    np.rint(probs, out=probs)
+    probs_arr[(slice(None), *local)] = probs.astype(np.uint8)
+    labels_arr[local] = labels.astype(labels_arr.dtype, copy=False)
     marker = Path(spec.marker)
     _atomic_touch(marker)
     # free the partials that every reader has now consumed
@@ -922,6 +938,7 @@ def iter_predict_volume(
             half=half,
             mask=None if mask_vol is None else (_source(mask_vol) if client else mask_vol),
             volume_shape=shape,
+            run=uuid.uuid4().hex,
         )
 
         def marker(index: tuple[int, ...]) -> str:
@@ -1067,8 +1084,15 @@ def iter_predict_volume(
         from napari_scrollseg.engine.omezarr import write_pyramid
 
         yield event("pyramid")
-        write_pyramid(out, reduction=prob_reduction)
-        write_pyramid(out / "labels" / LABELS_NAME, reduction=label_reduction)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # the two pyramids are independent: the labels' overlaps the probabilities'
+        with ThreadPoolExecutor(1, thread_name_prefix="scrollseg-pyramid") as pool:
+            labels_pyramid = pool.submit(
+                write_pyramid, out / "labels" / LABELS_NAME, reduction=label_reduction
+            )
+            write_pyramid(out, reduction=prob_reduction)
+            labels_pyramid.result()
         shutil.rmtree(state / "partial", ignore_errors=True)
         _write_attrs(out, {**info, "complete": True})
         yield event("done")
