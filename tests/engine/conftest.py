@@ -13,6 +13,7 @@ Stock ``nnUNetPredictor`` loads these folders.
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -276,13 +277,21 @@ def nnunet_predict(
     mirror: bool = True,
     spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
     device: str = "cpu",
+    sums: str = "float16",
 ) -> tuple[np.ndarray, np.ndarray, object]:
     """Stock ``nnUNetPredictor`` on a (z, y, x) or (c, z, y, x) array (CPU by default;
     on CUDA nnU-Net keeps everything on the device and autocasts to float16).
 
-    Returns (labels, probabilities, the predictor).
+    ``sums="float32"`` runs the same code with its sliding-window accumulators
+    (``predicted_logits``, ``n_predictions``, allocated as ``torch.half``) in float32:
+    nnU-Net's algorithm without its float16 rounding, the reference scrollseg matches
+    everywhere. Returns (labels, probabilities, the predictor).
     """
+    import contextlib
+    from unittest import mock
+
     import torch
+    from nnunetv2.inference import predict_from_raw_data
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     data = volume[None] if volume.ndim == 3 else volume
@@ -297,10 +306,47 @@ def nnunet_predict(
         allow_tqdm=False,
     )
     predictor.initialize_from_trained_model_folder(str(folder), folds, "checkpoint_final.pth")
-    seg, probs = predictor.predict_single_npy_array(
-        data.astype(np.float32), {"spacing": list(spacing)}, None, None, True
+    if sums not in ("float16", "float32"):
+        raise ValueError(f"sums must be float16 or float32, got {sums!r}")
+    patched = (
+        mock.patch.object(predict_from_raw_data, "torch", _TorchWithFloat32Half())
+        if sums == "float32"
+        else contextlib.nullcontext()
     )
+    with patched:
+        seg, probs = predictor.predict_single_npy_array(
+            data.astype(np.float32), {"spacing": list(spacing)}, None, None, True
+        )
     return seg, probs, predictor
+
+
+def nnunet_references(folder: Path, volume: np.ndarray, **kw: object) -> dict:
+    """nnU-Net's answer with its own float16 sums (``labels``, ``probs``, ``predictor``)
+    and with float32 sums (``labels32``, ``probs32``); ``kw`` go to ``nnunet_predict``."""
+    labels, probs, predictor = nnunet_predict(folder, volume, **kw)
+    labels32, probs32, _ = nnunet_predict(folder, volume, sums="float32", **kw)
+    return {
+        "labels": labels,
+        "probs": probs,
+        "predictor": predictor,
+        "labels32": labels32,
+        "probs32": probs32,
+    }
+
+
+class _TorchWithFloat32Half(types.ModuleType):
+    """``torch`` as nnU-Net's predictor module sees it, except ``half`` is float32."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__("torch")
+        self.half = torch.float32
+
+    def __getattr__(self, name: str) -> object:
+        import torch
+
+        return getattr(torch, name)
 
 
 def equivalence(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.engine.conftest import FP16_MIN_NORMAL, blocky_volume, equivalence, nnunet_predict
+from tests.engine.conftest import FP16_MIN_NORMAL, blocky_volume, equivalence, nnunet_references
 
 SHAPE = (23, 45, 37)  # odd: not a multiple of the patch (16, 32, 32) nor of the chunk
 CHUNK = (12, 20, 24)  # 2 x 3 x 2 chunks
@@ -30,19 +30,24 @@ def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:
 def _compare_with_nnunet(
     model: Path, image: np.ndarray, volume: Path, out: Path, *, folds: tuple = (1,)
 ) -> dict:
-    """Our uint8 output against stock nnUNetPredictor, on the measures of ``equivalence``."""
+    """Our uint8 output against nnUNetPredictor: with float32 sums everywhere
+    (``*_float32``), stock (float16 sums) on the measures of ``equivalence``."""
     from napari_scrollseg.engine.model import load_model
     from napari_scrollseg.engine.tiling import weight_map, weight_sum
     from napari_scrollseg.engine.volumes import open_volume
 
     probs, labels = _read(out)
-    ref_labels, ref_probs, _ = nnunet_predict(model, image, folds=folds)
+    ref = nnunet_references(model, image, folds=folds)
+    ref_labels, ref_probs = ref["labels"], ref["probs"]
     grid = load_model(model, device="cpu").grid(open_volume(volume))
     weights = weight_sum(grid, tuple(slice(0, s) for s in image.shape), weight_map(grid.patch))
     stats = equivalence(probs / 255.0, labels, ref_probs, ref_labels, weights)
     sound = (weights >= FP16_MIN_NORMAL) | (weights == 0)
     counts = np.abs(probs.astype(int) - np.rint(ref_probs * 255).astype(int)).max(axis=0)
     stats["max_count_diff_sound"] = int(counts[sound].max())
+    exact = np.abs(probs.astype(int) - np.rint(ref["probs32"] * 255).astype(int))
+    stats["max_count_diff_float32"] = int(exact.max())
+    stats["label_agree_float32"] = float((labels == ref["labels32"]).mean())
     return stats
 
 
@@ -97,6 +102,8 @@ def test_chunked_equals_nnunet_and_runs_each_tile_once(case: dict) -> None:
     assert len(np.unique(labels)) >= 2  # a non-trivial answer
     stats = _compare_with_nnunet(case["model"], case["image"], case["volume"], case["ref"])
     print("3D chunked vs nnUNetPredictor:", stats)
+    assert stats["label_agree_float32"] >= 0.9999
+    assert stats["max_count_diff_float32"] <= 1
     assert stats["label_agree_decided"] >= 0.9999
     assert stats["label_agree_all"] >= 0.999
     assert stats["max_count_diff_sound"] <= 1
@@ -146,6 +153,8 @@ def test_2d_model_chunked_equals_nnunet(tmp_path: Path, tiny_model_2d: Path) -> 
     stats = _compare_with_nnunet(tiny_model_2d, image, tmp_path / "vol.zarr", out)
     print("2D chunked vs nnUNetPredictor:", stats)
     assert len(np.unique(labels)) > 1
+    assert stats["label_agree_float32"] >= 0.9999
+    assert stats["max_count_diff_float32"] <= 1
     assert stats["label_agree_decided"] >= 0.9999
     assert stats["label_agree_all"] >= 0.999
     assert stats["max_count_diff_sound"] <= 1
