@@ -84,6 +84,9 @@ def make_volume(path: Path, shape: tuple[int, int, int], chunks: int) -> None:
 def child_scrollseg(a: argparse.Namespace) -> dict:
     import threading
 
+    import nnunetv2.inference.predict_from_raw_data  # noqa: F401  imported before the
+    import torch  # noqa: F401  timer starts, as in child_nnunet
+
     from napari_scrollseg.engine.model import forward_passes
     from napari_scrollseg.engine.predict_volume import predict_volume
 

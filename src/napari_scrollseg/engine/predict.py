@@ -53,8 +53,11 @@ def run_tiles(
     on_batch: Callable[[int, int], None] | None = None,
     tta: str | None = None,
     blend: str = "gaussian",
+    on_tile: Callable[[tuple[int, ...], Any], None] | None = None,
 ) -> np.ndarray:
     """Sum of the weighted logits of ``tiles`` inside ``out_box``.
+
+    The sum is kept on the model's device and copied back once, at the end.
 
     Parameters
     ----------
@@ -76,13 +79,19 @@ def run_tiles(
         Called as ``on_batch(tiles_done, tiles_total)`` after each batch.
     blend
         ``"gaussian"`` (nnU-Net) or ``"uniform"``.
+    on_tile
+        Called as ``on_tile(tile, weighted)`` with each tile's weighted logits, a
+        ``(n_classes, *patch)`` tensor on the device (for :class:`TileCache`).
 
     Returns
     -------
     numpy.ndarray
         float32 ``(n_classes, *out_box shape)``.
     """
-    out = np.zeros((model.n_classes, *(b.stop - b.start for b in out_box)), np.float32)
+    import torch
+
+    shape = (model.n_classes, *(b.stop - b.start for b in out_box))
+    out = torch.zeros(shape, dtype=torch.float32, device=model.device)
     patch = grid_patch(model)
     for tile, weighted in _weighted_tile_logits(
         model,
@@ -96,12 +105,13 @@ def run_tiles(
         blend=blend,
     ):
         _add_tile(out, tile, patch, weighted, out_box)
-    return out
+        if on_tile is not None:
+            on_tile(tile, weighted)
+    return out.cpu().numpy()
 
 
-def _add_tile(
-    out: np.ndarray, tile: Sequence[int], patch: Sequence[int], weighted: np.ndarray, box: Box
-) -> None:
+def _add_tile(out: Any, tile: Sequence[int], patch: Sequence[int], weighted: Any, box: Box) -> None:
+    """``out[box ∩ tile] += weighted[...]`` for numpy arrays or torch tensors."""
     ov = tile_overlap(tile, patch, box)
     if ov is not None:
         out[(slice(None), *ov[1])] += weighted[(slice(None), *ov[0])]
@@ -119,7 +129,8 @@ def _weighted_tile_logits(
     tta: str | None,
     blend: str,
 ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """Yield ``(tile, weighted logits (n_classes, *patch))``, reading the next batch ahead."""
+    """Yield ``(tile, weighted logits (n_classes, *patch))`` as tensors on the model's
+    device, reading the next batch ahead."""
     import torch
 
     if blend not in BLEND_MODES:
@@ -144,8 +155,7 @@ def _weighted_tile_logits(
             logits = model.forward(torch.from_numpy(x), mirror=mirror, tta=tta, half=half)
             if model.is_2d:
                 logits = logits[:, :, None]
-            weighted = (logits * gmap_t).cpu().numpy()
-            yield from zip(batch, weighted)
+            yield from zip(batch, logits * gmap_t)
             done += len(batch)
             if on_batch is not None:
                 on_batch(done, len(tiles))
@@ -325,20 +335,23 @@ def predict_region(
             (slice(None), *(slice(s.start - c.start, s.stop - c.start) for s, c in zip(b, ctx_box)))
         ]
 
-    for tile, weighted in _weighted_tile_logits(
-        model,
-        read,
-        tiles,
-        mirror=mirror,
-        batch_size=batch_size,
-        half=half,
-        on_batch=on_batch,
-        tta=tta,
-        blend=blend,
-    ):
-        _add_tile(logit_sum, tile, patch, weighted, box)
-        if cache is not None:
-            cache.put((*prefix, tile), weighted)
+    def keep(tile: tuple[int, ...], weighted: Any) -> None:
+        cache.put((*prefix, tile), weighted.cpu().numpy())  # type: ignore[union-attr]
+
+    if tiles:
+        logit_sum += run_tiles(
+            model,
+            read,
+            tiles,
+            out_box=box,
+            mirror=mirror,
+            batch_size=batch_size,
+            half=half,
+            on_batch=on_batch,
+            tta=tta,
+            blend=blend,
+            on_tile=keep if cache is not None else None,
+        )
     weights = weight_sum(grid, box, weight_map(patch, blend))
     inside = np.zeros(weights.shape, bool)
     d = grid.data
