@@ -447,3 +447,77 @@ def test_cuda_run_matches_the_cpu_run(case: dict, tmp_path: Path) -> None:
     probs, labels = _read(out)
     assert (labels == case["labels"]).mean() >= 0.9999
     assert np.abs(probs.astype(int) - case["probs"]).max() <= 1
+
+
+_SBATCH = """#!/bin/bash
+# stand-in for SLURM's sbatch: runs the job script on this machine, in its own session
+id=$(( $(ls "$FAKE_SLURM" | wc -l) + 1000 ))
+cp "${@: -1}" "$FAKE_SLURM/$id.sh"
+setsid bash "$FAKE_SLURM/$id.sh" > "$FAKE_SLURM/$id.log" 2>&1 &
+echo $! > "$FAKE_SLURM/$id.pid"
+echo "Submitted batch job $id"
+"""
+_SCANCEL = """#!/bin/bash
+for id in "$@"; do kill -- -"$(cat "$FAKE_SLURM/$id.pid")" 2>/dev/null; done
+exit 0
+"""
+
+
+def test_slurm_cluster_runs_the_job_script_and_gives_the_same_answer(
+    case: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--cluster slurm`` end to end: dask-jobqueue writes and submits the job script,
+    whose dask worker joins and predicts. Only the batch system is a stand-in: ``sbatch``
+    runs the script here (no SLURM on a test machine)."""
+    from napari_scrollseg.engine.predict_volume import open_client, predict_volume
+
+    bin_dir, jobs = tmp_path / "bin", tmp_path / "jobs"
+    bin_dir.mkdir()
+    jobs.mkdir()
+    for name, text in (("sbatch", _SBATCH), ("scancel", _SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(jobs))
+    out = tmp_path / "slurm.zarr"
+    with open_client(
+        cluster="slurm",
+        workers=1,
+        queue="gpu",
+        account="scrolls",
+        walltime="01:30:00",
+        job_cores=1,
+        job_memory="4GB",
+        job_extra=["--gres=gpu:1"],
+    ) as client:
+        client.wait_for_workers(1, timeout=120)
+        predict_volume(
+            case["model"],
+            case["volume"],
+            out,
+            chunk=CHUNK,
+            folds=FOLDS,
+            device="cpu",
+            client=client,
+            bar=False,
+        )
+        pids = set(client.run(os.getpid).values())
+    script = (jobs / "1000.sh").read_text()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A scrolls", "#SBATCH -t 01:30:00", "--gres=gpu:1"):
+        assert line in script, script
+    assert "distributed.cli.dask_worker" in script
+    assert os.getpid() not in pids
+    _assert_same_as(case, out)
+    deadline = time.monotonic() + 30  # closing the cluster scancels the job
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
