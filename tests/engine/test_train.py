@@ -328,3 +328,30 @@ def test_builtin_model_is_listed_and_complete(capsys):
     assert capsys.readouterr().out.split() == ["phantom-tiny", str(path)]
     with pytest.raises(ScrollsegError, match="no built-in model named 'nope'"):
         builtin_model("nope")
+
+
+@pytest.mark.slow
+def test_train_command_line(run, tmp_path):
+    """``scrollseg train`` trains a fold, prints its epochs and the model folder; bad
+    options are one ``error:`` line and exit 2."""
+    cli = [sys.executable, "-m", "napari_scrollseg.cli", "train", str(run["raw"])]
+    common = ["--out", str(tmp_path / "results"), "--device", "cpu", "-np", "1"]
+    common += ["--epochs", "1", "--iterations", "2", "--da-processes", "0", "--fold", "all"]
+    proc = subprocess.run(
+        [*cli, *common, "--plans-overrides", json.dumps(TINY)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 1/1" in proc.stdout + proc.stderr
+    models = list((tmp_path / "results").glob("Dataset901_Tiny/nnUNetTrainer__*__3d_fullres"))
+    assert len(models) == 1
+    assert (models[0] / "fold_all" / "checkpoint_final.pth").is_file()
+    assert str(models[0]) in proc.stdout + proc.stderr
+    bad = subprocess.run(
+        [*cli, *common, "--plans-overrides", "{n_stages: 3"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: --plans-overrides is not valid JSON")
+    assert len(bad.stderr.strip().splitlines()) == 1
