@@ -92,6 +92,23 @@ def _assert_same_as(case: dict, out: Path) -> None:
     np.testing.assert_array_equal(probs, case["probs"])
 
 
+def _assert_close_to(case: dict, out: Path, box: tuple[slice, ...] = ()) -> None:
+    """Equal to the reference run up to float32 summation order (tiles grouped otherwise)."""
+    probs, labels = _read(out)
+    assert (labels == case["labels"][box]).mean() >= 0.9999
+    assert np.abs(probs.astype(int) - case["probs"][(slice(None), *box)]).max() <= 1
+
+
+def _predict(case: dict, out: Path, *, iterate: bool = False, **kw: object) -> object:
+    """``predict_volume`` (or ``iter_predict_volume``) of the case's model and volume with
+    the reference run's chunks, fold and device unless ``kw`` says otherwise."""
+    from napari_scrollseg.engine.predict_volume import iter_predict_volume, predict_volume
+
+    options = {"chunk": CHUNK, "folds": FOLDS, "device": "cpu", **kw}
+    run = iter_predict_volume if iterate else predict_volume
+    return run(case["model"], case["volume"], out, **options)
+
+
 def test_chunked_equals_nnunet_and_runs_each_tile_once(case: dict) -> None:
     from napari_scrollseg.engine.model import load_model
     from napari_scrollseg.engine.volumes import open_volume
@@ -213,17 +230,7 @@ def test_kill_9_then_rerun_resumes_to_identical_output(case: dict, tmp_path: Pat
         )
 
     events: list = []
-    from napari_scrollseg.engine.predict_volume import predict_volume
-
-    predict_volume(
-        case["model"],
-        case["volume"],
-        out,
-        chunk=CHUNK,
-        folds=FOLDS,
-        device="cpu",
-        progress=events.append,
-    )
+    _predict(case, out, progress=events.append)
     last = events[-1]
     assert last.chunks_resumed == len(done)
     assert last.chunks_computed == total - len(done) < total
@@ -235,12 +242,8 @@ def test_kill_9_then_rerun_resumes_to_identical_output(case: dict, tmp_path: Pat
 
 
 def test_close_generator_cancels_then_resume(case: dict, tmp_path: Path) -> None:
-    from napari_scrollseg.engine.predict_volume import iter_predict_volume
-
     out = tmp_path / "cancelled.zarr"
-    gen = iter_predict_volume(
-        case["model"], case["volume"], out, chunk=CHUNK, folds=FOLDS, device="cpu"
-    )
+    gen = _predict(case, out, iterate=True)
     for ev in gen:
         if ev.chunks_done >= 2:
             break
@@ -250,52 +253,26 @@ def test_close_generator_cancels_then_resume(case: dict, tmp_path: Path) -> None
     assert len(_done(out)) == n_done  # nothing runs on after the close
     assert not (out / ".scrollseg" / "lock").exists()
     assert 2 <= n_done < ev.chunks_total
-    events = list(
-        iter_predict_volume(
-            case["model"], case["volume"], out, chunk=CHUNK, folds=FOLDS, device="cpu"
-        )
-    )
+    events = list(_predict(case, out, iterate=True))
     assert events[-1].chunks_resumed == n_done
     _assert_same_as(case, out)
 
 
 def test_local_cluster_two_processes_identical(case: dict, tmp_path: Path) -> None:
-    from napari_scrollseg.engine.predict_volume import open_client, predict_volume
+    from napari_scrollseg.engine.predict_volume import open_client
 
     out = tmp_path / "distributed.zarr"
     with open_client(cluster="local", workers=2) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         events: list = []
-        predict_volume(
-            case["model"],
-            case["volume"],
-            out,
-            chunk=CHUNK,
-            folds=FOLDS,
-            device="cpu",
-            client=client,
-            progress=events.append,
-        )
+        _predict(case, out, client=client, progress=events.append)
         pids = set(client.run(os.getpid).values())
         # the same cluster through its address, as --scheduler tcp://HOST:PORT does
         with open_client(scheduler=client.scheduler.address) as remote:
             roi = ((0, 12), (20, 40), (0, 24))  # whole chunks of the reference
-            part = predict_volume(
-                case["model"],
-                case["volume"],
-                tmp_path / "roi.zarr",
-                chunk=CHUNK,
-                folds=FOLDS,
-                device="cpu",
-                client=remote,
-                roi=roi,
-                bar=False,
-            )
-    probs, labels = _read(part)
-    box = tuple(slice(a, b) for a, b in roi)
-    # blocks of a roi group tiles differently: equal up to float32 summation order
-    assert (labels == case["labels"][box]).mean() >= 0.9999
-    assert np.abs(probs.astype(int) - case["probs"][(slice(None), *box)]).max() <= 1
+            part = _predict(case, tmp_path / "roi.zarr", client=remote, roi=roi, bar=False)
+    # blocks of a roi group tiles differently
+    _assert_close_to(case, part, tuple(slice(a, b) for a, b in roi))
     assert os.getpid() not in pids
     assert len(pids) == 2
     assert events[-1].tiles_computed == case["events"][-1].tiles_computed
@@ -305,7 +282,6 @@ def test_local_cluster_two_processes_identical(case: dict, tmp_path: Path) -> No
 def test_mask_skips_tiles_and_leaves_background(case: dict, tmp_path: Path) -> None:
     from napari_scrollseg.engine.model import load_model
     from napari_scrollseg.engine.omezarr import write_image
-    from napari_scrollseg.engine.predict_volume import predict_volume
     from napari_scrollseg.engine.volumes import open_volume
 
     grid = load_model(case["model"], device="cpu").grid(open_volume(case["volume"]))
@@ -321,15 +297,8 @@ def test_mask_skips_tiles_and_leaves_background(case: dict, tmp_path: Path) -> N
     mask[:k] = 1
     write_image(tmp_path / "mask.zarr", mask, spacing=(2.0, 2.0, 2.0), chunks=(8, 8, 8))
     events: list = []
-    out = predict_volume(
-        case["model"],
-        case["volume"],
-        tmp_path / "masked.zarr",
-        chunk=CHUNK,
-        folds=FOLDS,
-        device="cpu",
-        mask=tmp_path / "mask.zarr",
-        progress=events.append,
+    out = _predict(
+        case, tmp_path / "masked.zarr", mask=tmp_path / "mask.zarr", progress=events.append
     )
     last = events[-1]
     print(f"mask: {last.tiles_skipped} of {grid.n_tiles} tiles skipped")
@@ -370,26 +339,14 @@ def test_output_opens_with_ome_zarr_and_open_volume(case: dict) -> None:
 
 
 def test_superchunks_rerun_border_tiles_for_the_same_answer(case: dict, tmp_path: Path) -> None:
-    from napari_scrollseg.engine.predict_volume import predict_volume
 
     events: list = []
-    out = predict_volume(
-        case["model"],
-        case["volume"],
-        tmp_path / "super.zarr",
-        chunk=CHUNK,
-        superchunk=1,
-        folds=FOLDS,
-        device="cpu",
-        progress=events.append,
-    )
+    out = _predict(case, tmp_path / "super.zarr", superchunk=1, progress=events.append)
     last, ref = events[-1], case["events"][-1]
     assert ref.tiles_total == ref.grid_tiles == ref.tiles_computed  # whole volume: once each
     assert last.grid_tiles == ref.grid_tiles
     assert last.tiles_computed == last.tiles_total > last.grid_tiles  # border tiles rerun
-    probs, labels = _read(out)
-    assert (labels == case["labels"]).mean() >= 0.9999
-    assert np.abs(probs.astype(int) - case["probs"]).max() <= 1
+    _assert_close_to(case, out)
 
 
 def test_zscore_model_uses_whole_volume_statistics_in_every_chunk(
@@ -429,24 +386,12 @@ def test_zscore_model_uses_whole_volume_statistics_in_every_chunk(
 def test_cuda_run_matches_the_cpu_run(case: dict, tmp_path: Path) -> None:
     import torch
 
-    from napari_scrollseg.engine.predict_volume import predict_volume
-
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     events: list = []
-    out = predict_volume(
-        case["model"],
-        case["volume"],
-        tmp_path / "cuda.zarr",
-        chunk=CHUNK,
-        folds=FOLDS,
-        device="cuda",
-        progress=events.append,
-    )
+    out = _predict(case, tmp_path / "cuda.zarr", device="cuda", progress=events.append)
     assert events[-1].tiles_computed == case["events"][-1].tiles_computed
-    probs, labels = _read(out)
-    assert (labels == case["labels"]).mean() >= 0.9999
-    assert np.abs(probs.astype(int) - case["probs"]).max() <= 1
+    _assert_close_to(case, out)
 
 
 _SBATCH = """#!/bin/bash
@@ -469,7 +414,7 @@ def test_slurm_cluster_runs_the_job_script_and_gives_the_same_answer(
     """``--cluster slurm`` end to end: dask-jobqueue writes and submits the job script,
     whose dask worker joins and predicts. Only the batch system is a stand-in: ``sbatch``
     runs the script here (no SLURM on a test machine)."""
-    from napari_scrollseg.engine.predict_volume import open_client, predict_volume
+    from napari_scrollseg.engine.predict_volume import open_client
 
     bin_dir, jobs = tmp_path / "bin", tmp_path / "jobs"
     bin_dir.mkdir()
@@ -491,16 +436,7 @@ def test_slurm_cluster_runs_the_job_script_and_gives_the_same_answer(
         job_extra=["--gres=gpu:1"],
     ) as client:
         client.wait_for_workers(1, timeout=120)
-        predict_volume(
-            case["model"],
-            case["volume"],
-            out,
-            chunk=CHUNK,
-            folds=FOLDS,
-            device="cpu",
-            client=client,
-            bar=False,
-        )
+        _predict(case, out, client=client, bar=False)
         pids = set(client.run(os.getpid).values())
     script = (jobs / "1000.sh").read_text()
     for line in ("#SBATCH -p gpu", "#SBATCH -A scrolls", "#SBATCH -t 01:30:00", "--gres=gpu:1"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -90,54 +90,16 @@ def run_tiles(
     """
     import torch
 
-    shape = (model.n_classes, *(b.stop - b.start for b in out_box))
-    out = torch.zeros(shape, dtype=torch.float32, device=model.device)
-    patch = grid_patch(model)
-    for tile, weighted in _weighted_tile_logits(
-        model,
-        read,
-        tiles,
-        mirror=mirror,
-        batch_size=batch_size,
-        half=half,
-        on_batch=on_batch,
-        tta=tta,
-        blend=blend,
-    ):
-        _add_tile(out, tile, patch, weighted, out_box)
-        if on_tile is not None:
-            on_tile(tile, weighted)
-    return out.cpu().numpy()
-
-
-def _add_tile(out: Any, tile: Sequence[int], patch: Sequence[int], weighted: Any, box: Box) -> None:
-    """``out[box ∩ tile] += weighted[...]`` for numpy arrays or torch tensors."""
-    ov = tile_overlap(tile, patch, box)
-    if ov is not None:
-        out[(slice(None), *ov[1])] += weighted[(slice(None), *ov[0])]
-
-
-def _weighted_tile_logits(
-    model: LoadedModel,
-    read: Callable[[Box], np.ndarray],
-    tiles: Sequence[tuple[int, ...]],
-    *,
-    mirror: bool,
-    batch_size: int,
-    half: bool,
-    on_batch: Callable[[int, int], None] | None,
-    tta: str | None,
-    blend: str,
-) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """Yield ``(tile, weighted logits (n_classes, *patch))`` as tensors on the model's
-    device, reading the next batch ahead."""
-    import torch
-
     if blend not in BLEND_MODES:
         raise ScrollsegError(f"unknown blend mode {blend!r}: use one of {', '.join(BLEND_MODES)}")
     if batch_size < 1:
         raise ScrollsegError(f"batch size must be at least 1, got {batch_size}")
     patch = grid_patch(model)
+    out = torch.zeros(
+        (model.n_classes, *(b.stop - b.start for b in out_box)),
+        dtype=torch.float32,
+        device=model.device,
+    )
     gmap_t = torch.from_numpy(weight_map(patch, blend).copy()).to(model.device)
     tiles = list(tiles)
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
@@ -155,10 +117,21 @@ def _weighted_tile_logits(
             logits = model.forward(torch.from_numpy(x), mirror=mirror, tta=tta, half=half)
             if model.is_2d:
                 logits = logits[:, :, None]
-            yield from zip(batch, logits * gmap_t)
+            for tile, weighted in zip(batch, logits * gmap_t):
+                _add_tile(out, tile, patch, weighted, out_box)
+                if on_tile is not None:
+                    on_tile(tile, weighted)
             done += len(batch)
             if on_batch is not None:
                 on_batch(done, len(tiles))
+    return out.cpu().numpy()
+
+
+def _add_tile(out: Any, tile: Sequence[int], patch: Sequence[int], weighted: Any, box: Box) -> None:
+    """``out[box ∩ tile] += weighted[...]`` for numpy arrays or torch tensors."""
+    ov = tile_overlap(tile, patch, box)
+    if ov is not None:
+        out[(slice(None), *ov[1])] += weighted[(slice(None), *ov[0])]
 
 
 def finalize(
