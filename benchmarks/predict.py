@@ -201,7 +201,12 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--step", type=float, default=0.5)
     p.add_argument("--mirror", action="store_true", help="nnU-Net's mirroring TTA (8 passes)")
-    p.add_argument("--half", action="store_true")
+    p.add_argument(
+        "--half",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="autocast; default: on CUDA only, as nnUNetPredictor (which the comparison runs)",
+    )
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--threads", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10.0, help="forward-throughput duration")
@@ -221,7 +226,8 @@ def main() -> None:
     common = ["--model", model, "--device", a.device, "--step", str(a.step)]
     common += ["--batch-size", str(a.batch_size), "--chunk", str(a.chunk)]
     common += ["--threads", str(a.threads), "--seconds", str(a.seconds)]
-    common += ["--mirror"] * a.mirror + ["--half"] * a.half
+    common += ["--mirror"] * a.mirror
+    common += [] if a.half is None else ["--half" if a.half else "--no-half"]
     rows = []
     for factor in (1, 2):
         shape = tuple(s * factor for s in a.shape)
@@ -257,7 +263,7 @@ def main() -> None:
         "model": model,
         "step": a.step,
         "mirror": a.mirror,
-        "half": a.half,
+        "half": "auto: autocast on CUDA" if a.half is None else a.half,
         "batch_size": a.batch_size,
         "chunk": a.chunk,
         "pure_forward_tiles_per_s": fwd["tiles_per_s"],

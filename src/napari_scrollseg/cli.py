@@ -114,7 +114,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "disk, reruns tiles on group borders (default: whole volume, each tile once)",
     )
     p.add_argument("--batch-size", type=_shape, default=4, help="tiles per network batch")
-    p.add_argument("--half", action="store_true", help="autocast (not nnU-Net-equivalent)")
+    p.add_argument(
+        "--half",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="autocast (float16 on CUDA); default: on CUDA only, as nnU-Net's predictor",
+    )
     p.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1: predict this box only")
     p.add_argument("--mask", default=None, help="skip tiles where this mask volume is empty")
     p.add_argument("--threads", type=_shape, default=3, help="threads of the local scheduler")

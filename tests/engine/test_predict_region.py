@@ -310,11 +310,15 @@ def test_tile_cache_reuses_tiles_and_keeps_the_answer(tiny_model_3d):
 
 
 def test_half_precision_differs_a_little(tiny_model_3d):
-    # autocast (bfloat16 on CPU, float16 on CUDA): a named fast mode, not nnU-Net's numerics
+    # forced autocast on CPU (bfloat16): a fast mode, not nnU-Net's numerics; the default
+    # on CPU is float32, as nnU-Net (which autocasts on CUDA only)
     model = load_model(tiny_model_3d, folds=(0,), device="cpu")
+    assert not model.autocast()
+    assert model.autocast(True)
     volume = blocky_volume((14, 40, 33), seed=15)
     box = tuple(slice(0, s) for s in volume.shape)
     full, full_labels = predict_region(model, volume, box)
+    np.testing.assert_array_equal(full, predict_region(model, volume, box, half=False)[0])
     half, half_labels = predict_region(model, volume, box, half=True)
     diff = np.abs(full - half).max()
     assert 0 < diff < 0.05
@@ -339,8 +343,8 @@ def _cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
 def test_cuda_matches_cpu_and_nnunet(tiny_model_3d, ct_case):
-    """On a GPU: float32 equals the CPU answer; half precision is measured against nnU-Net
-    (which autocasts to float16 on CUDA)."""
+    """On a GPU: float32 (``half=False``) equals the CPU answer; the default autocasts
+    like nnU-Net on CUDA and is measured against nnU-Net's CUDA answer."""
     import torch
 
     volume, ref = ct_case
@@ -349,14 +353,15 @@ def test_cuda_matches_cpu_and_nnunet(tiny_model_3d, ct_case):
     cpu, _ = predict_region(load_model(tiny_model_3d, device="cpu"), volume, box)
     gpu_model = load_model(tiny_model_3d, device="cuda")
     assert gpu_model.device.type == "cuda"
-    p32, l32 = predict_region(gpu_model, volume, box, batch_size=8)
+    assert gpu_model.autocast()  # the default on CUDA, as nnU-Net
+    p32, l32 = predict_region(gpu_model, volume, box, batch_size=8, half=False)
     assert np.abs(p32 - cpu).max() <= TOL
     grid = gpu_model.grid(volume)
     w = weight_sum(grid, box, weight_map(grid.patch))
     stats = equivalence(p32, l32, probs, labels, w)
     assert stats["max_prob_diff_sound"] <= TOL
     g_labels, g_probs, _ = nnunet_predict(tiny_model_3d, volume, folds=(0, 1), device="cuda")
-    p16, l16 = predict_region(gpu_model, volume, box, half=True)
+    p16, l16 = predict_region(gpu_model, volume, box)
     half = equivalence(p16, l16, g_probs, g_labels, w)
     print("cuda half vs nnU-Net cuda:", half)  # reported figure, not a bar
     assert half["label_agree_decided_sound"] >= 0.999

@@ -389,7 +389,7 @@ def test_cuda_run_matches_the_cpu_run(case: dict, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     events: list = []
-    out = _predict(case, tmp_path / "cuda.zarr", device="cuda", progress=events.append)
+    out = _predict(case, tmp_path / "cuda.zarr", device="cuda", half=False, progress=events.append)
     assert events[-1].tiles_computed == case["events"][-1].tiles_computed
     _assert_close_to(case, out)
 

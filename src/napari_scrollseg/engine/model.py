@@ -528,13 +528,21 @@ class LoadedModel:
         return read
 
     # -- the network ----------------------------------------------------------------------
+    def autocast(self, half: bool | None = None) -> bool:
+        """Whether the network runs under autocast: ``half``, or when None, on CUDA only.
+
+        nnU-Net's predictor autocasts (float16) on CUDA and never on CPU or MPS, so the
+        default gives nnU-Net's numerics on every device.
+        """
+        return self.device.type == "cuda" if half is None else bool(half)
+
     def forward(
         self,
         batch: torch.Tensor,
         *,
         mirror: bool = True,
         tta: str | None = None,
-        half: bool = False,
+        half: bool | None = None,
     ) -> torch.Tensor:
         """Logits for a batch of tiles, averaged over folds and TTA passes.
 
@@ -549,7 +557,8 @@ class LoadedModel:
             ``"mirror"``, ``"none"`` or ``"rot-flip-12"`` (2D only; not nnU-Net's answer).
             The TTA passes of the batch run as one larger network batch.
         half
-            Autocast (float16 on CUDA, bfloat16 on CPU). Not nnU-Net-equivalent on CPU.
+            Autocast (float16 on CUDA, bfloat16 on CPU); None: :meth:`autocast`'s default,
+            on CUDA only, as nnU-Net's predictor.
 
         Returns
         -------
@@ -586,7 +595,7 @@ class LoadedModel:
                     self.device.type,
                     dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16,
                 )
-                if half
+                if self.autocast(half)
                 else contextlib.nullcontext()
             )
             step = max(n, self.max_network_batch)

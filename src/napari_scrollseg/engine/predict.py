@@ -49,7 +49,7 @@ def run_tiles(
     out_box: Box,
     mirror: bool = True,
     batch_size: int = 4,
-    half: bool = False,
+    half: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     tta: str | None = None,
     blend: str = "gaussian",
@@ -238,7 +238,7 @@ def predict_region(
     step: float = 0.5,
     mirror: bool = True,
     batch_size: int = 4,
-    half: bool = False,
+    half: bool | None = None,
     tta: str | None = None,
     blend: str = "gaussian",
     ignore_spacing: bool = False,
@@ -286,7 +286,7 @@ def predict_region(
     patch = grid.patch
     mode = tta or ("mirror" if mirror else "none")
     prefix = (model.sha256, model.configuration, str(model.device), arr.name, repr(grid.data))
-    prefix += (mode, bool(half), blend)
+    prefix += (mode, model.autocast(half), blend)
     logit_sum = np.zeros((model.n_classes, *(b.stop - b.start for b in box)), np.float32)
     tiles = []
     for tile in grid.tiles_intersecting(box):

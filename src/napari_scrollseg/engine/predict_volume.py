@@ -222,7 +222,7 @@ class _Job:
     n_classes: int
     mirror: bool
     batch_size: int
-    half: bool
+    half: bool | None
     mask: Any = None  # a Volume / path of the mask, or None
     volume_shape: tuple[int, ...] = ()
     run: str = ""  # unique per run: keys the output arrays opened once per process
@@ -778,7 +778,7 @@ def iter_predict_volume(
     device: str | None = None,
     step: float = 0.5,
     mirror: bool = True,
-    half: bool = False,
+    half: bool | None = None,
     batch_size: int = 4,
     chunk: int | Sequence[int] | None = None,
     superchunk: int | None = None,
@@ -803,7 +803,8 @@ def iter_predict_volume(
     out
         Output OME-Zarr (the prediction layout). Rerunning with the same arguments resumes.
     folds, checkpoint, device, step, mirror, half, batch_size
-        As nnU-Net's predictor (``half``: autocast, not nnU-Net-equivalent).
+        As nnU-Net's predictor. ``half``: autocast; None (default) autocasts on CUDA
+        devices only, as nnU-Net does (each worker decides for its own device).
     chunk
         Output chunk size (one or three ints); also the size of the blocks of tiles.
     superchunk
@@ -864,7 +865,7 @@ def iter_predict_volume(
         "step": step,
         "tta": "mirror" if mirror else "none",
         "mirror_axes": list(loaded.mirror_axes) if mirror else [],
-        "half": half,
+        "half": "auto" if half is None else half,  # auto: autocast on CUDA workers
         "volume": _source(vol),
         "volume_shape": list(shape),
         "roi": [list(s) for s in spans],
