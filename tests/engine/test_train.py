@@ -281,7 +281,8 @@ def test_dice_summary_pools_over_cases_and_folds(tmp_path):
 
 @pytest.mark.slow
 def test_sparse_loader_samples_real_preprocessed_cases(run):
-    """The trainer's data loader on the real preprocessed data: annotated voxel in, off-centre."""
+    """The trainer's data loader on the real preprocessed data: annotated voxel in,
+    off-centre, and the rare class under the patch far more often than stock nnU-Net."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -293,25 +294,37 @@ def test_sparse_loader_samples_real_preprocessed_cases(run):
     lm = pm.get_label_manager(json.loads((pre / "dataset.json").read_text()))
     folder = str(pre / "nnUNetPlans_3d_fullres")
     ds = infer_dataset_class(folder)(folder)
-    patch = (16, 32, 32)
-    data, _, _, props = ds.load_case(ds.identifiers[0])
+    patch = (4, 8, 8)  # small against the case, so that which voxels it holds matters
+    rare = max(lm.foreground_labels)  # ink: the rarest class
+    cases = [ds.load_case(i) for i in ds.identifiers]
+    data, _, _, props = max(cases, key=lambda c: len(c[3]["class_locations"][rare]))
     shape = data.shape[1:]
-    annotated = {tuple(v[1:]) for v in props["class_locations"][(-1, *lm.all_labels)]}
+    locations = props["class_locations"]
+    annotated = {tuple(v[1:]) for v in locations[(-1, *lm.all_labels)]}
+    rare_voxels = [tuple(v[1:]) for v in locations[rare]]
+    assert 0 < len(rare_voxels) < len(annotated) / 20
 
-    def centred_fraction(loader_class) -> float:
+    def sample(loader_class) -> tuple[float, float]:
+        """Fractions of random (not forced-foreground) patches centred on an annotated
+        voxel, and holding an annotated voxel of the rare class."""
         dl = loader_class(ds, 2, patch, patch, lm, oversample_foreground_percent=0.0)
         assert dl.has_ignore
-        centred = 0
+        centred = with_rare = 0
         for _ in range(300):
-            lo, hi = dl.get_bbox(shape, False, props["class_locations"])
+            lo, hi = dl.get_bbox(shape, False, locations)
             inside = [v for v in annotated if all(a <= c < b for c, a, b in zip(v, lo, hi))]
             assert inside
             centre = tuple(a + p // 2 for a, p in zip(lo, patch))
             centred += centre in annotated
-        return centred / 300
+            with_rare += any(all(a <= c < b for c, a, b in zip(v, lo, hi)) for v in rare_voxels)
+        return centred / 300, with_rare / 300
 
-    assert centred_fraction(nnUNetDataLoader) == 1.0  # stock: always on an annotated voxel
-    assert centred_fraction(SparseDataLoader) < 0.8
+    stock, ours = sample(nnUNetDataLoader), sample(SparseDataLoader)
+    print(f"centred, holding the rare class: stock {stock}, sparse-aware {ours}")
+    assert stock[0] == 1.0  # stock: always on an annotated voxel
+    assert ours[0] < 0.8  # ours: off-centre
+    assert ours[1] >= 0.3  # the rare class is one of the equally likely anchors
+    assert ours[1] > stock[1] + 0.1
 
 
 def test_builtin_model_is_listed_and_complete(capsys):

@@ -37,22 +37,33 @@ class TrainingCancelled(Exception):
 
 
 class SparseDataLoader(nnUNetDataLoader):
-    """nnU-Net's data loader with the annotated voxel placed at a random position in the patch."""
+    """nnU-Net's data loader with class-balanced anchors placed anywhere in the patch."""
 
     def _pick_voxels(self, force_fg: bool, class_locations: dict | None, overwrite_class=None):
+        """Candidate voxels for the patch's anchor (None: a random patch).
+
+        Forced-foreground patches: a random foreground class, as nnU-Net. Other patches:
+        class-balanced. Each annotated class present in the case, and "anywhere" (any
+        annotated voxel with sparse labels, a random patch with dense ones), is equally
+        likely. Stock nnU-Net takes any annotated voxel (sparse) or a random patch
+        (dense), so a rare class is seldom under a patch, and with sparse labels it is
+        rarer still: it exists only on the painted slices.
+        """
         if class_locations is None:
             return None
-        if force_fg:
-            keys = [k for k, v in class_locations.items() if len(v) > 0]
-            if len(keys) > 1 and self.annotated_classes_key in keys:
-                keys.remove(self.annotated_classes_key)
-            if not keys:
-                return None
-            key = overwrite_class if overwrite_class in keys else keys[np.random.choice(len(keys))]
-            return class_locations[key]
-        if self.has_ignore:
-            return class_locations.get(self.annotated_classes_key)
-        return None
+        if not force_fg:
+            keys: list = [k for k, v in class_locations.items() if len(v) > 0]
+            if not self.has_ignore:
+                keys.append(None)
+            key = keys[np.random.choice(len(keys))] if keys else None
+            return None if key is None else class_locations[key]
+        keys = [k for k, v in class_locations.items() if len(v) > 0]
+        if len(keys) > 1 and self.annotated_classes_key in keys:
+            keys.remove(self.annotated_classes_key)
+        if not keys:
+            return None
+        key = overwrite_class if overwrite_class in keys else keys[np.random.choice(len(keys))]
+        return class_locations[key]
 
     def get_bbox(
         self,
