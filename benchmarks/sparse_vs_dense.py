@@ -29,7 +29,7 @@ import zarr
 
 from napari_scrollseg.engine.dataset import export_dataset
 from napari_scrollseg.engine.demo import dice_per_class, sparse_slices
-from napari_scrollseg.engine.phantom import CLASSES, write_phantom
+from napari_scrollseg.engine.phantom import CLASSES, INK_CONTRAST, write_phantom
 from napari_scrollseg.engine.predict_volume import predict_volume
 from napari_scrollseg.engine.train import train
 from napari_scrollseg.engine.volumes import open_volume
@@ -43,9 +43,9 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     names = sorted(CLASSES, key=CLASSES.get)
     cases, annotated = [], 0
     for seed in args.seeds:  # OME-Zarr phantoms, so that the export carries their spacing
-        path = args.work / "phantoms" / f"seed{seed}.zarr"
+        path = args.work / "phantoms" / f"seed{seed}_ink{args.ink_contrast:g}.zarr"
         if not path.exists():
-            write_phantom(path, args.shape, seed=seed)
+            write_phantom(path, args.shape, seed=seed, ink_contrast=args.ink_contrast)
         truth = np.asarray(open_volume(path).labels["truth"][0])
         labels = sparse_slices(truth, n_slices=args.slices) if mode == "sparse" else truth
         annotated += int((labels > 0).sum())
@@ -83,7 +83,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         if ev.kind == "done":
             model = ev.model_folder
     train_s = time.perf_counter() - t0
-    test = args.work / f"test_seed{args.test_seed}.zarr"
+    test = _test_phantom(args)
     pred_path = args.work / f"pred_{mode}.zarr"
     # same physical scale as the training phantoms (models trained before the export
     # carried the spacing record 1.0: ignore_spacing predicts them at the phantom's grid)
@@ -116,6 +116,10 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     (args.work / f"{mode}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["dice"]), flush=True)
     return result
+
+
+def _test_phantom(args: argparse.Namespace) -> Path:
+    return args.work / f"test_seed{args.test_seed}_ink{args.ink_contrast:g}.zarr"
 
 
 def report(work: Path) -> dict | None:
@@ -158,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[21, 22, 23])
     p.add_argument("--test-seed", type=int, default=0)
     p.add_argument("--slices", type=int, default=4, help="annotated z-slices per case (sparse)")
+    p.add_argument(
+        "--ink-contrast",
+        type=float,
+        default=INK_CONTRAST,
+        help="grey values ink adds to papyrus (%(default)s: faint; a CPU budget needs more)",
+    )
     p.add_argument("--features", type=int, nargs="+", default=(4, 8, 16))
     p.add_argument("--patch", type=int, nargs=3, default=(16, 32, 32))
     p.add_argument("--epochs", type=int, default=8)
@@ -166,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--da-processes", type=int, default=0)
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    test = args.work / f"test_seed{args.test_seed}.zarr"
+    test = _test_phantom(args)
     if not args.report and not test.exists():
-        write_phantom(test, args.shape, seed=args.test_seed)
+        write_phantom(test, args.shape, seed=args.test_seed, ink_contrast=args.ink_contrast)
     if not args.report:
         for mode in ("sparse", "dense") if args.mode == "both" else (args.mode,):
             run_mode(mode, args)

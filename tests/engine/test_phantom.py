@@ -54,3 +54,15 @@ def test_written_layout(phantom_zarr):
 def test_bad_shape(shape):
     with pytest.raises(ScrollsegError, match="three sizes >= 8"):
         phantom.make_phantom(shape)
+
+
+def test_ink_contrast_changes_only_the_ink() -> None:
+    from napari_scrollseg.engine.phantom import INK, make_phantom
+
+    faint, truth = make_phantom((16, 40, 40), seed=3)
+    strong, truth2 = make_phantom((16, 40, 40), seed=3, ink_contrast=50)
+    np.testing.assert_array_equal(truth, truth2)
+    ink = truth == INK
+    assert ink.any()
+    np.testing.assert_array_equal(faint[~ink], strong[~ink])
+    assert (strong[ink].astype(int) - faint[ink]).mean() > 15

@@ -31,6 +31,7 @@ CLASSES = {"air": AIR, "papyrus": PAPYRUS, "ink": INK}
 COLORS = {AIR: (60, 60, 160, 255), PAPYRUS: (230, 190, 110, 255), INK: (220, 30, 30, 255)}
 DEFAULT_SHAPE = (64, 128, 128)
 SPACING = (7.91, 7.91, 7.91)  # micrometres, as the Vesuvius scroll scans
+INK_CONTRAST = 18.0  # grey values ink adds to papyrus (noise sigma 12): faint, as real ink
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,10 @@ class _Params:
     wave_amp: float
     wave_phase: float
     ink: np.ndarray  # (n, 4): z, theta, turn, radius
+    ink_contrast: float = INK_CONTRAST
 
 
-def _params(shape: tuple[int, int, int], seed: int) -> _Params:
+def _params(shape: tuple[int, int, int], seed: int, ink_contrast: float = INK_CONTRAST) -> _Params:
     rng = np.random.default_rng(seed)
     z, y, x = shape
     half = min(y, x) / 2
@@ -73,6 +75,7 @@ def _params(shape: tuple[int, int, int], seed: int) -> _Params:
         wave_amp=0.12 * pitch,
         wave_phase=rng.uniform(0, 2 * np.pi),
         ink=ink,
+        ink_contrast=float(ink_contrast),
     )
 
 
@@ -104,7 +107,7 @@ def _slice(p: _Params, z: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         0.7 * z + 0.4 * r
     )
     img = np.where(sheet, 150 + fibres, 45.0).astype(np.float32)
-    img[truth == INK] += 18
+    img[truth == INK] += p.ink_contrast
     edge = np.clip(1 - np.abs(u - p.thickness / 2) / (p.thickness / 2), 0, 1) ** 0.3
     img = np.where(sheet, 45 + (img - 45) * edge, img)
     rng = np.random.default_rng([seed, z])
@@ -119,23 +122,30 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def make_phantom(
-    shape: Sequence[int] = DEFAULT_SHAPE, *, seed: int = 0
+    shape: Sequence[int] = DEFAULT_SHAPE, *, seed: int = 0, ink_contrast: float = INK_CONTRAST
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(image, truth)`` as uint8 numpy arrays of ``shape`` (z, y, x)."""
+    """Return ``(image, truth)`` as uint8 numpy arrays of ``shape`` (z, y, x).
+
+    ``ink_contrast``: grey values ink adds to papyrus (default faint, as real ink).
+    """
     shape = _check_shape(shape)
-    p = _params(shape, seed)
+    p = _params(shape, seed, ink_contrast)
     pairs = [_slice(p, z, seed) for z in range(shape[0])]
     return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
 
 
 def lazy_phantom(
-    shape: Sequence[int] = DEFAULT_SHAPE, *, seed: int = 0, z_chunk: int = 16
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    *,
+    seed: int = 0,
+    z_chunk: int = 16,
+    ink_contrast: float = INK_CONTRAST,
 ) -> tuple[da.Array, da.Array]:
     """The phantom as two dask arrays, computed slab by slab on demand."""
     import dask.array as da
 
     shape = _check_shape(shape)
-    p = _params(shape, seed)
+    p = _params(shape, seed, ink_contrast)
 
     def block(which: int, block_info=None) -> np.ndarray:
         z0, z1 = block_info[None]["array-location"][0]
@@ -159,15 +169,15 @@ def write_phantom(
     seed: int = 0,
     chunks: Sequence[int] = (64, 64, 64),
     overwrite: bool = False,
+    ink_contrast: float = INK_CONTRAST,
 ) -> Path:
     """Write the phantom as OME-Zarr: image at ``out/0..``, truth at ``out/labels/truth/0..``."""
     from napari_scrollseg.engine import omezarr
 
     out = Path(out)
-    image, truth = lazy_phantom(shape, seed=seed, z_chunk=int(chunks[0]))
-    attrs = {
-        "scrollseg": {"phantom": {"shape": list(image.shape), "seed": seed}, "classes": CLASSES}
-    }
+    image, truth = lazy_phantom(shape, seed=seed, z_chunk=int(chunks[0]), ink_contrast=ink_contrast)
+    about = {"shape": list(image.shape), "seed": seed, "ink_contrast": float(ink_contrast)}
+    attrs = {"scrollseg": {"phantom": about, "classes": CLASSES}}
     omezarr.write_image(
         out, image, spacing=SPACING, chunks=chunks, name="phantom", attrs=attrs, overwrite=overwrite
     )
