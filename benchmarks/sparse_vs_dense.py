@@ -28,11 +28,10 @@ import numpy as np
 import zarr
 
 from napari_scrollseg.engine.dataset import export_dataset
-from napari_scrollseg.engine.demo import dice_per_class, sparse_slices
+from napari_scrollseg.engine.demo import dice_per_class, phantom_cases
 from napari_scrollseg.engine.phantom import CLASSES, INK_CONTRAST, write_phantom
 from napari_scrollseg.engine.predict_volume import predict_volume
 from napari_scrollseg.engine.train import train
-from napari_scrollseg.engine.volumes import open_volume
 
 DATASET_IDS = {"sparse": 981, "dense": 982}
 
@@ -41,15 +40,14 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     """Export, train and evaluate one labelling mode; write ``<work>/<mode>.json``."""
     t0 = time.perf_counter()
     names = sorted(CLASSES, key=CLASSES.get)
-    cases, annotated = [], 0
-    for seed in args.seeds:  # OME-Zarr phantoms, so that the export carries their spacing
-        path = args.work / "phantoms" / f"seed{seed}_ink{args.ink_contrast:g}.zarr"
-        if not path.exists():
-            write_phantom(path, args.shape, seed=seed, ink_contrast=args.ink_contrast)
-        truth = np.asarray(open_volume(path).labels["truth"][0])
-        labels = sparse_slices(truth, n_slices=args.slices) if mode == "sparse" else truth
-        annotated += int((labels > 0).sum())
-        cases.append((path, labels))
+    cases = phantom_cases(
+        args.work / "phantoms",
+        args.shape,
+        args.seeds,
+        n_slices=args.slices if mode == "sparse" else None,
+        ink_contrast=args.ink_contrast,
+    )
+    annotated = sum(int((labels > 0).sum()) for _, labels in cases)
     name = f"Svd{mode.capitalize()}"
     raw = args.work / "raw" / f"Dataset{DATASET_IDS[mode]:03d}_{name}"
     if not raw.exists():

@@ -17,14 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from napari_scrollseg.engine.builtin import MODELS_DIR
 from napari_scrollseg.engine.dataset import export_dataset
-from napari_scrollseg.engine.demo import sparse_slices
-from napari_scrollseg.engine.phantom import CLASSES, write_phantom
+from napari_scrollseg.engine.demo import phantom_cases
+from napari_scrollseg.engine.phantom import CLASSES
 from napari_scrollseg.engine.train import train
-from napari_scrollseg.engine.volumes import open_volume
 
 NAME = "phantom-tiny"
 KEEP = (
@@ -73,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": 2,
     }
     t0 = time.perf_counter()
-    cases = []
-    for seed in args.seeds:  # OME-Zarr phantoms, so that the export carries their spacing
-        path = args.work / "phantoms" / f"seed{seed}.zarr"
-        if not path.exists():
-            write_phantom(path, args.shape, seed=seed)
-        truth = np.asarray(open_volume(path).labels["truth"][0])
-        cases.append((path, sparse_slices(truth, n_slices=args.slices)))
+    cases = phantom_cases(args.work / "phantoms", args.shape, args.seeds, n_slices=args.slices)
     classes = sorted(CLASSES, key=CLASSES.get)
     raw = (
         export_dataset(

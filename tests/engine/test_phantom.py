@@ -66,3 +66,17 @@ def test_ink_contrast_changes_only_the_ink() -> None:
     assert ink.any()
     np.testing.assert_array_equal(faint[~ink], strong[~ink])
     assert (strong[ink].astype(int) - faint[ink]).mean() > 15
+
+
+def test_phantom_cases_are_written_once_dense_or_sparse(tmp_path) -> None:
+    from napari_scrollseg.engine.demo import phantom_cases
+
+    dense = phantom_cases(tmp_path, (12, 24, 24), [1, 2])
+    sparse = phantom_cases(tmp_path, (12, 24, 24), [1, 2], n_slices=2, ink_contrast=18)
+    assert [p.name for p, _ in dense] == ["seed1_ink18.zarr", "seed2_ink18.zarr"]
+    assert [p for p, _ in sparse] == [p for p, _ in dense]  # same contrast: reused
+    for (_, truth), (_, labels) in zip(dense, sparse):
+        assert (truth > 0).all()
+        painted = np.flatnonzero((labels > 0).any(axis=(1, 2)))
+        assert len(painted) == 2
+        np.testing.assert_array_equal(labels[painted], truth[painted])

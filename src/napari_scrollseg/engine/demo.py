@@ -33,6 +33,34 @@ def sparse_slices(truth: np.ndarray, *, n_slices: int = 4, axis: int = 0) -> np.
     return labels
 
 
+def phantom_cases(
+    folder: Path,
+    shape: tuple[int, int, int],
+    seeds: list[int],
+    *,
+    n_slices: int | None = None,
+    ink_contrast: float | None = None,
+) -> list[tuple[Path, np.ndarray]]:
+    """Training cases ``(phantom OME-Zarr path, labels)``, one per seed, for export.
+
+    Phantoms are written once under ``folder`` (OME-Zarr, so the export carries their
+    spacing). Labels are the dense truth, or ``n_slices`` z-slices of it (sparse).
+    """
+    from napari_scrollseg.engine.phantom import INK_CONTRAST, write_phantom
+    from napari_scrollseg.engine.volumes import open_volume
+
+    contrast = INK_CONTRAST if ink_contrast is None else float(ink_contrast)
+    cases = []
+    for seed in seeds:
+        path = Path(folder) / f"seed{seed}_ink{contrast:g}.zarr"
+        if not path.exists():
+            write_phantom(path, shape, seed=seed, ink_contrast=contrast)
+        truth = np.asarray(open_volume(path).labels["truth"][0])
+        labels = truth if n_slices is None else sparse_slices(truth, n_slices=n_slices)
+        cases.append((path, labels))
+    return cases
+
+
 def dice_per_class(
     pred: np.ndarray, truth: np.ndarray, classes: dict[str, int]
 ) -> dict[str, float]:
