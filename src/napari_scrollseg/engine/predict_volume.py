@@ -307,6 +307,7 @@ def _run_block(job: _Job, spec: _BlockSpec) -> dict:
     import dask
 
     from napari_scrollseg.engine.predict import run_tiles
+    from napari_scrollseg.engine.tiling import tile_overlap
 
     model = job.model.load()
     volume = _resolve(job.volume)
@@ -341,13 +342,9 @@ def _run_block(job: _Job, spec: _BlockSpec) -> dict:
     if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
         weights = np.zeros(logits.shape[1:], dtype=np.float32)
         gmap = _weights(patch)
-        for t in tiles:
-            dst, src = [], []
-            for a, (e0, e1) in enumerate(spec.ext):
-                a0, a1 = max(t[a], e0), min(t[a] + patch[a], e1)
-                dst.append(slice(a0 - e0, a1 - e0))
-                src.append(slice(a0 - t[a], a1 - t[a]))
-            weights[tuple(dst)] += gmap[tuple(src)]
+        for t in tiles:  # the extended box holds every tile of the block whole
+            src, dst = tile_overlap(t, patch, out_box)
+            weights[dst] += gmap[src]
         parts.append(weights[None])
     partial.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial.with_name(f".{partial.stem}.{uuid.uuid4().hex}.tmp.npy")

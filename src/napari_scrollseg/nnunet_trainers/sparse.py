@@ -51,13 +51,12 @@ class SparseDataLoader(nnUNetDataLoader):
         """
         if class_locations is None:
             return None
+        keys: list = [k for k, v in class_locations.items() if len(v) > 0]
         if not force_fg:
-            keys: list = [k for k, v in class_locations.items() if len(v) > 0]
             if not self.has_ignore:
                 keys.append(None)
             key = keys[np.random.choice(len(keys))] if keys else None
             return None if key is None else class_locations[key]
-        keys = [k for k, v in class_locations.items() if len(v) > 0]
         if len(keys) > 1 and self.annotated_classes_key in keys:
             keys.remove(self.annotated_classes_key)
         if not keys:
