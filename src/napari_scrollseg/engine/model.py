@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.model_trust import build_network, check_name, check_plans
 from napari_scrollseg.engine.tiling import TTA_MODES, Grid, make_grid, tta_transforms
 
 if TYPE_CHECKING:
@@ -689,9 +690,9 @@ def _load(
         raise ScrollsegError(
             f"{folder}: plans.json or dataset.json is not valid JSON ({exc}): re-copy the model"
         ) from exc
+    check_plans(plans, str(folder / "plans.json"))  # before anything it names is imported
     chosen, files = _resolve_folds(folder, folds, checkpoint)
 
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -744,14 +745,15 @@ def _load(
 
     networks = []
     for ck, f in zip(ckpts, files):
-        net = get_network_from_plans(
+        if ck.get("trainer_name"):
+            check_name(str(f), "trainer_name", ck["trainer_name"])
+        net = build_network(
             cm.network_arch_class_name,
             cm.network_arch_init_kwargs,
             cm.network_arch_init_kwargs_req_import,
             n_in,
             n_out,
-            allow_init=False,
-            deep_supervision=False,
+            where=f"{folder / 'plans.json'} (configuration {config_name})",
         )
         weights = ck["network_weights"]
         if any(k.startswith("module.") for k in weights):
