@@ -74,13 +74,20 @@ def test_labels_image_and_channel_axis(tmp_path):
 
 
 def test_existing_output_is_not_replaced_silently(tmp_path):
+    ones = np.ones((8, 8, 8), np.uint8)
+    foreign = tmp_path / "theirs.zarr"
+    omezarr.write_image(foreign, ones, spacing=(1, 1, 1), chunks=(8, 8, 8))
+    with pytest.raises(ScrollsegError, match="is not a zarr image written by scrollseg"):
+        omezarr.write_image(foreign, ones, spacing=(1, 1, 1), overwrite=True)
     path = tmp_path / "x.zarr"
-    omezarr.write_image(path, np.ones((8, 8, 8), np.uint8), spacing=(1, 1, 1), chunks=(8, 8, 8))
+    ours = {"scrollseg": {"kind": "test"}}
+    omezarr.write_image(path, ones, spacing=(1, 1, 1), chunks=(8, 8, 8), attrs=ours)
     with pytest.raises(ScrollsegError, match="already exists"):
         omezarr.write_image(path, np.ones((8, 8, 8), np.uint8), spacing=(1, 1, 1))
     omezarr.write_image(
         path, np.full((8, 8, 8), 7, np.uint8), spacing=(1, 1, 1), chunks=(8, 8, 8), overwrite=True
     )
+    assert zarr.open_group(str(foreign), mode="r")["0"][0, 0, 0] == 1
     assert zarr.open_group(str(path), mode="r")["0"][0, 0, 0] == 7
 
 

@@ -21,8 +21,10 @@ Rules (DESIGN.md "Annotation", SEEDS.md "Export to nnU-Net"):
   nnU-Net's ``Tiff3DIO``, which ``dataset.json`` names explicitly) or the NIfTI
   header (``.nii.gz``);
 - crops are streamed slab by slab (one source z-chunk at a time), never loaded whole;
-- everything is written into a hidden temporary folder beside the target and moved in
-  only when complete, so an error leaves nothing half-written.
+- everything (for ``append``, the whole dataset: hard links of its files plus the new
+  cases) is written into a hidden folder beside the target and swapped in only when
+  complete, so an error or a kill leaves the old dataset or the new one, and the next
+  export tidies what a killed one left (:mod:`~napari_scrollseg.engine.safe_write`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ import numpy as np
 
 from napari_scrollseg.engine.annotations import ClassTable, _volume_parts, ignore_value
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.safe_write import partial_dir, swap_in, tidy
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -197,6 +199,7 @@ def iter_export_dataset(
     margins = _margins(margin)
     out_dir = Path(out_dir)
     target = out_dir / dataset_dir_name(dataset_id, name)
+    tidy(target)  # what a killed export left: the old dataset back, stale partials gone
     existing = _check_target(out_dir, target, dataset_id=dataset_id, append=append)
     old_json = _load_existing(target, table, norm=norm, ending=ending) if existing else None
     if not cases:
@@ -224,10 +227,12 @@ def iter_export_dataset(
 
     start = _next_index(target, name) if existing else 0
     names = [f"{name}_{start + i:03d}" for i in range(len(prepared))]
-    tmp = out_dir / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = _partial(out_dir, target)
     try:
-        (tmp / "imagesTr").mkdir(parents=True)
-        (tmp / "labelsTr").mkdir()
+        if existing:  # the new state is the whole dataset: hard links of what is there
+            shutil.copytree(target, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+        (tmp / "imagesTr").mkdir(exist_ok=True)
+        (tmp / "labelsTr").mkdir(exist_ok=True)
         for i, (case, cname) in enumerate(zip(prepared, names)):
             yield from _write_case(tmp, cname, case, i, len(prepared), table, norm, ending)
         record = {
@@ -251,12 +256,9 @@ def iter_export_dataset(
             n_channels=n_channels,
         )
         _check_written(tmp, names, prepared, ending, n_channels=n_channels)
-        if existing:
-            _merge_into(tmp, target, meta)
-        else:
-            meta["numTraining"] = len(names)
-            _write_json(tmp / "dataset.json", meta)
-            os.rename(tmp, target)
+        meta["numTraining"] = len(_identifiers(tmp, ending))
+        _write_json(tmp / "dataset.json", meta)  # replaces the link: the old file is untouched
+        swap_in(tmp, target)  # a kill leaves the old dataset or the new one, never a mix
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -360,7 +362,15 @@ def _check_target(out_dir: Path, target: Path, *, dataset_id: int, append: bool)
 
 
 def _load_existing(target: Path, table: ClassTable, *, norm: str, ending: str) -> dict:
-    meta = json.loads((target / "dataset.json").read_text())
+    try:
+        meta = json.loads((target / "dataset.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ScrollsegError(
+            f"{target / 'dataset.json'} is not valid JSON ({exc}); restore it or export to a "
+            "new dataset ID"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("scrollseg", {}), dict):
+        raise ScrollsegError(f"{target / 'dataset.json'} is not a dataset.json scrollseg wrote")
     theirs = meta.get("scrollseg", {})
     if meta.get("file_ending") != ending:
         raise ScrollsegError(
@@ -850,17 +860,22 @@ def _file_shape(path: Path) -> tuple[int, ...]:
     return tuple(int(s) for s in nib.load(path).shape[::-1])
 
 
-def _merge_into(tmp: Path, target: Path, meta: dict) -> None:
-    """Move the new case files into ``target`` and rewrite its dataset.json (atomically)."""
-    for sub in ("imagesTr", "labelsTr"):
-        (target / sub).mkdir(exist_ok=True)
-        for f in sorted((tmp / sub).iterdir()):
-            dest = target / sub / f.name
-            if dest.exists():
-                raise ScrollsegError(f"{dest} already exists; the dataset was changed meanwhile")
-            os.replace(f, dest)
-    meta["numTraining"] = len(_identifiers(target, meta["file_ending"]))
-    _write_json(target / "dataset.json", meta)
+def _partial(out_dir: Path, target: Path) -> Path:
+    """The hidden folder the new state of ``target`` is built in (refuses an unwritable place)."""
+    try:
+        return partial_dir(target)
+    except OSError as exc:
+        raise ScrollsegError(
+            f"cannot write the dataset in {out_dir} ({exc.strerror or exc}); choose a writable "
+            "--out folder"
+        ) from None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.safe_write import check_replaceable
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -126,6 +127,7 @@ def create_image(
     if path.exists():
         if not overwrite:
             raise ScrollsegError(f"{path} already exists; choose another path or pass overwrite")
+        check_replaceable(path, "zarr image")
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     n_levels = n_levels or default_levels(shape, axes)
     group = zarr.open_group(str(path), mode="w", zarr_format=2)

@@ -12,6 +12,7 @@ is the same whichever way it is chunked and can be made lazily at any size.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +116,24 @@ def _slice(p: _Params, z: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), truth
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+def _check_shape(shape: Sequence[int], seed: int = 0) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape) < 8:
         raise ScrollsegError(f"phantom shape must be three sizes >= 8 (z y x), got {tuple(shape)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ScrollsegError(f"phantom seed must be an integer >= 0, got {seed!r}")
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+def _check_disk(out: Path, shape: tuple[int, int, int]) -> None:
+    """Refuse a phantom whose image + truth (uncompressed, with pyramid) exceed the free disk."""
+    need = 2 * int(np.prod(shape, dtype=object)) * 8 // 7  # uint8 image + truth, 2x levels
+    where = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ScrollsegError(
+            f"a phantom of shape {shape} needs up to {need / 1e9:.3g} GB (uncompressed) and "
+            f"{where} has {free / 1e9:.3g} GB free; choose a smaller --shape or another disk"
+        )
 
 
 def make_phantom(
@@ -128,7 +143,7 @@ def make_phantom(
 
     ``ink_contrast``: grey values ink adds to papyrus (default faint, as real ink).
     """
-    shape = _check_shape(shape)
+    shape = _check_shape(shape, seed)
     p = _params(shape, seed, ink_contrast)
     pairs = [_slice(p, z, seed) for z in range(shape[0])]
     return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
@@ -144,7 +159,7 @@ def lazy_phantom(
     """The phantom as two dask arrays, computed slab by slab on demand."""
     import dask.array as da
 
-    shape = _check_shape(shape)
+    shape = _check_shape(shape, seed)
     p = _params(shape, seed, ink_contrast)
 
     def block(which: int, block_info=None) -> np.ndarray:
@@ -171,26 +186,44 @@ def write_phantom(
     overwrite: bool = False,
     ink_contrast: float = INK_CONTRAST,
 ) -> Path:
-    """Write the phantom as OME-Zarr: image at ``out/0..``, truth at ``out/labels/truth/0..``."""
+    """Write the phantom as OME-Zarr: image at ``out/0..``, truth at ``out/labels/truth/0..``.
+
+    It is built in a hidden folder beside ``out`` and moved in when complete, so a kill
+    leaves no half-written phantom. ``overwrite`` replaces only a phantom scrollseg wrote.
+    """
     from napari_scrollseg.engine import omezarr
+    from napari_scrollseg.engine.safe_write import check_replaceable, partial_dir, swap_in, tidy
 
     out = Path(out)
+    shape = _check_shape(shape, seed)
+    tidy(out)
+    if out.exists():
+        if not overwrite:
+            raise ScrollsegError(f"{out} already exists; choose another path or pass overwrite")
+        check_replaceable(out, "phantom", lambda info: "phantom" in info)
+    _check_disk(out, shape)
     image, truth = lazy_phantom(shape, seed=seed, z_chunk=int(chunks[0]), ink_contrast=ink_contrast)
     about = {"shape": list(image.shape), "seed": seed, "ink_contrast": float(ink_contrast)}
     attrs = {"scrollseg": {"phantom": about, "classes": CLASSES}}
-    omezarr.write_image(
-        out, image, spacing=SPACING, chunks=chunks, name="phantom", attrs=attrs, overwrite=overwrite
-    )
-    omezarr.write_image(
-        out / "labels" / "truth",
-        truth,
-        spacing=SPACING,
-        chunks=chunks,
-        labels_of=out,
-        name="truth",
-        reduction="mode",
-        label_colors=COLORS,
-        label_names={v: k for k, v in CLASSES.items()},
-    )
+    tmp = partial_dir(out)
+    try:
+        omezarr.write_image(
+            tmp, image, spacing=SPACING, chunks=chunks, name="phantom", attrs=attrs, overwrite=True
+        )
+        omezarr.write_image(
+            tmp / "labels" / "truth",
+            truth,
+            spacing=SPACING,
+            chunks=chunks,
+            labels_of=tmp,
+            name="truth",
+            reduction="mode",
+            label_colors=COLORS,
+            label_names={v: k for k, v in CLASSES.items()},
+        )
+        swap_in(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote phantom %s to %s", image.shape, out)
     return out

@@ -42,7 +42,6 @@ import math
 import os
 import queue
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -54,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.safe_write import check_not_locked
+from napari_scrollseg.engine.safe_write import run_lock as _run_lock
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.model import LoadedModel
@@ -479,6 +480,7 @@ def _check_resume(out: Path, config_hash: str, overwrite: bool) -> bool:
     if info is None:
         return False
     if overwrite:
+        check_not_locked(out / STATE_DIR)  # never delete a live run's output
         log.info("replacing %s (--overwrite)", out)
         shutil.rmtree(out)
         return False
@@ -584,46 +586,6 @@ def _mask_filter(
         return total > 0
 
     return any_under
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def _run_lock(state: Path) -> Iterator[None]:
-    """Refuse a second run on the same output while one is alive (stale locks are taken)."""
-    lock = state / "lock"
-    me = f"{socket.gethostname()} {os.getpid()}"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        host, _, pid = lock.read_text().partition(" ")
-        if host != socket.gethostname():
-            raise ScrollsegError(
-                f"{state.parent} is being written by a scrollseg run on {host}; if no run is "
-                f"active any more, delete {lock} and start again"
-            ) from None
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-            raise ScrollsegError(
-                f"{state.parent} is being written by another scrollseg run (pid {pid}); wait "
-                "for it to finish or stop it"
-            ) from None
-        lock.write_text(me)  # the run that held it is gone (killed): take over
-    else:
-        os.write(fd, me.encode())
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock.unlink()
 
 
 # -- schedulers ------------------------------------------------------------------------------
