@@ -57,6 +57,7 @@ from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.model import LoadedModel
+    from napari_scrollseg.engine.predict.session import ModelRef, Predictor
     from napari_scrollseg.engine.tiling import Grid
     from napari_scrollseg.engine.volumes import Volume
 
@@ -193,25 +194,10 @@ def _key(index: Sequence[int]) -> str:
 
 # -- task specs (picklable: they travel to dask.distributed workers) ----------------------------
 @dataclass(frozen=True)
-class _ModelRef:
-    path: str
-    folds: tuple[int | str, ...] | None
-    checkpoint: str
-    device: str | None
-
-    def load(self) -> LoadedModel:
-        from napari_scrollseg.engine.model import load_model
-
-        return load_model(
-            self.path, folds=self.folds, checkpoint=self.checkpoint, device=self.device
-        )
-
-
-@dataclass(frozen=True)
 class _Job:
     """Everything a task needs, shared by all tasks of one run."""
 
-    model: _ModelRef
+    model: Predictor | ModelRef  # the session (threaded) or how workers load one
     volume: Any  # a Volume (threaded) or its source path (distributed: reopened per worker)
     grid: Grid
     normalizer: Callable[[np.ndarray], np.ndarray]  # computed once by the driver
@@ -246,14 +232,26 @@ class _ChunkSpec:
     consumers: tuple[tuple[str, ...], ...] = field(default=())
 
 
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_DEVICE_LOCKS_GUARD = threading.Lock()
+def _session(job: _Job) -> Predictor:
+    """The run's session: the driver's (threaded), else one per worker process and model."""
+    from napari_scrollseg.engine.predict.session import Predictor
+
+    if isinstance(job.model, Predictor):
+        return job.model
+    from distributed import get_worker
+
+    ref = job.model
+    worker = get_worker()
+    with _WORKER_GUARD:
+        sessions = worker.__dict__.setdefault("_scrollseg_sessions", {})
+        if ref not in sessions:
+            sessions[ref] = Predictor(
+                ref.path, folds=ref.folds, checkpoint=ref.checkpoint, device=ref.device, cache=None
+            )
+        return sessions[ref]
 
 
-def _device_lock(device: object) -> threading.Lock:
-    """One lock per device: forward passes on a device are serialized, I/O overlaps."""
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+_WORKER_GUARD = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
@@ -306,10 +304,11 @@ def _run_block(job: _Job, spec: _BlockSpec) -> dict:
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
     import dask
 
-    from napari_scrollseg.engine.predict import run_tiles
+    from napari_scrollseg.engine.predict.tiles import run_tiles
     from napari_scrollseg.engine.tiling import tile_overlap
 
-    model = job.model.load()
+    session = _session(job)
+    model = session.model
     volume = _resolve(job.volume)
     patch = tuple(job.grid.patch)
     tiles = spec.tiles
@@ -328,9 +327,9 @@ def _run_block(job: _Job, spec: _BlockSpec) -> dict:
         return data[(slice(None), *local)]
 
     out_box = tuple(slice(a, b) for a, b in spec.ext)
-    with _device_lock(model.device):
+    with session.lock:  # one block on the device at a time: bounded device memory
         logits = run_tiles(
-            model,
+            session,
             read,
             [tuple(t) for t in tiles],
             out_box=out_box,
@@ -373,7 +372,7 @@ def _mask_region(mask: Volume, box: tuple[Span, ...], shape: Sequence[int]) -> n
 
 def _finish_chunk(job: _Job, spec: _ChunkSpec, *_blocks: dict) -> dict:
     """Sum the partials over a chunk, normalise, write it, then mark it done."""
-    from napari_scrollseg.engine.predict import finalize
+    from napari_scrollseg.engine.predict.tiles import finalize
     from napari_scrollseg.engine.tiling import weight_sum
 
     shape = tuple(b - a for a, b in spec.box)
@@ -766,7 +765,7 @@ def open_client(
 
 # -- the runner ------------------------------------------------------------------------------
 def iter_predict_volume(
-    model: str | os.PathLike,
+    model: str | os.PathLike | Predictor,
     volume: str | os.PathLike | Volume,
     out: str | os.PathLike,
     *,
@@ -793,7 +792,9 @@ def iter_predict_volume(
     Parameters
     ----------
     model
-        nnU-Net v2 trained-model folder or exported zip.
+        nnU-Net v2 trained-model folder or exported zip, or a warm
+        :class:`~napari_scrollseg.engine.predict.Predictor` (then without ``folds``,
+        ``checkpoint`` and ``device``: the session has them).
     volume
         Path/URL of the volume (anything :func:`~napari_scrollseg.engine.volumes.open_volume`
         reads) or an open :class:`Volume`. Distributed runs need a path the workers can open.
@@ -829,24 +830,87 @@ def iter_predict_volume(
 
     Returns (as the generator's value) the output path. Closing the generator cancels.
     """
+    from napari_scrollseg.engine.predict.session import ModelRef, Predictor
+
+    owned = not isinstance(model, Predictor)
+    if owned:
+        parsed = parse_folds(folds)
+        # in the driver, a distributed run only needs the model's metadata
+        session = Predictor(
+            model,
+            folds=parsed,
+            checkpoint=checkpoint,
+            device="cpu" if client is not None else device,
+            cache=None,
+        )
+        model_ref = ModelRef(session.path, parsed, checkpoint, device)
+    else:
+        if folds is not None or device is not None or checkpoint != model.model.checkpoint:
+            raise ScrollsegError("give folds, checkpoint and device to the Predictor, not with it")
+        session, model_ref = model, model.ref()
+    try:
+        return (
+            yield from _iter_run(
+                session,
+                model_ref,
+                volume,
+                out,
+                step=step,
+                mirror=mirror,
+                half=half,
+                batch_size=batch_size,
+                chunk=chunk,
+                superchunk=superchunk,
+                roi=roi,
+                mask=mask,
+                overwrite=overwrite,
+                ignore_spacing=ignore_spacing,
+                prob_reduction=prob_reduction,
+                label_reduction=label_reduction,
+                num_workers=num_workers,
+                client=client,
+            )
+        )
+    finally:
+        if owned:
+            session.close()
+
+
+def _iter_run(
+    session: Predictor,
+    model_ref: ModelRef,
+    volume: Any,
+    out: str | os.PathLike,
+    *,
+    step: float,
+    mirror: bool,
+    half: bool | None,
+    batch_size: int,
+    chunk: int | Sequence[int] | None,
+    superchunk: int | None,
+    roi: str | Sequence[Span] | None,
+    mask: Any,
+    overwrite: bool,
+    ignore_spacing: bool,
+    prob_reduction: str,
+    label_reduction: str,
+    num_workers: int,
+    client: Any,
+) -> Iterator[PredictProgress]:
     from napari_scrollseg import __version__
     from napari_scrollseg.engine.volumes import open_volume
 
     out = Path(out).absolute()
     _check_location(out)
-    model_ref = _ModelRef(str(Path(model).absolute()), parse_folds(folds), checkpoint, device)
-    # in the driver, a distributed run only needs the model's metadata
-    loaded = _ModelRef(
-        model_ref.path, model_ref.folds, checkpoint, "cpu" if client is not None else device
-    ).load()
+    loaded = session.model
     vol = volume if hasattr(volume, "levels") else open_volume(volume)
     shape = tuple(int(s) for s in vol.data.shape[-3:])
     spans = roi if roi is not None and not isinstance(roi, str) else parse_roi(roi, shape)
     spans = tuple((int(a), int(b)) for a, b in spans)
     chunks = _chunk_shape(chunk, len(shape))
     loaded.check_volume(vol, ignore_spacing=ignore_spacing)
-    grid = loaded.grid(vol, step)
-    normalizer = loaded.normalizer(vol)  # whole-volume statistics where the scheme needs them
+    grid = session.grid(vol, step)
+    normalizer = session.normalizer(vol)  # whole-volume statistics where the scheme needs them
     patch = tuple(int(p) for p in grid.patch)
     mask_vol = None
     if mask is not None:
@@ -858,7 +922,7 @@ def iter_predict_volume(
         "model_sha256": loaded.sha256,
         "configuration": loaded.configuration,
         "folds": [str(f) for f in loaded.folds],
-        "checkpoint": checkpoint,
+        "checkpoint": loaded.checkpoint,
         "step": step,
         "tta": "mirror" if mirror else "none",
         "mirror_axes": list(loaded.mirror_axes) if mirror else [],
@@ -922,7 +986,7 @@ def iter_predict_volume(
         )
         token = config_hash[:8]
         job = _Job(
-            model=model_ref,
+            model=model_ref if client is not None else session,
             volume=_source(vol) if client is not None else vol,
             grid=grid,
             normalizer=normalizer,

@@ -164,6 +164,33 @@ def open_volume(path: str | os.PathLike | Store, *, level: int | None = None) ->
     return volume
 
 
+def as_czyx(volume: Any) -> tuple[da.Array, tuple[float, ...] | None]:
+    """A volume as a dask array ``(c, z, y, x)`` and its spacing (None if unknown).
+
+    Accepts a :class:`~napari_scrollseg.engine.volumes.Volume` (anything with ``.data``,
+    ``.spacing`` and optionally ``.axes``), a dask array or a numpy array, ``(z, y, x)`` or
+    ``(c, z, y, x)``.
+    """
+    import dask.array as da
+
+    data = getattr(volume, "data", volume)
+    spacing = getattr(volume, "spacing", None)
+    axes = getattr(volume, "axes", None)
+    arr = data if isinstance(data, da.Array) else da.asarray(np.asarray(data))
+    if axes is not None and axes not in ("zyx", "czyx"):
+        raise ScrollsegError(f"volume axes {axes!r} not supported: expected 'zyx' or 'czyx'")
+    if arr.ndim == 3 and axes != "czyx":
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ScrollsegError(
+            f"expected a 3D volume (z, y, x) or (c, z, y, x), got shape {tuple(arr.shape)}: "
+            "nnU-Net models here run on 3D volumes; give a single 2D image as (1, y, x)"
+        )
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+    return arr, spacing
+
+
 def describe(volume: Volume) -> str:
     """A multi-line human summary: kind, shape, dtype, chunks, spacing, levels, size, labels."""
     data = volume.data

@@ -1,0 +1,32 @@
+"""Prediction: a warm session, regions for live inference, whole volumes chunk by chunk.
+
+- :class:`Predictor` (``session.py``): a loaded model, its device lock, tile cache and
+  forward-pass count;
+- :func:`iter_predict_region` / :func:`predict_region` (``region.py``): a box with the
+  whole-volume answer, batch by batch;
+- :func:`run_tiles`, :func:`finalize` (``tiles.py``): tiles through the network, logits
+  to probabilities;
+- :class:`TileCache` (``cache.py``).
+"""
+
+from napari_scrollseg.engine.predict.cache import TileCache
+from napari_scrollseg.engine.predict.region import (
+    RegionProgress,
+    iter_predict_region,
+    predict_region,
+)
+from napari_scrollseg.engine.predict.session import ModelRef, Predictor
+from napari_scrollseg.engine.predict.tiles import finalize, grid_patch, iter_tiles, run_tiles
+
+__all__ = [
+    "ModelRef",
+    "Predictor",
+    "RegionProgress",
+    "TileCache",
+    "finalize",
+    "grid_patch",
+    "iter_predict_region",
+    "iter_tiles",
+    "predict_region",
+    "run_tiles",
+]
