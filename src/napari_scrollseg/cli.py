@@ -74,18 +74,44 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- options from the engine's config classes -------------------------------------------------
+def _argtype(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """``parse`` for argparse: its ValueError message becomes argparse's error."""
+    if parse in (int, float, str):
+        return parse
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def add_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, config: type) -> None:
+    """One option per field of an engine config class (flag, type, default, help)."""
+    from napari_scrollseg.engine.config import options
+
+    for opt in options(config):
+        kw: dict = {"default": opt.default, "help": opt.help, "dest": opt.name}
+        if opt.switch:  # --x / --no-x, or --x alone when off by default
+            kw["action"] = "store_true" if opt.default is False else argparse.BooleanOptionalAction
+        else:
+            kw["metavar"] = opt.flag.removeprefix("--").upper().replace("-", "_")
+            if opt.parse is not None:
+                kw["type"] = _argtype(opt.parse)
+            if opt.choices:
+                kw["choices"] = list(opt.choices)
+        p.add_argument(opt.flag, **kw)
+
+
 # -- predict ------------------------------------------------------------------------------
-def _chunk_arg(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or Z,Y,X, got {text!r}") from None
-    if len(values) not in (1, 3) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or Z,Y,X positive sizes, got {text!r}")
-    return values
-
-
 def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from napari_scrollseg.engine.config import PredictConfig
+    from napari_scrollseg.engine.predict.schedule import CLUSTERS
+
     p = sub.add_parser(
         "predict",
         help="run an nnU-Net model over a whole volume (chunked, resumable, distributed)",
@@ -95,46 +121,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="nnU-Net trained-model folder or exported zip")
     p.add_argument("volume", help="input volume (OME-Zarr, zarr, TIFF folder/file, file.h5:/ds)")
     p.add_argument("out", help="output .zarr path")
-    p.add_argument("--step", type=float, default=0.5, help="tile step (fraction of the patch)")
-    p.add_argument(
-        "--mirror",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="nnU-Net's mirroring test-time augmentation (default: on)",
-    )
-    p.add_argument("--folds", default=None, help="folds to ensemble, e.g. 0,1 or all")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best)")
-    p.add_argument("--chunk", type=_chunk_arg, default=None, help="output chunk: N or Z,Y,X")
-    p.add_argument(
-        "--superchunk",
-        type=_shape,
-        default=None,
-        help="share partial sums only within groups of N chunks per axis: bounds scratch "
-        "disk, reruns tiles on group borders (default: whole volume, each tile once)",
-    )
-    p.add_argument("--batch-size", type=_shape, default=4, help="tiles per network batch")
-    p.add_argument(
-        "--half",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="autocast (float16 on CUDA); default: on CUDA only, as nnU-Net's predictor",
-    )
-    p.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1: predict this box only")
-    p.add_argument("--mask", default=None, help="skip tiles where this mask volume is empty")
-    p.add_argument("--threads", type=_shape, default=3, help="threads of the local scheduler")
-    p.add_argument("--prob-reduction", default="mean", choices=["mean", "max", "nearest"])
-    p.add_argument("--label-reduction", default="mode", choices=["mode", "max", "nearest"])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction")
-    p.add_argument(
-        "--ignore-spacing",
-        action="store_true",
-        help="predict even if the volume's spacing differs from the model's (no resampling)",
-    )
+    add_options(p, PredictConfig)
     dist = p.add_argument_group("distributed (dask.distributed)")
     where = dist.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, help="address of a running dask scheduler")
-    where.add_argument("--cluster", choices=["local", "local-cuda", "slurm"], default=None)
+    where.add_argument("--cluster", choices=list(CLUSTERS), default=None)
     dist.add_argument("--workers", type=_shape, default=2, help="local workers / SLURM jobs")
     dist.add_argument("--queue", default=None, help="SLURM partition")
     dist.add_argument("--account", default=None, help="SLURM account")
@@ -146,9 +137,19 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _run_predict(args: argparse.Namespace) -> int:
-    from napari_scrollseg.engine.predict_volume import open_client, predict_volume
+def _config_from(args: argparse.Namespace, config: type) -> object:
+    """The config object of the parsed options (validated: a bad value is one error)."""
+    from napari_scrollseg.engine.config import options
 
+    return config(**{opt.name: getattr(args, opt.name) for opt in options(config)})
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from napari_scrollseg.engine.config import PredictConfig
+    from napari_scrollseg.engine.predict import predict_volume
+    from napari_scrollseg.engine.predict.schedule import open_client
+
+    config = _config_from(args, PredictConfig)
     events = []
     with open_client(
         scheduler=args.scheduler,
@@ -165,24 +166,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             args.model,
             args.volume,
             args.out,
+            config,
             progress=events.append,
             bar=True,
-            folds=args.folds,
-            checkpoint=args.checkpoint,
-            device=args.device,
-            step=args.step,
-            mirror=args.mirror,
-            half=args.half,
-            batch_size=args.batch_size,
-            chunk=args.chunk[0] if args.chunk and len(args.chunk) == 1 else args.chunk,
-            superchunk=args.superchunk,
-            roi=args.roi,
-            mask=args.mask,
-            overwrite=args.overwrite,
-            ignore_spacing=args.ignore_spacing,
-            prob_reduction=args.prob_reduction,
-            label_reduction=args.label_reduction,
-            num_workers=args.threads,
             client=client,
         )
     ev = events[-1]

@@ -206,7 +206,8 @@ def run_demo(
     for progress in iter_predict_volume(
         model, scan, pred_path, device=device, mirror=mirror, overwrite=True
     ):
-        if progress.stage != "predict" or progress.chunks_done == progress.chunks_total:
+        finished = progress.chunks_done == progress.chunks_total
+        if progress.stage in ("pyramid", "done") or (progress.stage == "predict" and finished):
             yield (
                 f"predict ({model.name}, mirroring {'on' if mirror else 'off'}): {progress.stage} "
                 f"{progress.chunks_done}/{progress.chunks_total} chunks, {progress.elapsed_s:.0f} s"
