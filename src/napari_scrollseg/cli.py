@@ -95,7 +95,11 @@ def add_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, config: ty
     from napari_scrollseg.engine.config import options
 
     for opt in options(config):
-        kw: dict = {"default": opt.default, "help": opt.help, "dest": opt.name}
+        kw: dict = {"help": opt.help, "dest": opt.name}
+        if opt.required:
+            kw["required"] = True
+        else:
+            kw["default"] = opt.default
         if opt.switch:  # --x / --no-x, or --x alone when off by default
             kw["action"] = "store_true" if opt.default is False else argparse.BooleanOptionalAction
         else:
@@ -104,7 +108,10 @@ def add_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, config: ty
                 kw["type"] = _argtype(opt.parse)
             if opt.choices:
                 kw["choices"] = list(opt.choices)
-        p.add_argument(opt.flag, **kw)
+                del kw["metavar"]
+            if opt.nargs:
+                kw["nargs"] = opt.nargs
+        p.add_argument(*opt.aliases[:1], opt.flag, *opt.aliases[1:], **kw)
 
 
 # -- predict ------------------------------------------------------------------------------
@@ -183,7 +190,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 # -- export -------------------------------------------------------------------------------
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from napari_scrollseg.engine.dataset import ENDINGS, NORMS
+    from napari_scrollseg.engine.config import ExportConfig
 
     p = sub.add_parser("export", help="annotations -> nnU-Net v2 raw dataset Dataset<ID>_<Name>")
     p.add_argument("--image", action="append", required=True, help="image volume (repeatable)")
@@ -193,50 +200,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="annotation store or label volume for the --image in the same position",
     )
-    p.add_argument(
-        "--classes", required=True, help="class names for ids 1..K (air,papyrus,ink) or a .json"
-    )
-    p.add_argument("--out", required=True, help="nnU-Net raw folder (nnUNet_raw)")
-    p.add_argument("--dataset-id", type=int, required=True)
-    p.add_argument("--name", required=True, help="dataset name (letters, digits, '-')")
-    p.add_argument(
-        "--margin", type=int, nargs="+", default=None, help="voxels around the annotations (1 or 3)"
-    )
-    p.add_argument("--norm", choices=list(NORMS), default="CT")
-    p.add_argument("--ending", choices=list(ENDINGS), default=".tif")
-    p.add_argument("--append", action="store_true", help="add cases to an existing dataset")
-    p.add_argument("--folds", type=int, default=None, help="fail if fewer cases than folds")
+    add_options(p, ExportConfig)
     p.add_argument("--verify", action="store_true", help="run nnU-Net's integrity check after")
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from napari_scrollseg.engine.annotations import ClassTable
+    from napari_scrollseg.engine.config import ExportConfig
     from napari_scrollseg.engine.dataset import export_dataset, verify_dataset
 
     if len(args.image) != len(args.labels):
         raise ScrollsegError(
             f"{len(args.image)} --image but {len(args.labels)} --labels: give one --labels per --image"
         )
-    if args.classes.endswith(".json"):
-        classes = ClassTable.from_json(args.classes)
-    else:
-        classes = ClassTable.from_names(args.classes)
-    margin = None
-    if args.margin is not None:
-        if len(args.margin) not in (1, 3):
-            raise ScrollsegError("--margin takes one value or three (z y x)")
-        margin = args.margin[0] if len(args.margin) == 1 else tuple(args.margin)
     out = export_dataset(
         list(zip(args.image, args.labels)),
-        out_dir=args.out,
-        dataset_id=args.dataset_id,
-        name=args.name,
-        classes=classes,
-        margin=margin,
-        norm=args.norm,
-        ending=args.ending,
-        append=args.append,
-        folds=args.folds,
+        _config_from(args, ExportConfig),
         on_case=lambda i, name: print(f"case {i + 1}/{len(args.image)}: {name}", flush=True),
     )
     if args.verify:
@@ -247,17 +225,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # -- train --------------------------------------------------------------------------------
-def _fold(text: str) -> int | str:
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a fold is a number or 'all', got {text!r}") from None
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from napari_scrollseg.engine.train import PLANNERS
+    from napari_scrollseg.engine.config import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -267,96 +236,31 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", help="the Dataset<ID>_<Name> folder written by `scrollseg export`")
     p.add_argument("--out", required=True, help="results folder (nnUNet_results)")
-    p.add_argument("--config", default="3d_fullres", help="nnU-Net configuration (%(default)s)")
-    p.add_argument(
-        "--fold", nargs="+", type=_fold, default=[0], help="fold(s) to train, or 'all' (0)"
-    )
-    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: best")
-    p.add_argument("--epochs", type=_shape, default=None, help="epochs (nnU-Net: 1000)")
-    p.add_argument("--iterations", type=_shape, default=None, help="iterations/epoch (250)")
-    p.add_argument("--planner", choices=PLANNERS, default="default")
-    p.add_argument(
-        "-np",
-        "--num-processes",
-        type=_shape,
-        default=2,
-        dest="num_processes",
-        help="processes for fingerprint and preprocessing (%(default)s)",
-    )
-    p.add_argument(
-        "--da-processes",
-        type=int,
-        default=None,
-        help="data-augmentation processes (0: in the training process)",
-    )
-    p.add_argument(
-        "--resume",
-        "--continue",
-        "--c",
-        action="store_true",
-        dest="resume",
-        help="continue from the latest checkpoint",
-    )
-    p.add_argument(
-        "--plans-overrides",
-        default=None,
-        metavar="JSON",
-        help='network/patch changes, e.g. \'{"n_stages": 3, "features_per_stage": '
-        '[4, 8, 16], "patch_size": [32, 64, 64]}\'',
-    )
-    p.add_argument("--plans-name", default=None, help="name of the overridden plans")
-    p.add_argument("--preprocessed", default=None, help="nnUNet_preprocessed (default: OUT/...)")
+    add_options(p, TrainConfig)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import json
-
     from tqdm.auto import tqdm
 
+    from napari_scrollseg.engine.config import TrainConfig
+    from napari_scrollseg.engine.progress import drive
     from napari_scrollseg.engine.train import train
 
-    overrides = None
-    if args.plans_overrides:
-        try:
-            overrides = json.loads(args.plans_overrides)
-        except json.JSONDecodeError as exc:
-            raise ScrollsegError(f"--plans-overrides is not valid JSON: {exc}") from exc
-        if not isinstance(overrides, dict):
-            raise ScrollsegError("--plans-overrides must be a JSON object")
-    bar = None
-    try:
-        for ev in train(
-            args.dataset,
-            results_dir=args.out,
-            configuration=args.config,
-            folds=args.fold,
-            device=args.device,
-            epochs=args.epochs,
-            iterations=args.iterations,
-            planner=args.planner,
-            num_processes=args.num_processes,
-            da_processes=args.da_processes,
-            resume=args.resume,
-            plans_overrides=overrides,
-            plans_name=args.plans_name,
-            preprocessed_dir=args.preprocessed,
-        ):
-            if ev.kind == "epoch":
-                if bar is None:
-                    bar = tqdm(
-                        total=ev.epochs, initial=ev.epoch, unit="epoch", desc=f"fold {ev.fold}"
-                    )
-                bar.update(ev.epoch + 1 - bar.n)
-                bar.set_postfix(loss=f"{ev.train_loss:.3f}", val=f"{ev.val_loss:.3f}")
-                tqdm.write(str(ev))
-            else:
-                if bar is not None and ev.kind in ("fold_done", "done"):
-                    bar.close()
-                    bar = None
-                tqdm.write(str(ev))
-    finally:
-        if bar is not None:
-            bar.close()
+    config = _config_from(args, TrainConfig)
+
+    def bar(ev: object) -> dict | None:
+        tqdm.write(str(ev))
+        if ev.kind == "epoch":
+            return {
+                "unit": "epoch",
+                "desc": f"fold {ev.fold}",
+                "total": ev.epochs,
+                "n": ev.epoch + 1,
+                "postfix": {"loss": f"{ev.train_loss:.3f}", "val": f"{ev.val_loss:.3f}"},
+            }
+        return {"close": True} if ev.kind in ("fold_done", "done") else None
+
+    drive(train(args.dataset, results_dir=args.out, **config.kwargs()), bar=bar)
     return 0
 
 

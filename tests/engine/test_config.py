@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from napari_scrollseg import cli
-from napari_scrollseg.engine.config import PredictConfig, options
+from napari_scrollseg.engine.config import ExportConfig, PredictConfig, TrainConfig, options
 from napari_scrollseg.engine.errors import ScrollsegError
 
 
@@ -15,6 +15,36 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
+
+
+@pytest.mark.parametrize(("command", "config"), [("export", ExportConfig), ("train", TrainConfig)])
+def test_export_and_train_cli_options_come_from_their_configs(command, config) -> None:
+    actions = {a.dest: a for a in _subparser(command)._actions}
+    for opt in options(config):
+        action = actions[opt.name]
+        assert opt.flag in action.option_strings
+        assert action.help == opt.help
+        assert opt.help
+        assert action.required == opt.required
+        if not opt.required:
+            assert action.default == opt.default
+
+
+def test_train_and_export_configs_validate() -> None:
+    assert TrainConfig(folds="all", plans_overrides='{"n_stages": 3}').plans_overrides == {
+        "n_stages": 3
+    }
+    with pytest.raises(ScrollsegError, match="--plans-overrides is not valid JSON"):
+        TrainConfig(plans_overrides="{n_stages: 3")
+    with pytest.raises(ScrollsegError, match="epochs must be at least 1"):
+        TrainConfig(epochs=0)
+    ok = {"classes": "air,papyrus,ink", "out_dir": "raw", "dataset_id": 3, "name": "A"}
+    assert ExportConfig(**ok, margin=[4]).margin == 4
+    assert ExportConfig(**ok).classes.names() == ["air", "papyrus", "ink"]
+    with pytest.raises(ScrollsegError, match=r"dataset ID must be an integer 1\.\.999"):
+        ExportConfig(**{**ok, "dataset_id": 1000})
+    with pytest.raises(ScrollsegError, match="one value or three"):
+        ExportConfig(**ok, margin=[1, 2])
 
 
 def test_predict_cli_options_come_from_predict_config() -> None:

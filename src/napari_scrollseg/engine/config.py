@@ -15,15 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_scrollseg.engine.dataset import ENDINGS, NORMS
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.train import PLANNERS
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.volumes import Volume
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "ExportConfig",
     "Option",
     "PredictConfig",
+    "TrainConfig",
     "options",
     "parse_folds",
     "parse_roi",
@@ -47,6 +51,9 @@ class Option:
     parse: Callable[[str], Any] | None = None
     choices: tuple[str, ...] | None = None
     switch: bool = False  # a yes/no option (``bool`` or ``bool | None``)
+    required: bool = False
+    nargs: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
 def _opt(
@@ -56,8 +63,19 @@ def _opt(
     flag: str | None = None,
     parse: Callable[[str], Any] | None = None,
     choices: tuple[str, ...] | None = None,
+    nargs: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
-    meta = {"help": help, "flag": flag, "parse": parse, "choices": choices}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "parse": parse,
+        "choices": choices,
+        "nargs": nargs,
+        "aliases": aliases,
+    }
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -72,6 +90,9 @@ def options(config: type) -> list[Option]:
             parse=f.metadata["parse"],
             choices=f.metadata["choices"],
             switch=str(f.type) in ("bool", "bool | None"),
+            required=f.default is dataclasses.MISSING,
+            nargs=f.metadata["nargs"],
+            aliases=f.metadata["aliases"],
         )
         for f in dataclasses.fields(config)
         if "help" in f.metadata
@@ -179,7 +200,7 @@ class PredictConfig:
         None, "autocast (float16 on CUDA); default: on CUDA only, as nnU-Net's predictor"
     )
     roi: str | tuple[Span, ...] | None = _opt(None, "z0:z1,y0:y1,x0:x1: predict this box only")
-    mask: str | os.PathLike | Volume | None = _opt(  # noqa: RUF009 (_opt gives a Field)
+    mask: str | os.PathLike | Volume | None = _opt(
         None, "skip tiles where this mask volume is empty"
     )
     num_workers: int = _opt(
@@ -239,3 +260,134 @@ class PredictConfig:
             "chunk": list(self.chunks),
             "superchunk": self.superchunk,
         }
+
+
+# -- export ----------------------------------------------------------------------------------
+REQUIRED = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of an export to an nnU-Net raw dataset (:func:`~napari_scrollseg.engine.
+    dataset.export_dataset`); ``classes`` becomes a :class:`ClassTable` (from names, a
+    comma-separated text or a ``.json`` class table)."""
+
+    classes: Any = _opt(REQUIRED, "class names for ids 1..K (air,papyrus,ink) or a .json")
+    out_dir: str | os.PathLike = _opt(REQUIRED, "nnU-Net raw folder (nnUNet_raw)", flag="--out")
+    dataset_id: int = _opt(REQUIRED, "nnU-Net dataset ID, 1..999", parse=int)
+    name: str = _opt(REQUIRED, "dataset name (letters, digits, '-')")
+    margin: int | tuple[int, ...] | None = _opt(
+        None, "voxels around the annotations (1 or 3)", parse=int, nargs="+"
+    )
+    norm: str = _opt("CT", "nnU-Net normalization of the channel", choices=tuple(NORMS))
+    ending: str = _opt(".tif", "file format of the images", choices=ENDINGS)
+    append: bool = _opt(False, "add cases to an existing dataset")
+    folds: int | None = _opt(None, "fail if fewer cases than folds", parse=int)
+
+    def __post_init__(self) -> None:
+        from napari_scrollseg.engine.annotations import ClassTable
+        from napari_scrollseg.engine.dataset import _check_options, _margins
+
+        classes = self.classes
+        if isinstance(classes, str):
+            is_json = classes.endswith(".json")
+            classes = ClassTable.from_json(classes) if is_json else ClassTable.from_names(classes)
+        elif not isinstance(classes, ClassTable):
+            classes = ClassTable.from_names(list(classes))
+        object.__setattr__(self, "classes", classes)
+        margin = self.margin
+        if isinstance(margin, (list, tuple)) and len(margin) == 1:
+            margin = margin[0]
+        if isinstance(margin, list):
+            margin = tuple(margin)
+        if margin is not None and np.ndim(margin) and len(margin) not in (1, 3):
+            raise ScrollsegError("--margin takes one value or three (z y x)")
+        object.__setattr__(self, "margin", margin)
+        _check_options(
+            classes, dataset_id=self.dataset_id, name=self.name, norm=self.norm, ending=self.ending
+        )
+        _margins(margin)
+        _check(self.folds is None or self.folds >= 1, f"folds must be at least 1, got {self.folds}")
+
+    def kwargs(self) -> dict:
+        """The options as keywords of :func:`~napari_scrollseg.engine.dataset.
+        iter_export_dataset`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# -- training --------------------------------------------------------------------------------
+TRAIN_DEVICES = ("cpu", "cuda", "mps")
+
+
+def _fold(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"a fold is a number or 'all', got {text!r}") from None
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of a training run (:func:`~napari_scrollseg.engine.train.train`);
+    ``plans_overrides`` may be given as JSON text."""
+
+    configuration: str = _opt("3d_fullres", "nnU-Net configuration (%(default)s)", flag="--config")
+    folds: tuple[int | str, ...] = _opt(
+        (0,), "fold(s) to train, or 'all' (0)", flag="--fold", parse=_fold, nargs="+"
+    )
+    device: str | None = _opt(None, "default: best", choices=TRAIN_DEVICES)
+    epochs: int | None = _opt(None, "epochs (nnU-Net: 1000)", parse=positive_int)
+    iterations: int | None = _opt(None, "iterations/epoch (250)", parse=positive_int)
+    planner: str = _opt("default", "nnU-Net experiment planner", choices=PLANNERS)
+    num_processes: int = _opt(
+        2,
+        "processes for fingerprint and preprocessing (%(default)s)",
+        parse=positive_int,
+        aliases=("-np",),
+    )
+    da_processes: int | None = _opt(
+        None, "data-augmentation processes (0: in the training process)", parse=int
+    )
+    resume: bool = _opt(False, "continue from the latest checkpoint", aliases=("--continue", "--c"))
+    validate: bool = _opt(True, "nnU-Net's validation of each fold at the end (default: on)")
+    plans_overrides: dict | None = _opt(
+        None,
+        'network/patch changes, e.g. \'{"n_stages": 3, "features_per_stage": '
+        '[4, 8, 16], "patch_size": [32, 64, 64]}\'',
+    )
+    plans_name: str | None = _opt(None, "name of the overridden plans")
+    preprocessed_dir: str | os.PathLike | None = _opt(
+        None, "nnUNet_preprocessed (default: OUT/...)", flag="--preprocessed"
+    )
+
+    def __post_init__(self) -> None:
+        import json
+
+        set_ = object.__setattr__
+        folds = [self.folds] if isinstance(self.folds, (int, str)) else self.folds
+        set_(self, "folds", tuple(f if f == "all" else int(f) for f in folds))
+        for name in ("epochs", "iterations"):
+            value = _optional_int(getattr(self, name))
+            _check(value is None or value >= 1, f"{name} must be at least 1, got {value}")
+        _check(
+            self.device in (None, "auto", *TRAIN_DEVICES),
+            f"unknown device {self.device!r}: use cpu, cuda or mps",
+        )
+        overrides = self.plans_overrides
+        if isinstance(overrides, str):
+            try:
+                overrides = json.loads(overrides)
+            except json.JSONDecodeError as exc:
+                raise ScrollsegError(f"--plans-overrides is not valid JSON: {exc}") from exc
+            _check(isinstance(overrides, dict), "--plans-overrides must be a JSON object")
+            set_(self, "plans_overrides", overrides)
+
+    def kwargs(self) -> dict:
+        """The options as keywords of :func:`~napari_scrollseg.engine.train.train`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -27,8 +27,8 @@ def drive(
     ``progress(event)`` is called for every event. ``bar(event)`` gives the state of a
     tqdm bar for the event (``total``, ``n``, ``postfix``, and ``unit``/``desc`` when it
     opens), or None to leave it as it is; a bar opens at the first state, so errors
-    raised before that come without one, and a state with ``"close": True`` closes it
-    (the next state opens a new one).
+    raised before that come without one; ``{"close": True}`` closes it (the next state
+    opens a new one).
     """
     pbar = None
     try:
@@ -51,6 +51,10 @@ def drive(
 def _update(pbar: Any, state: dict) -> Any:
     from tqdm.auto import tqdm
 
+    if state.get("close"):
+        if pbar is not None:
+            pbar.close()
+        return None
     if pbar is None:
         pbar = tqdm(
             unit=state.get("unit", "it"),
@@ -64,7 +68,4 @@ def _update(pbar: Any, state: dict) -> Any:
     if state.get("postfix"):
         pbar.set_postfix(**state["postfix"], refresh=False)
     pbar.refresh()
-    if state.get("close"):
-        pbar.close()
-        return None
     return pbar
