@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_scrollseg.engine.annotations import ClassTable, _volume_parts, ignore_value
+from napari_scrollseg.engine.annotations import ClassTable, ignore_value
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.volumes import as_czyx, volume_parts
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -395,21 +396,12 @@ def _source_name(obj: Any) -> str:
 
 
 def _open_image(image: Any) -> tuple[da.Array, tuple | None, tuple | None]:
-    import dask.array as da
-
     if isinstance(image, (str, os.PathLike)):
         from napari_scrollseg.engine.volumes import open_volume
 
         image = open_volume(image)
-    data, spacing, origin = _volume_parts(image)
-    if not isinstance(data, da.Array):
-        data = np.asarray(data)
-        data = da.from_array(data, chunks=(64,) * data.ndim)
-    if data.ndim == 3:
-        data = data[None]
-    if data.ndim != 4:
-        raise ScrollsegError(f"images must be 3D (z, y, x) or (c, z, y, x), got {data.shape}")
-    return data, spacing, origin
+    data, spacing = as_czyx(image)
+    return data, spacing, volume_parts(image)[2]
 
 
 def _open_labels(labels: Any) -> tuple[Any, tuple | None]:
@@ -426,7 +418,7 @@ def _open_labels(labels: Any) -> tuple[Any, tuple | None]:
             labels = open_volume(labels)
     if isinstance(labels, AnnotationStore):
         return labels, labels.spacing
-    data, spacing, _ = _volume_parts(labels)
+    data, spacing, _ = volume_parts(labels)
     if not isinstance(data, da.Array):
         data = np.asarray(data)
         data = da.from_array(data, chunks=(64,) * data.ndim)
