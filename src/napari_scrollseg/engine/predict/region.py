@@ -19,7 +19,13 @@ import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.predict.session import Predictor
-from napari_scrollseg.engine.predict.tiles import _add_tile, finalize, iter_tiles
+from napari_scrollseg.engine.predict.tiles import (
+    _add_tile,
+    data_mask,
+    finalize,
+    iter_tiles,
+    prefetch,
+)
 from napari_scrollseg.engine.tiling import BLEND_MODES, weight_map, weight_sum
 from napari_scrollseg.engine.volumes import as_czyx
 
@@ -72,16 +78,18 @@ def _as_box(box: Any, shape: tuple[int, ...]) -> Box:
     return tuple(out)
 
 
-def _inside(data: Box, box: Box) -> np.ndarray:
-    """Boolean mask over ``box`` of the voxels inside the nonzero box ``data``."""
-    inside = np.zeros(tuple(b.stop - b.start for b in box), bool)
-    inside[
-        tuple(
-            slice(max(d.start, b.start) - b.start, max(min(d.stop, b.stop) - b.start, 0))
-            for d, b in zip(data, box)
-        )
-    ] = True
-    return inside
+def _from_cache(
+    cache: TileCache | None, prefix: tuple, tiles: list, logit_sum: np.ndarray, patch: Any, box: Box
+) -> list[tuple[int, ...]]:
+    """Add the cached tiles' logits into ``logit_sum``; return the tiles still to run."""
+    todo = []
+    for tile in tiles:
+        hit = cache.get((*prefix, tile)) if cache is not None else None
+        if hit is None:
+            todo.append(tile)
+        else:
+            _add_tile(logit_sum, tile, patch, hit, box)
+    return todo
 
 
 def iter_predict_region(
@@ -135,28 +143,11 @@ def iter_predict_region(
     prefix = (model.sha256, model.configuration, str(model.device), arr.name, repr(grid.data))
     prefix += (mode, model.autocast(half), blend)
     logit_sum = np.zeros((model.n_classes, *(b.stop - b.start for b in box)), np.float32)
-    tiles = []
     touching = grid.tiles_intersecting(box)
-    for tile in touching:
-        hit = cache.get((*prefix, tile)) if cache is not None else None
-        if hit is None:
-            tiles.append(tile)
-        else:
-            _add_tile(logit_sum, tile, patch, hit, box)
+    tiles = _from_cache(cache, prefix, touching, logit_sum, patch, box)
     n_cached = len(touching) - len(tiles)
     if tiles:
-        lo = [min(t[a] for t in tiles) for a in range(3)]
-        hi = [max(t[a] for t in tiles) + patch[a] for a in range(3)]
-        ctx_box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        ctx = model.reader(volume, bbox=grid.data)(ctx_box)
-
-        def read(b: Box) -> np.ndarray:
-            return ctx[
-                (
-                    slice(None),
-                    *(slice(s.start - c.start, s.stop - c.start) for s, c in zip(b, ctx_box)),
-                )
-            ]
+        read = prefetch(model.reader(volume, bbox=grid.data), tiles, patch)
 
         def keep(tile: tuple[int, ...], weighted: Any) -> None:
             cache.put((*prefix, tile), weighted.cpu().numpy())  # type: ignore[union-attr]
@@ -179,7 +170,7 @@ def iter_predict_region(
         logit_sum += out.cpu().numpy()
     weights = weight_sum(grid, box, weight_map(patch, blend))
     log.debug("predicted box %s: %d tiles run", box, len(tiles))
-    probs, labels = finalize(logit_sum, weights, data=_inside(grid.data, box))
+    probs, labels = finalize(logit_sum, weights, data=data_mask(grid.data, box))
     yield RegionProgress(box, len(tiles), len(touching), n_cached, probs, labels)
     return probs, labels
 

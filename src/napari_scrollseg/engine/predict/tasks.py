@@ -131,7 +131,7 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
     import dask
 
-    from napari_scrollseg.engine.predict.tiles import run_tiles
+    from napari_scrollseg.engine.predict.tiles import prefetch, run_tiles
     from napari_scrollseg.engine.tiling import tile_overlap
 
     session = _session(job)
@@ -139,19 +139,12 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     volume = _resolve(job.volume)
     patch = tuple(job.grid.patch)
     tiles = spec.tiles
-    # prefetch: read + normalise the union of the tiles outside the device lock
-    lo = tuple(min(t[a] for t in tiles) for a in range(len(patch)))
-    hi = tuple(max(t[a] for t in tiles) + patch[a] for a in range(len(patch)))
-    read_box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    # the driver's bbox and normaliser: workers do no whole-volume reductions; the read
-    # runs in this task's thread (parallelism comes from tasks, not nested thread pools)
+    # prefetch: read + normalise the union of the tiles outside the device lock, with the
+    # driver's bbox and normaliser (workers do no whole-volume reductions); the read runs
+    # in this task's thread (parallelism comes from tasks, not nested thread pools)
     read_all = model.reader(volume, bbox=job.grid.data, normalizer=job.normalizer)
     with dask.config.set(scheduler="synchronous"):
-        data = read_all(read_box)
-
-    def read(box: tuple[slice, ...]) -> np.ndarray:
-        local = tuple(slice(s.start - o, s.stop - o) for s, o in zip(box, lo))
-        return data[(slice(None), *local)]
+        read = prefetch(read_all, tiles, patch)
 
     out_box = tuple(slice(a, b) for a, b in spec.ext)
     with session.lock:  # one block on the device at a time: bounded device memory
@@ -181,7 +174,7 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
 
 def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     """Sum the partials over a chunk, normalise, write it, then mark it done."""
-    from napari_scrollseg.engine.predict.tiles import finalize
+    from napari_scrollseg.engine.predict.tiles import data_mask, finalize
     from napari_scrollseg.engine.tiling import weight_sum
 
     shape = tuple(b - a for a, b in spec.box)
@@ -200,13 +193,7 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     if weights is None:
         box = tuple(slice(a, b) for a, b in spec.box)
         weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
-    inside = np.zeros(shape, dtype=bool)
-    inside[
-        tuple(
-            slice(min(max(d.start, c0), c1) - c0, max(min(d.stop, c1), c0) - c0)
-            for d, (c0, c1) in zip(job.grid.data, spec.box)
-        )
-    ] = True
+    inside = data_mask(job.grid.data, tuple(slice(a, b) for a, b in spec.box))
     if job.mask is not None:
         inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
     probs, labels = finalize(acc, weights, data=inside)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from napari_scrollseg.engine.model import LoadedModel
     from napari_scrollseg.engine.predict.session import Predictor
 
-__all__ = ["finalize", "grid_patch", "iter_tiles", "run_tiles"]
+__all__ = ["data_mask", "finalize", "grid_patch", "iter_tiles", "prefetch", "run_tiles"]
 
 Box = tuple[slice, ...]
 
@@ -166,6 +166,36 @@ def run_tiles(
         if on_batch is not None:
             on_batch(done, len(tiles))
     return total if out is None else out.cpu().numpy()
+
+
+def prefetch(
+    read: Callable[[Box], np.ndarray], tiles: Sequence[tuple[int, ...]], patch: Sequence[int]
+) -> Callable[[Box], np.ndarray]:
+    """Read the union box of ``tiles`` once (one ``read`` call); serve each tile's box from
+    it (the ``read`` :func:`iter_tiles` takes)."""
+    lo = [min(t[a] for t in tiles) for a in range(len(patch))]
+    hi = [max(t[a] for t in tiles) + patch[a] for a in range(len(patch))]
+    data = read(tuple(slice(a, b) for a, b in zip(lo, hi)))
+
+    def cut(box: Box) -> np.ndarray:
+        return data[(slice(None), *(slice(s.start - o, s.stop - o) for s, o in zip(box, lo)))]
+
+    return cut
+
+
+def data_mask(data: Box, box: Box) -> np.ndarray:
+    """Boolean mask over ``box`` of the voxels inside ``data`` (the nonzero box)."""
+    inside = np.zeros(tuple(b.stop - b.start for b in box), bool)
+    inside[
+        tuple(
+            slice(
+                min(max(d.start, b.start), b.stop) - b.start,
+                max(min(d.stop, b.stop), b.start) - b.start,
+            )
+            for d, b in zip(data, box)
+        )
+    ] = True
+    return inside
 
 
 def _add_tile(out: Any, tile: Sequence[int], patch: Sequence[int], weighted: Any, box: Box) -> None:
