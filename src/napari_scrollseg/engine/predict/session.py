@@ -109,17 +109,10 @@ class Predictor:
         m = self.model
         return ModelRef(self.path, m.folds, m.checkpoint, self._device_arg)
 
-    def forward(
-        self,
-        batch: torch.Tensor,
-        *,
-        mirror: bool = True,
-        tta: str | None = None,
-        half: bool | None = None,
-    ) -> torch.Tensor:
-        """:meth:`LoadedModel.forward` under the session's lock, counted."""
+    def forward(self, batch: torch.Tensor, **options: Any) -> torch.Tensor:
+        """:meth:`LoadedModel.forward` (same options) under the session's lock, counted."""
         with self.lock:
-            out = self.model.forward(batch, mirror=mirror, tta=tta, half=half)
+            out = self.model.forward(batch, **options)
             self.forward_passes += int(batch.shape[0])
         return out
 

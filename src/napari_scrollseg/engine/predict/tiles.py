@@ -58,7 +58,7 @@ def iter_tiles(
 
     ``sum`` is the float32 ``(n_classes, *out_box shape)`` tensor of weighted logits so
     far, kept on the model's device. Closing the generator stops before the next batch.
-    Arguments as :func:`run_tiles`.
+    Arguments as :func:`run_tiles` (which documents the options).
     """
     import torch
 
@@ -105,13 +105,8 @@ def run_tiles(
     tiles: Sequence[tuple[int, ...]],
     *,
     out_box: Box,
-    mirror: bool = True,
-    batch_size: int = 4,
-    half: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-    tta: str | None = None,
-    blend: str = "gaussian",
-    on_tile: Callable[[tuple[int, ...], Any], None] | None = None,
+    **options: Any,
 ) -> np.ndarray:
     """Sum of the weighted logits of ``tiles`` inside ``out_box``.
 
@@ -130,17 +125,15 @@ def run_tiles(
         Tile starts in volume coordinates (from the :class:`Grid`).
     out_box
         The output box (volume coordinates); tiles may stick out of it.
-    mirror, tta, half
-        Passed to :meth:`LoadedModel.forward`.
-    batch_size
-        Tiles per network batch (the network sees ``batch_size`` x TTA passes).
     on_batch
         Called as ``on_batch(tiles_done, tiles_total)`` after each batch.
-    blend
-        ``"gaussian"`` (nnU-Net) or ``"uniform"``.
-    on_tile
-        Called as ``on_tile(tile, weighted)`` with each tile's weighted logits, a
-        ``(n_classes, *patch)`` tensor on the device (for :class:`TileCache`).
+    options
+        Of :func:`iter_tiles`: ``mirror``, ``tta``, ``half`` (passed to
+        :meth:`LoadedModel.forward`), ``batch_size`` (tiles per network batch; the network
+        sees ``batch_size`` x TTA passes), ``blend`` (``"gaussian"``, nnU-Net's, or
+        ``"uniform"``), ``on_tile`` (called as ``on_tile(tile, weighted)`` with each tile's
+        weighted logits, a ``(n_classes, *patch)`` tensor on the device, for the
+        :class:`TileCache`).
 
     Returns
     -------
@@ -148,20 +141,10 @@ def run_tiles(
         float32 ``(n_classes, *out_box shape)``.
     """
     lm = _model_of(model)
+    tiles = list(tiles)
     total = np.zeros((lm.n_classes, *(b.stop - b.start for b in out_box)), np.float32)
     out = None
-    for done, partial in iter_tiles(
-        model,
-        read,
-        tiles,
-        out_box=out_box,
-        mirror=mirror,
-        batch_size=batch_size,
-        half=half,
-        tta=tta,
-        blend=blend,
-        on_tile=on_tile,
-    ):
+    for done, partial in iter_tiles(model, read, tiles, out_box=out_box, **options):
         out = partial
         if on_batch is not None:
             on_batch(done, len(tiles))
