@@ -715,14 +715,14 @@ class AnnotationStore:
         z_stop: int | None = None,
         threshold_from: Literal["slice", "volume"] = "slice",
         upper: float | None = None,
-        label: int = 1,
+        label: int | None = 1,
         below: int | None = None,
         max_blocks: int = 256,
     ) -> float:
         """Fill slices ``z..z_stop-1`` (default: the middle slice) from an Otsu threshold.
 
-        Voxels with ``threshold < image < upper`` get ``label``; voxels at or below the
-        threshold get ``below`` when given. Only unlabeled voxels are filled: painted
+        Voxels with ``threshold < image < upper`` get ``label`` (None: left as they are),
+        voxels at or below the threshold get ``below`` when given. Only unlabeled voxels are filled: painted
         voxels (classes and ignore) are never overwritten. The threshold comes from
         slice ``z`` or from the volume (a histogram over at most ``max_blocks`` evenly
         spread dask blocks, so the volume is never loaded whole). Returns the threshold.
@@ -757,7 +757,8 @@ class AnnotationStore:
                 above &= plane < upper
             current = self[zi]
             free = current == UNLABELED
-            current[above & free] = label
+            if label is not None:
+                current[above & free] = label
             if below is not None:
                 current[(plane <= threshold) & free] = below
             filled += int(free.sum() - (current == UNLABELED).sum())
