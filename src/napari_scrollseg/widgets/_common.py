@@ -99,6 +99,7 @@ class EngineWorker(_SuperqtGeneratorWorker):
                     self.yielded.emit(event)
                 except RuntimeError as exc:  # the worker's Qt object is gone (app closing)
                     return exc  # superqt's convention: run() only warns
+            self._gen.close()  # before `aborted`: listeners see the engine's cleanup done
             self.aborted.emit()
             return None
         finally:

@@ -34,6 +34,7 @@ from napari_scrollseg.engine.dataset import (
     ENDINGS,
     MIN_FOLDS_WARNING,
     NORMS,
+    ExportProgress,
     iter_export_dataset,
     planned_case_count,
     verify_dataset,
@@ -55,7 +56,9 @@ if TYPE_CHECKING:
 
 
 def _describe(event: Any) -> str:
-    return f"case {event.index + 1}/{event.n_cases} ({event.case}): {event.done}/{event.total}"
+    if isinstance(event, ExportProgress):
+        return f"case {event.index + 1}/{event.n_cases} ({event.case}): {event.done}/{event.total}"
+    return "nnU-Net integrity check..."
 
 
 def _verify_job(dataset: Path):
