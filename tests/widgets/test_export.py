@@ -62,6 +62,7 @@ def export_widget(viewer, out: Path, *, dataset_id: int = 11, name: str = "Test"
     widget.id_spin.setValue(dataset_id)
     widget.name_edit.setText(name)
     widget.margin_spin.setValue(4)
+    widget.verify_check.setChecked(False)  # nnU-Net's check takes ~30 s: one test runs it
     return widget
 
 
@@ -76,6 +77,7 @@ def test_export_gives_a_dataset_nnunet_accepts(make_napari_viewer, qtbot, tmp_pa
     qtbot.mouseClick(widget.add_pair_button, LEFT)
     assert widget.pair_table.rowCount() == 1
     assert widget.classes_label.text() == "air, papyrus, ink"
+    widget.verify_check.setChecked(True)
     seen = []
     session().changed.connect(seen.append)
     # GUI stalls: a 10 ms timer keeps ticking while the export runs off thread
@@ -129,8 +131,14 @@ def test_cancel_leaves_nothing_a_rerun_trusts(make_napari_viewer, qtbot, tmp_pat
     # the rerun exports the whole case
     qtbot.mouseClick(widget.export_button, LEFT)
     wait_idle(qtbot, widget)
-    assert widget.verdict.text().endswith("integrity check passed")
+    assert widget.verdict.text().startswith("wrote")
     assert [p.name for p in out.iterdir()] == ["Dataset011_Test"]
+    dataset = out / "Dataset011_Test"
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 1
+    import tifffile
+
+    image = tifffile.imread(dataset / "imagesTr" / "Test_000_0000.tif")
+    assert image.shape == tifffile.imread(dataset / "labelsTr" / "Test_000.tif").shape
 
 
 # -- bad input: one clear message, nothing written -----------------------------------------
@@ -197,6 +205,11 @@ def test_append_adds_cases(make_napari_viewer, qtbot, tmp_path):
     qtbot.mouseClick(widget.export_button, LEFT)
     assert "2 case(s)" in widget.warning_label.text()
     wait_idle(qtbot, widget)
-    assert widget.verdict.text().endswith("integrity check passed")
-    meta = json.loads((tmp_path / "raw" / "Dataset011_Test" / "dataset.json").read_text())
+    assert widget.verdict.text().startswith("wrote")
+    dataset = tmp_path / "raw" / "Dataset011_Test"
+    meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["numTraining"] == 2
+    assert sorted(p.name for p in (dataset / "imagesTr").glob("*.tif")) == [
+        "Test_000_0000.tif",
+        "Test_001_0000.tif",
+    ]

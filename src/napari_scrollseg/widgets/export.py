@@ -107,6 +107,8 @@ class ExportWidget(QWidget):
         browse = QPushButton("...")
         browse.clicked.connect(self._browse)
         self.append_check = QCheckBox("append to an existing dataset")
+        self.verify_check = QCheckBox("then run nnU-Net's integrity check")
+        self.verify_check.setChecked(True)
         self.export_button = QPushButton("Export")
         self.export_button.clicked.connect(self.export)
         self.progress = ProgressRow(describe=_describe)
@@ -130,6 +132,7 @@ class ExportWidget(QWidget):
         form.addRow("file ending", self.ending_combo)
         form.addRow("nnUNet_raw", out_row)
         form.addRow(self.append_check)
+        form.addRow(self.verify_check)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("(image, annotation) pairs"))
         layout.addWidget(self.pair_table)
@@ -267,6 +270,9 @@ class ExportWidget(QWidget):
     def _exported(self, dataset: Path) -> None:
         self.dataset = Path(dataset)
         session().last_dataset = self.dataset
+        if not self.verify_check.isChecked():
+            self._finished(f"wrote {self.dataset} (integrity check not run)")
+            return
         self.verdict.setText(f"wrote {self.dataset}; running nnU-Net's integrity check...")
         self.worker = start_worker(
             _verify_job,
