@@ -217,3 +217,144 @@ def test_kill_9_during_save_leaves_old_or_new_chunks(tmp_path: Path) -> None:
         assert gens <= {last, last + 1}, (gens, last)
         start = last + 2
     assert kills == 4
+
+
+# -- what the annotate widget calls -------------------------------------------------------
+def _full_counts(store: AnnotationStore) -> tuple[dict, tuple]:
+    labels = store[:]
+    values, n = np.unique(labels, return_counts=True)
+    voxels = {int(v): int(c) for v, c in zip(values, n) if v}
+    slices = tuple(
+        np.flatnonzero((labels != 0).any(axis=tuple(a for a in range(3) if a != ax))).tolist()
+        for ax in range(3)
+    )
+    return voxels, slices
+
+
+def test_counts_follow_each_paint_without_rescanning(tmp_path: Path) -> None:
+    store = AnnotationStore.create(
+        tmp_path / "c.zarr", shape=(20, 30, 40), classes=NAMES, chunks=(8, 16, 16)
+    )
+    store[3, 2:9, 5:30] = 2
+    store.save()
+    store = AnnotationStore.open(store.path)
+    assert store.counts().voxels == {2: 7 * 25}  # first call counts the stored chunks
+    rng = np.random.default_rng(0)
+    calls = []
+    original = store._recount
+    store._recount = lambda: calls.append(1) or original()  # type: ignore[method-assign]
+    for _ in range(30):
+        z, y, x = rng.integers(0, (20, 30, 40))
+        value = int(rng.choice([0, 1, 2, 3, 255]))
+        store[z, max(0, y - 3) : y + 3, max(0, x - 4) : x + 4] = value
+        got = store.counts()
+        assert (got.voxels, got.slices) == _full_counts(store)
+    assert calls == []  # counts came from the painted boxes alone
+    assert store.class_counts() == store.counts().voxels
+
+
+def test_class_edits_keep_ids_and_removal_clears_voxels(tmp_path: Path) -> None:
+    path = tmp_path / "e.zarr"
+    store = AnnotationStore.create(path, shape=(8, 16, 16), classes=NAMES, chunks=(4, 8, 8))
+    store[1, 0:4, 0:4] = 2
+    store[2, 0:2, 0:2] = 3
+    store[5, 8:10, 8:10] = 255
+    store.save()
+    assert store.add_class("crack").id == 4
+    store[6, 0, 0:3] = 4
+    store.rename_class(2, "sheet")
+    store.recolor_class(3, (1, 2, 3))
+    assert store[1, 0, 0] == 2  # renaming never repaints
+    with pytest.raises(ScrollsegError, match=r"three values 0\.\.255"):
+        store.recolor_class(1, (300, 0, 0))
+    with pytest.raises(ScrollsegError, match="unique"):
+        store.rename_class(1, "ink")
+    assert store.remove_class(2) == 16  # sheet: its 16 voxels become unlabeled
+    assert store.classes.names() == ["air", "ink", "crack"]
+    assert store.classes.classes[1].color == (1, 2, 3)
+    assert store[1, 0, 0] == 0
+    assert store[2, 0, 0] == 2  # ink moved down from 3 to 2
+    assert store[6, 0, 2] == 3  # crack from 4 to 3
+    assert store[5, 8, 8] == 255  # ignore stays
+    store.save()
+    reopened = AnnotationStore.open(path)
+    assert reopened.classes.names() == ["air", "ink", "crack"]
+    assert reopened.counts().voxels == {2: 4, 3: 3, 255: 4}
+    # the NGFF label metadata (what napari-ome-zarr shows) follows the table
+    attrs = json.loads((path / ".zattrs").read_text())
+    names = {p["label-value"]: p["class"] for p in attrs["image-label"]["properties"]}
+    assert names == {1: "air", 2: "ink", 3: "crack", 255: "ignore"}
+
+
+def test_otsu_start_fills_only_unlabeled_voxels_above_and_below(tmp_path: Path) -> None:
+    image, _ = make_phantom((24, 64, 64), seed=1)
+    store = AnnotationStore.create(tmp_path / "o.zarr", shape=image.shape, classes=NAMES)
+    store[5:7, 10:20, 10:20] = 3
+    store[6, 30:40, 30:40] = 255
+    t = store.otsu_start(image, z=5, z_stop=8, threshold_from="volume", label=2, below=1)
+    labels = store[:]
+    for z in (5, 6, 7):
+        free = np.ones((64, 64), bool)
+        if z in (5, 6):
+            free[10:20, 10:20] = False
+        if z == 6:
+            free[30:40, 30:40] = False
+        assert np.array_equal(labels[z][free] == 2, image[z][free] > t)
+        assert np.array_equal(labels[z][free] == 1, image[z][free] <= t)
+    assert (labels[5:7, 10:20, 10:20] == 3).all()  # painted voxels kept
+    assert (labels[6, 30:40, 30:40] == 255).all()
+    assert not labels[:5].any()
+    assert not labels[8:].any()
+    with pytest.raises(ScrollsegError, match="class 9 is not in the table"):
+        store.otsu_start(image, label=9)
+
+
+def test_bad_store_locations_say_what_to_do(tmp_path: Path) -> None:
+    not_a_store = tmp_path / "notes.zarr"
+    not_a_store.write_text("hello")
+    with pytest.raises(ScrollsegError, match="not a scrollseg annotation store"):
+        AnnotationStore.open(not_a_store)
+    store = AnnotationStore.create(tmp_path / "s.zarr", shape=(4, 4, 4), classes=NAMES)
+    (store.path / ".zattrs").write_text("{broken json")
+    with pytest.raises(ScrollsegError, match="damaged"):
+        AnnotationStore.open(store.path)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ScrollsegError, match="not a writable folder"):
+        AnnotationStore.create(a_file / "a.zarr", shape=(4, 4, 4), classes=NAMES)
+
+
+def test_read_only_store_locations_say_what_to_do(tmp_path: Path, read_only_dir: Path) -> None:
+    with pytest.raises(ScrollsegError, match="not a writable folder"):
+        AnnotationStore.create(read_only_dir / "a.zarr", shape=(4, 4, 4), classes=NAMES)
+    store = AnnotationStore.create(tmp_path / "s.zarr", shape=(4, 4, 4), classes=NAMES)
+    (store.path / "0").chmod(0o555)
+    try:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders: the open check needs another user")
+        with pytest.raises(ScrollsegError, match="is read-only"):
+            AnnotationStore.open(store.path)
+    finally:
+        (store.path / "0").chmod(0o755)
+
+
+def test_common_classes_must_agree(tmp_path: Path) -> None:
+    from napari_scrollseg.engine.annotations import common_classes
+
+    a = AnnotationStore.create(tmp_path / "a.zarr", shape=(4, 4, 4), classes=NAMES)
+    b = AnnotationStore.create(tmp_path / "b.zarr", shape=(4, 4, 4), classes=NAMES)
+    b.recolor_class(1, (9, 9, 9))
+    assert common_classes([a, b]).names() == NAMES
+    b.rename_class(3, "crack")
+    with pytest.raises(ScrollsegError, match="disagree on their classes"):
+        common_classes([a, b])
+    with pytest.raises(ScrollsegError, match="at least one"):
+        common_classes([])
+
+
+def test_default_store_path_is_beside_the_volume() -> None:
+    from napari_scrollseg.engine.annotations import default_store_path
+
+    assert default_store_path("/data/scroll1.zarr") == Path("/data/scroll1.annotations.zarr")
+    assert default_store_path("/data/s.ome.zarr/") == Path("/data/s.annotations.zarr")
+    assert default_store_path("/data/slices") == Path("/data/slices.annotations.zarr")

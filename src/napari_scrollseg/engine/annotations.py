@@ -23,6 +23,7 @@ timer); :func:`autosave_every` is a small helper for scripts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from napari_scrollseg.engine.colors import TRANSPARENT, label_colormap, palette_color
+from napari_scrollseg.engine.colors import IGNORE_COLOR, TRANSPARENT, label_colormap, palette_color
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.volumes import volume_parts
 
@@ -153,6 +154,48 @@ class ClassTable:
         return label_colormap(colors, default=TRANSPARENT, ignore=ignore)
 
 
+def _image_label(classes: ClassTable, ignore: int) -> dict[str, Any]:
+    """NGFF ``image-label`` colours and class names (ignore grey) of a class table."""
+    colors = {c.id: (*c.color, 255) for c in classes.classes}
+    colors[ignore] = tuple(round(c * 255) for c in IGNORE_COLOR)
+    names = {c.id: c.name for c in classes.classes}
+    names[ignore] = "ignore"
+    return {
+        "colors": [{"label-value": v, "rgba": list(c)} for v, c in colors.items()],
+        "properties": [{"label-value": v, "class": n} for v, n in names.items()],
+    }
+
+
+@dataclass(frozen=True)
+class AnnotationCounts:
+    """Voxels per label value (``0`` left out) and the annotated slice indices per axis."""
+
+    voxels: dict[int, int]
+    slices: tuple[list[int], list[int], list[int]]
+
+
+def default_store_path(image_source: str | Path) -> Path:
+    """Where a volume's annotations go by default: ``<volume name>.annotations.zarr`` beside it."""
+    source = Path(str(image_source).rstrip("/"))
+    name = source.name
+    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".h5"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return source.with_name(f"{name or 'volume'}.annotations.zarr")
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried, so read-only mounts count too)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _normalize_box(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
     """Basic-indexing key -> (step-1 slices clipped to ``shape``, axes indexed by an int)."""
     if not isinstance(key, tuple):
@@ -208,21 +251,34 @@ class AnnotationStore:
             group = _group if _group is not None else zarr.open_group(str(self.path), mode="r+")
             meta = dict(group.attrs[ATTRS_KEY]["annotation"])
             self._array = group["0"]
-        except (OSError, KeyError, TypeError, ValueError) as exc:
+            spacing = tuple(float(v) for v in meta["spacing"])
+            origin = tuple(float(o) for o in meta["origin"])
+            classes = ClassTable.from_dict(meta["classes"])
+            if len(self._array.shape) != 3:
+                raise ValueError("not 3D")
+        except (OSError, KeyError, TypeError, ValueError, ScrollsegError) as exc:
             raise ScrollsegError(
-                f"{self.path} is not a scrollseg annotation store; create one with "
-                "AnnotationStore.create or open_or_create"
+                f"{self.path} is not a scrollseg annotation store (or it is damaged: {exc}); "
+                "choose another path, or create a new store"
             ) from exc
         self._group = group
-        self.spacing = tuple(float(s) for s in meta["spacing"])
-        self.origin = tuple(float(o) for o in meta["origin"])
-        self._classes = ClassTable.from_dict(meta["classes"])
+        self.spacing = spacing
+        self.origin = origin
+        self._classes = classes
         self.dtype = np.dtype(self._array.dtype)
         self.ignore_value = ignore_value(self.dtype)
         self.chunks = tuple(int(c) for c in self._array.chunks)
         self._dirty: dict[tuple[int, ...], np.ndarray] = {}
         self._meta_dirty = False
         self._lock = threading.RLock()
+        # running counts (see counts()): per value, and non-zero voxels per index of each axis
+        self._voxels: np.ndarray | None = None
+        self._per_slice: list[np.ndarray] | None = None
+        if not _writable(self.path / "0"):
+            raise ScrollsegError(
+                f"annotation store {self.path} is read-only; copy it to a writable folder "
+                "(or fix its permissions) to annotate"
+            )
         self._remove_partials()
 
     # -- construction ------------------------------------------------------------------
@@ -259,10 +315,13 @@ class AnnotationStore:
             "ignore": ign,
             "classes": classes.to_dict(),
         }
-        colors = {c.id: (*c.color, 255) for c in classes.classes}
-        colors[ign] = (128, 128, 128, 160)
-        names = {c.id: c.name for c in classes.classes}
-        names[ign] = "ignore"
+        parent = Path(path).parent
+        with contextlib.suppress(OSError):
+            parent.mkdir(parents=True, exist_ok=True)
+        if not _writable(parent):
+            raise ScrollsegError(
+                f"cannot create {path}: {parent} is not a writable folder; choose another path"
+            )
         group = omezarr.create_image(
             path,
             shape=shape,
@@ -274,10 +333,7 @@ class AnnotationStore:
             name=Path(path).name,
             attrs={ATTRS_KEY: {"annotation": meta}},
             overwrite=overwrite,
-            image_label={
-                "colors": [{"label-value": v, "rgba": list(c)} for v, c in colors.items()],
-                "properties": [{"label-value": v, "class": n} for v, n in names.items()],
-            },
+            image_label=_image_label(classes, ign),
         )
         log.info("created annotation store %s shape %s", path, shape)
         return cls(path, _group=group)
@@ -436,6 +492,8 @@ class AnnotationStore:
                 if buf is None:
                     buf = np.array(self._array[cbox], dtype=self.dtype)
                 in_box, in_chunk = _overlap(box, cbox)
+                if self._voxels is not None:
+                    self._count_change(buf[in_chunk], value[in_box], in_chunk, cbox)
                 buf[in_chunk] = value[in_box]
                 self._dirty[idx] = buf
 
@@ -445,7 +503,9 @@ class AnnotationStore:
             if self._meta_dirty:
                 attrs = dict(self._group.attrs[ATTRS_KEY])
                 attrs["annotation"] = {**attrs["annotation"], "classes": self.classes.to_dict()}
-                self._group.attrs[ATTRS_KEY] = attrs
+                label = dict(self._group.attrs.get("image-label", {}))
+                label.update(_image_label(self.classes, self.ignore_value))
+                self._group.attrs.update({ATTRS_KEY: attrs, "image-label": label})
                 self._meta_dirty = False
             written = 0
             for idx in sorted(self._dirty):
@@ -461,6 +521,7 @@ class AnnotationStore:
         with self._lock:
             n = len(self._dirty)
             self._dirty.clear()
+            self._voxels = self._per_slice = None  # recounted from disk when next asked
             return n
 
     # -- whole-volume views ------------------------------------------------------------
@@ -510,18 +571,108 @@ class AnnotationStore:
         return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
 
     def class_counts(self) -> dict[int, int]:
-        """Voxel count per stored value other than 0 (reads stored chunks only)."""
-        counts: dict[int, int] = {}
+        """Voxel count per stored value other than 0 (unsaved paint included)."""
+        return self.counts().voxels
+
+    def counts(self) -> AnnotationCounts:
+        """Voxels per value and annotated slices per axis, without rescanning the volume.
+
+        The first call reads the chunks that exist on disk or in memory; after that every
+        paint updates the counts from the painted box alone.
+        """
         with self._lock:
+            if self._voxels is None or self._per_slice is None:
+                self._recount()
+            voxels = {int(v): int(n) for v, n in enumerate(self._voxels) if v and n}  # type: ignore[arg-type]
+            slices = tuple(np.flatnonzero(a).tolist() for a in self._per_slice)  # type: ignore[union-attr]
+        return AnnotationCounts(voxels, slices)  # type: ignore[arg-type]
+
+    def _recount(self) -> None:
+        self._voxels = np.zeros(self.ignore_value + 1, np.int64)
+        self._per_slice = [np.zeros(n, np.int64) for n in self.shape]
+        for idx in set(self._stored_chunk_ids()) | set(self._dirty):
+            cbox = self._chunk_box(idx)
+            block = self._dirty.get(idx)
+            if block is None:
+                block = np.asarray(self._array[cbox])
+            empty = np.zeros_like(block)
+            self._count_change(empty, block, tuple(slice(0, n) for n in block.shape), cbox)
+
+    def _count_change(
+        self, old: np.ndarray, new: np.ndarray, in_chunk: tuple[slice, ...], cbox: tuple
+    ) -> None:
+        """Update the running counts for ``old`` -> ``new`` at ``in_chunk`` of chunk ``cbox``."""
+        n = self.ignore_value + 1
+        self._voxels += np.bincount(new.ravel(), minlength=n)[:n]
+        self._voxels -= np.bincount(old.ravel(), minlength=n)[:n]
+        diff = (new != 0).astype(np.int64) - (old != 0)
+        if not diff.any():
+            return
+        for ax in range(3):
+            other = tuple(a for a in range(3) if a != ax)
+            start = cbox[ax].start + in_chunk[ax].start
+            per = diff.sum(axis=other)
+            self._per_slice[ax][start : start + per.size] += per
+
+    # -- class table edits (ids stay; only removing a class renumbers the ones after it) --
+    def add_class(self, name: str, color: Sequence[int] | None = None) -> LabelClass:
+        """Add class ``K + 1`` called ``name`` (default colour from the palette)."""
+        k = len(self.classes) + 1
+        rgb = tuple(int(c) for c in (color or palette_color(k)))[:3]
+        new = LabelClass(k, str(name).strip(), rgb)  # type: ignore[arg-type]
+        self.classes = ClassTable([*self.classes.classes, new])
+        return new
+
+    def rename_class(self, class_id: int, name: str) -> None:
+        """Rename class ``class_id`` (no voxel changes)."""
+        self._edit_class(class_id, name=str(name).strip())
+
+    def recolor_class(self, class_id: int, color: Sequence[int]) -> None:
+        """Give class ``class_id`` the RGB colour ``color`` (0..255)."""
+        rgb = tuple(int(c) for c in color)[:3]
+        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            raise ScrollsegError(f"a colour is three values 0..255, got {tuple(color)}")
+        self._edit_class(class_id, color=rgb)
+
+    def _edit_class(self, class_id: int, **change: Any) -> None:
+        if class_id not in self.classes.ids():
+            raise ScrollsegError(f"there is no class {class_id}; classes are {self.classes.ids()}")
+        self.classes = ClassTable(
+            [
+                LabelClass(c.id, change.get("name", c.name), change.get("color", c.color))
+                if c.id == class_id
+                else c
+                for c in self.classes.classes
+            ]
+        )
+
+    def remove_class(self, class_id: int) -> int:
+        """Remove a class: its voxels become unlabeled, classes after it move down by one.
+
+        Reads and rewrites only chunks that hold paint. Returns how many voxels were
+        cleared (ask the user first when it is not 0: see :meth:`counts`).
+        """
+        ids = self.classes.ids()
+        if class_id not in ids:
+            raise ScrollsegError(f"there is no class {class_id}; classes are {ids}")
+        if len(ids) == 1:
+            raise ScrollsegError("the last class cannot be removed; add another class first")
+        lut = np.arange(self.ignore_value + 1, dtype=self.dtype)
+        lut[class_id] = UNLABELED
+        lut[class_id + 1 : len(ids) + 1] -= 1
+        with self._lock:
+            cleared = self.counts().voxels.get(class_id, 0)
             for idx in set(self._stored_chunk_ids()) | set(self._dirty):
-                block = self._dirty.get(idx)
-                if block is None:
-                    block = np.asarray(self._array[self._chunk_box(idx)])
-                values, n = np.unique(block, return_counts=True)
-                for v, c in zip(values.tolist(), n.tolist()):
-                    if v != UNLABELED:
-                        counts[v] = counts.get(v, 0) + c
-        return counts
+                cbox = self._chunk_box(idx)
+                block = self._read_box(cbox)
+                relabeled = lut[block]
+                if not np.array_equal(relabeled, block):
+                    self[cbox] = relabeled
+            kept = [c for c in self.classes.classes if c.id != class_id]
+            self.classes = ClassTable(
+                [LabelClass(i + 1, c.name, c.color) for i, c in enumerate(kept)]
+            )
+        return cleared
 
     # -- Otsu start --------------------------------------------------------------------
     def otsu_start(
@@ -529,16 +680,20 @@ class AnnotationStore:
         image: Any,
         *,
         z: int | None = None,
+        z_stop: int | None = None,
         threshold_from: Literal["slice", "volume"] = "slice",
         upper: float | None = None,
-        label: int = 1,
+        label: int | None = 1,
+        below: int | None = None,
         max_blocks: int = 256,
     ) -> float:
-        """Fill slice ``z`` (default the middle one) with ``label`` where ``otsu < image < upper``.
+        """Fill slices ``z..z_stop-1`` (default: the middle slice) from an Otsu threshold.
 
-        The threshold comes from that slice or from the volume (a histogram over at most
-        ``max_blocks`` evenly spread dask blocks, so the volume is never loaded whole).
-        Voxels below the threshold keep their label. Returns the threshold.
+        Voxels with ``threshold < image < upper`` get ``label`` (None: left as they are),
+        voxels at or below the threshold get ``below`` when given. Only unlabeled voxels are filled: painted
+        voxels (classes and ignore) are never overwritten. The threshold comes from
+        slice ``z`` or from the volume (a histogram over at most ``max_blocks`` evenly
+        spread dask blocks, so the volume is never loaded whole). Returns the threshold.
         """
         data, _, _ = volume_parts(image)
         if tuple(data.shape) != self.shape:
@@ -546,27 +701,65 @@ class AnnotationStore:
                 f"image shape {tuple(data.shape)} does not match the annotation {self.shape}"
             )
         z = self.shape[0] // 2 if z is None else int(z)
-        if not 0 <= z < self.shape[0]:
-            raise ScrollsegError(f"slice z={z} is outside the volume (0..{self.shape[0] - 1})")
-        plane = np.asarray(data[z])
+        z_stop = z + 1 if z_stop is None else int(z_stop)
+        if not 0 <= z < z_stop <= self.shape[0]:
+            raise ScrollsegError(
+                f"slices {z}..{z_stop - 1} are outside the volume (0..{self.shape[0] - 1})"
+            )
+        for cid in (label, below):
+            if cid is not None and cid not in self.classes.ids():
+                raise ScrollsegError(f"class {cid} is not in the table {self.classes.ids()}")
         if threshold_from == "slice":
-            threshold = _otsu_of(plane)
+            threshold = _otsu_of(np.asarray(data[z]))
         elif threshold_from == "volume":
             threshold = volume_otsu(data, max_blocks=max_blocks)
         else:
             raise ScrollsegError(
                 f"threshold_from must be 'slice' or 'volume', not {threshold_from!r}"
             )
-        mask = plane > threshold
-        if upper is not None:
-            mask &= plane < upper
-        current = self[z]
-        current[mask] = label
-        self[z] = current
+        filled = 0
+        for zi in range(z, z_stop):
+            plane = np.asarray(data[zi])
+            above = plane > threshold
+            if upper is not None:
+                above &= plane < upper
+            current = self[zi]
+            free = current == UNLABELED
+            if label is not None:
+                current[above & free] = label
+            if below is not None:
+                current[(plane <= threshold) & free] = below
+            filled += int(free.sum() - (current == UNLABELED).sum())
+            self[zi] = current
         log.info(
-            "Otsu start: slice %d, threshold %.4g, %d voxels -> %d", z, threshold, mask.sum(), label
+            "Otsu start: slices %d..%d, threshold %.4g, %d voxels filled",
+            z,
+            z_stop - 1,
+            threshold,
+            filled,
         )
         return float(threshold)
+
+
+def common_classes(stores: Sequence[AnnotationStore]) -> ClassTable:
+    """The class table shared by ``stores`` (names and ids must agree; colours may differ).
+
+    Raises
+    ------
+    ScrollsegError
+        When there is no store or two stores name their classes differently.
+    """
+    if not stores:
+        raise ScrollsegError("add at least one (image, annotation) pair first")
+    first = stores[0]
+    for other in stores[1:]:
+        if other.classes.names() != first.classes.names():
+            raise ScrollsegError(
+                f"the annotations disagree on their classes: {first.path.name} has "
+                f"{first.classes.names()}, {other.path.name} has {other.classes.names()}; "
+                "give them the same class table (import one table's JSON into the other)"
+            )
+    return first.classes
 
 
 def _otsu_of(values: np.ndarray) -> float:

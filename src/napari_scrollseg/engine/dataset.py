@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_scrollseg.engine.annotations import ClassTable, ignore_value
+from napari_scrollseg.engine.annotations import ClassTable, _writable, ignore_value
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.safe_write import partial_dir, swap_in, tidy
 from napari_scrollseg.engine.volumes import as_czyx, volume_parts
@@ -105,6 +105,23 @@ class _Case:
 def dataset_dir_name(dataset_id: int, name: str) -> str:
     """``Dataset<ID:03d>_<name>``, as nnU-Net names raw dataset folders."""
     return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def planned_case_count(
+    out_dir: str | Path, dataset_id: int, name: str, n_new: int, *, append: bool
+) -> int:
+    """How many cases the dataset will hold after exporting ``n_new`` (appended or not).
+
+    Compare with :data:`MIN_FOLDS_WARNING` to warn before exporting, as the CLI does.
+    """
+    target = Path(out_dir) / dataset_dir_name(dataset_id, name)
+    if not append or not (target / "dataset.json").is_file():
+        return n_new
+    try:
+        ending = json.loads((target / "dataset.json").read_text())["file_ending"]
+    except (OSError, ValueError, KeyError):
+        return n_new
+    return n_new + len(_identifiers(target, ending))
 
 
 def export_dataset(
@@ -332,6 +349,11 @@ def _check_target(out_dir: Path, target: Path, *, dataset_id: int, append: bool)
     """Refuse an ID used by another name, or an existing dataset without ``append``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ScrollsegError(f"{out_dir} is a file; give a folder as the nnU-Net raw folder")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not _writable(existing):
+        raise ScrollsegError(f"{existing} is not writable; choose another nnU-Net raw folder")
     prefix = f"Dataset{int(dataset_id):03d}_"
     others = (
         sorted(p.name for p in out_dir.glob(prefix + "*") if p.is_dir() and p != target)
