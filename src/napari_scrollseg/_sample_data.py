@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from napari_scrollseg._reader import DEFAULT_LABEL_COLOR
+from napari_scrollseg._reader import (
+    ATTENUATION_3D,
+    DEFAULT_LABEL_COLOR,
+    RENDERING_3D,
+    TRANSPARENT_LABEL,
+    contrast_limits,
+)
 from napari_scrollseg.engine.phantom import CLASSES, COLORS, DEFAULT_SHAPE, SPACING, make_phantom
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -15,16 +21,20 @@ def phantom_sample() -> list[LayerData]:
 
     Both layers carry the phantom's spacing as ``scale``; the truth uses the class
     colours and names of :mod:`napari_scrollseg.engine.phantom` (1 air, 2 papyrus, 3 ink).
+    Display defaults as the reader's (percentile contrast, attenuated MIP, air transparent).
     """
     image, truth = make_phantom(DEFAULT_SHAPE)
     colormap: dict[Any, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: DEFAULT_LABEL_COLOR}
     colormap.update({v: tuple(c / 255 for c in rgba) for v, rgba in COLORS.items()})
+    colormap[TRANSPARENT_LABEL] = (*colormap[TRANSPARENT_LABEL][:3], 0.0)  # as the reader
     names = {v: k for k, v in CLASSES.items()}
     values = [0, *sorted(names)]
     image_meta = {
         "name": "phantom",
         "scale": SPACING,
-        "contrast_limits": (0, 255),
+        "contrast_limits": contrast_limits(image),
+        "rendering": RENDERING_3D,
+        "attenuation": ATTENUATION_3D,
         "metadata": {"spacing": SPACING},
     }
     truth_meta = {
