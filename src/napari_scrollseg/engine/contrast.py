@@ -334,7 +334,8 @@ def overlay_levels(pyramids: Sequence[Sequence[Array]], **options: Any) -> list[
     """
     if not pyramids:
         raise ScrollsegError("composite needs at least one probability map")
-    options.setdefault("divisors", [map_max(list(p)) for p in pyramids])
+    if options.get("divisors") is None:
+        options["divisors"] = [map_max(list(p)) for p in pyramids]
     n = min(len(p) for p in pyramids)
     out = []
     with warnings.catch_warnings(record=True) as caught:
