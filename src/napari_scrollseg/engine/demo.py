@@ -138,7 +138,7 @@ def run_demo(
         write_phantom,
     )
     from napari_scrollseg.engine.predict_volume import iter_predict_volume
-    from napari_scrollseg.engine.train import train
+    from napari_scrollseg.engine.train import CPU_PLANS_OVERRIDES, train
     from napari_scrollseg.engine.volumes import describe, open_volume
 
     out = Path(out)
@@ -190,12 +190,7 @@ def run_demo(
         num_processes=1,
         da_processes=0,
         validate=False,  # a sliding-window pass over the training volume: minutes on a CPU
-        plans_overrides={
-            "n_stages": 3,
-            "features_per_stage": [4, 8, 16],
-            "patch_size": [16, 32, 32],
-            "batch_size": 2,
-        },
+        plans_overrides=CPU_PLANS_OVERRIDES,
     ):
         yield f"train: {ev}"
 
