@@ -11,8 +11,13 @@ decides cheaply whether a path looks like a volume and turns a
   coloured from their NGFF ``image-label`` colours; an OME-Zarr whose root is a
   label image (as :mod:`napari_scrollseg._writer` writes) opens as labels too.
 
-Nothing is loaded whole: contrast limits come from the dtype (8-bit) or from a
-few blocks of the smallest level.
+Nothing is loaded whole: contrast limits are percentiles of the smallest level (or a
+few of its blocks).
+
+CT display defaults: percentile contrast for every dtype (a CT scan rarely fills
+0..255), attenuated MIP in 3D (a plain MIP turns dense material into a white block),
+and label value 1 (air / matrix, the class around everything) transparent, so a
+label image in 3D is not an opaque box.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from napari_scrollseg.engine.colors import label_colormap
 from napari_scrollseg.engine.volumes import (
@@ -44,9 +47,12 @@ log = logging.getLogger(__name__)
 LayerData = tuple[Any, dict[str, Any], str]
 ReaderFunction = Callable[[str | Sequence[str]], list[LayerData]]
 
-# below this many voxels the smallest level is read whole for contrast limits
-_SMALL = 2**22
-_SAMPLE_BLOCKS = 5
+from napari_scrollseg.engine.colors import DEFAULT_LABEL_COLOR  # noqa: E402
+
+# CT display defaults (see the module docstring)
+RENDERING_3D = "attenuated_mip"
+ATTENUATION_3D = 0.5
+TRANSPARENT_LABEL = 1
 
 
 def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
@@ -191,6 +197,8 @@ def _image_layer(volume: Volume, name: str) -> LayerData:
         "translate": tuple(volume.origin),
         "contrast_limits": contrast_limits(levels[-1]),
         "multiscale": len(levels) > 1,
+        "rendering": RENDERING_3D,
+        "attenuation": ATTENUATION_3D,
         "metadata": {"source": volume.source, "kind": volume.kind, "spacing": volume.spacing},
     }
     if volume.axes == "czyx":
@@ -263,7 +271,13 @@ def _label_style(
     for entry in label_meta.get("properties") or ():
         if "label-value" in entry and "class" in entry:
             names[int(entry["label-value"])] = str(entry["class"])
-    colormap = label_colormap(colors) if colors else None
+    colormap = None
+    if colors:
+        colormap = label_colormap(colors)
+        colormap[TRANSPARENT_LABEL] = (
+            *colormap.get(TRANSPARENT_LABEL, DEFAULT_LABEL_COLOR)[:3],
+            0.0,
+        )
     features = None
     if names:
         values = sorted(set(names) | {0})
@@ -275,39 +289,9 @@ def _label_style(
 
 
 def contrast_limits(arr: da.Array) -> tuple[float, float]:
-    """Contrast limits for display, without reading the array whole.
+    """Contrast limits for display, without reading the array whole: the 0.5 and 99.5
+    percentiles of a bounded sample of ``arr`` (pass the smallest pyramid level), for
+    8-bit scans too (:func:`napari_scrollseg.engine.contrast.percentile_window`)."""
+    from napari_scrollseg.engine.contrast import percentile_window
 
-    8-bit data gets its full range. Otherwise the 0.5 and 99.5 percentiles of
-    ``arr`` (pass the smallest pyramid level) when it is small, else of a few of
-    its blocks along the diagonal through the centre.
-    """
-    import dask
-
-    dtype = np.dtype(arr.dtype)
-    if dtype == np.uint8:
-        return 0.0, 255.0
-    if dtype == np.bool_:
-        return 0.0, 1.0
-    if arr.size <= _SMALL:
-        sample = np.asarray(arr.compute())
-    else:
-        picks = sorted(
-            {
-                tuple(round(float(t) * (n - 1)) for n in arr.numblocks)
-                for t in np.linspace(0.2, 0.8, _SAMPLE_BLOCKS)
-            }
-        )
-        blocks = dask.compute(*(arr.blocks[idx] for idx in picks))
-        sample = np.concatenate([np.asarray(b).ravel() for b in blocks])
-    sample = sample.ravel()
-    if sample.size > _SMALL:
-        sample = sample[:: sample.size // _SMALL + 1]
-    sample = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
-    if sample.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
-    if hi <= lo:
-        lo, hi = float(sample.min()), float(sample.max())
-    if hi <= lo:
-        hi = lo + 1.0
-    return lo, hi
+    return percentile_window(arr)

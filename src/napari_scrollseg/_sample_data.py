@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from napari_scrollseg._reader import (
+    ATTENUATION_3D,
+    RENDERING_3D,
+    TRANSPARENT_LABEL,
+    contrast_limits,
+)
 from napari_scrollseg.engine.colors import label_colormap
 from napari_scrollseg.engine.phantom import CLASSES, COLORS, DEFAULT_SHAPE, SPACING, make_phantom
 
@@ -15,15 +21,19 @@ def phantom_sample() -> list[LayerData]:
 
     Both layers carry the phantom's spacing as ``scale``; the truth uses the class
     colours and names of :mod:`napari_scrollseg.engine.phantom` (1 air, 2 papyrus, 3 ink).
+    Display defaults as the reader's (percentile contrast, attenuated MIP, air transparent).
     """
     image, truth = make_phantom(DEFAULT_SHAPE)
     colormap = label_colormap(COLORS)
+    colormap[TRANSPARENT_LABEL] = (*colormap[TRANSPARENT_LABEL][:3], 0.0)  # as the reader
     names = {v: k for k, v in CLASSES.items()}
     values = [0, *sorted(names)]
     image_meta = {
         "name": "phantom",
         "scale": SPACING,
-        "contrast_limits": (0, 255),
+        "contrast_limits": contrast_limits(image),
+        "rendering": RENDERING_3D,
+        "attenuation": ATTENUATION_3D,
         "metadata": {"spacing": SPACING},
     }
     truth_meta = {

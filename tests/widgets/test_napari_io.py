@@ -63,7 +63,13 @@ def test_open_ome_zarr_pyramid_with_labels(viewer, phantom_zarr):
         assert all(isinstance(level, da.Array) for level in layer.data)
         assert layer.data[0].shape == (64, 128, 128)
         np.testing.assert_allclose(layer.scale, SPACING)
-    assert tuple(image.contrast_limits) == (0, 255)
+    # CT display defaults: percentile contrast for uint8 too, attenuated MIP, air transparent
+    scan = np.asarray(zarr.open_array(str(phantom_zarr / str(len(image.data) - 1)))[...])
+    assert tuple(image.contrast_limits) == tuple(np.percentile(scan, [0.5, 99.5]))
+    assert 0 < image.contrast_limits[0] < image.contrast_limits[1] < 255
+    assert image.rendering == "attenuated_mip"
+    assert _rgba(truth, 1)[3] == 0
+    assert _rgba(truth, INK)[3] == 1
     np.testing.assert_allclose(_rgba(truth, PAPYRUS), np.array(COLORS[PAPYRUS]) / 255, atol=1e-6)
     # the displayed slice is the stored data
     expected = np.asarray(zarr.open_array(str(phantom_zarr / "labels" / "truth" / "0"))[10])

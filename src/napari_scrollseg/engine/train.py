@@ -60,7 +60,9 @@ class TrainEvent:
 
     ``kind`` is ``"step"`` (a stage begins; see ``message``), ``"planned"`` (``plans``
     names the plans used), ``"epoch"`` (an epoch finished), ``"resumed"``,
-    ``"fold_done"`` or ``"done"`` (the last event; it has ``model_folder`` and ``dice``).
+    ``"fold_done"`` (``model_folder`` and the fold's validation ``dice``), ``"done"``
+    (the last event; it has ``model_folder`` and ``dice``) or ``"stopped"`` (the last
+    event after ``stop`` was set).
     """
 
     kind: str
@@ -154,9 +156,19 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
 
 
 def _run_worker(
-    args: Sequence[str], *, env: dict, log_path: Path, what: str, grace: float = 120.0
+    args: Sequence[str],
+    *,
+    env: dict,
+    log_path: Path,
+    what: str,
+    grace: float = 120.0,
+    stop: threading.Event | None = None,
 ) -> Iterator[dict]:
-    """Run the worker, yield its events as dicts; raise ScrollsegError if it fails."""
+    """Run the worker, yield its events as dicts; raise ScrollsegError if it fails.
+
+    When ``stop`` is set (from any thread) the worker is stopped as on close (it saves
+    a checkpoint) and this returns quietly.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "napari_scrollseg.engine._train_worker", *args]
     log.debug("running %s", " ".join(cmd))
@@ -184,7 +196,13 @@ def _run_worker(
     try:
         with open(log_path, "a") as out:
             while True:
-                line = lines.get()
+                if stop is not None and stop.is_set():
+                    log.info("%s: stop requested", what)
+                    return  # the finally below stops the worker
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    continue
                 if line is None:
                     break
                 if line.startswith(MARKER):
@@ -322,6 +340,7 @@ def plan_and_preprocess(
     plans_name: str | None = None,
     preprocessed_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    stop: threading.Event | None = None,
 ) -> Iterator[TrainEvent]:
     """Check the dataset, plan and preprocess it with nnU-Net (skipped when already done).
 
@@ -346,6 +365,8 @@ def plan_and_preprocess(
         ``nnUNet_preprocessed`` folder.
     overwrite
         Plan and preprocess again even if done.
+    stop
+        Set it from another thread to stop (see :func:`train`).
 
     Yields
     ------
@@ -376,11 +397,14 @@ def plan_and_preprocess(
         t0 = time.perf_counter()
         log_path = results / "logs" / f"{ds.name}_plan.log"
         with closing(
-            _run_worker(args, env=env, log_path=log_path, what="nnU-Net planning")
+            _run_worker(args, env=env, log_path=log_path, what="nnU-Net planning", stop=stop)
         ) as events:
             for ev in events:
                 if ev["kind"] == "step":
                     yield TrainEvent("step", message=ev["message"])
+        if stop is not None and stop.is_set():
+            yield TrainEvent("stopped", message="stopped during planning and preprocessing")
+            return
         yield TrainEvent(
             "step", message=f"planned and preprocessed in {time.perf_counter() - t0:.0f} s"
         )
@@ -412,6 +436,7 @@ def train(
     plans_overrides: dict | None = None,
     plans_name: str | None = None,
     preprocessed_dir: str | os.PathLike | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[TrainEvent]:
     """Plan/preprocess if needed, then train ``folds`` with the sparse-aware trainer.
 
@@ -439,12 +464,18 @@ def train(
         Continue each fold from its latest checkpoint (nnU-Net's ``--c``).
     validate
         Run nnU-Net's validation of each fold at the end (needed for the Dice summary).
+    stop
+        A ``threading.Event``: set it from another thread (a GUI's Cancel) to stop
+        without waiting for the next event; as on closing the generator the worker
+        stops after its current iteration and saves ``checkpoint_latest.pth``, then a
+        last ``stopped`` event is yielded instead of ``done``.
 
     Yields
     ------
     TrainEvent
         ``step``/``resumed`` events, one ``epoch`` event per epoch, ``fold_done`` per
-        fold, and finally ``done`` with the model folder and the validation Dice.
+        fold (with its validation Dice), and finally ``done`` with the model folder and
+        the validation Dice pooled over the folds (or ``stopped``).
     """
     for name, value in (("epochs", epochs), ("iterations", iterations)):
         if value is not None and value < 1:
@@ -469,10 +500,13 @@ def train(
         plans_overrides=plans_overrides,
         plans_name=plans_name,
         preprocessed_dir=pre_root,
+        stop=stop,
     ):
         if ev.kind == "planned":
             identifier = ev.plans
         yield ev
+        if ev.kind == "stopped":
+            return
     _ensure_splits(pre_root / ds.name, ds.cases, folds)
     model_folder = results / ds.name / f"{STOCK_TRAINER}__{identifier}__{configuration}"
     env = _env(results, pre_root, ds.raw.parent, num_processes)
@@ -492,9 +526,21 @@ def train(
         args += ["--resume"] if resume else []
         args += [] if validate else ["--no-validate"]
         log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
-        events = _run_worker(args, env=env, log_path=log_path, what=f"training fold {fold}")
+        events = _run_worker(
+            args, env=env, log_path=log_path, what=f"training fold {fold}", stop=stop
+        )
         with closing(events):
             yield from _fold_events(events, fold, model_folder)
+        if stop is not None and stop.is_set():
+            write_curves(model_folder)
+            yield TrainEvent(
+                "stopped",
+                fold=fold,
+                model_folder=model_folder,
+                message=f"training of fold {fold} stopped; resume to continue from its "
+                "latest checkpoint",
+            )
+            return
     write_curves(model_folder)
     dice = dice_summary(model_folder)
     yield TrainEvent("done", model_folder=model_folder, dice=dice.get("per_class", {}))
@@ -526,7 +572,15 @@ def _fold_events(
                 message=f"fold {fold}: resuming at epoch {ev['epoch'] + 1} from {ev['checkpoint']}",
             )
         elif kind == "fold_done":
-            yield TrainEvent("fold_done", fold=fold, message=f"fold {fold}: done")
+            dice = dice_summary(model_folder, folds=[fold])["per_class"]
+            text = ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+            yield TrainEvent(
+                "fold_done",
+                fold=fold,
+                message=f"fold {fold}: done" + (f" (validation Dice: {text})" if text else ""),
+                model_folder=model_folder,
+                dice=dice,
+            )
         elif kind == "step":
             yield TrainEvent("step", fold=fold, message=ev["message"])
         elif kind == "cancelled":
@@ -586,13 +640,13 @@ def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
     return csv_path, png_path
 
 
-def dice_summary(model_folder: str | os.PathLike) -> dict:
+def dice_summary(model_folder: str | os.PathLike, folds: Sequence[int | str] | None = None) -> dict:
     """Per-class Dice pooled over the validation cases of all folds: 2TP / (2TP + FP + FN).
 
     Reads ``fold_*/validation/summary.json`` (nnU-Net's validation) and writes
     ``dice_summary.json`` in the model folder. Returns ``{"per_class": {name: dice},
     "mean": float, "folds": [...], "cases": n}``; empty ``per_class`` when no fold
-    has been validated yet.
+    has been validated yet. ``folds``: only these folds (nothing is written then).
     """
     model_folder = Path(model_folder)
     names = {}
@@ -600,9 +654,13 @@ def dice_summary(model_folder: str | os.PathLike) -> dict:
     if meta.is_file():
         names = {str(v): k for k, v in json.loads(meta.read_text())["labels"].items()}
     totals: dict[str, list[float]] = {}
-    folds, n_cases = [], 0
+    n_cases = 0
+    wanted = None if folds is None else {str(f) for f in folds}
+    found: list[str] = []
     for summary in sorted(model_folder.glob("fold_*/validation/summary.json")):
-        folds.append(summary.parent.parent.name[len("fold_") :])
+        if wanted is not None and summary.parent.parent.name[len("fold_") :] not in wanted:
+            continue
+        found.append(summary.parent.parent.name[len("fold_") :])
         for case in json.loads(summary.read_text())["metric_per_case"]:
             n_cases += 1
             for label, m in case["metrics"].items():
@@ -618,9 +676,9 @@ def dice_summary(model_folder: str | os.PathLike) -> dict:
     result = {
         "per_class": per_class,
         "mean": sum(valid) / len(valid) if valid else float("nan"),
-        "folds": folds,
+        "folds": found,
         "cases": n_cases,
     }
-    if folds:
+    if found and wanted is None:
         (model_folder / "dice_summary.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,0 +1,424 @@
+"""The train dock widget: nnU-Net training of an exported dataset, with live curves.
+
+One engine call, :func:`napari_scrollseg.engine.train.train`, runs in a background
+thread (:func:`~napari_scrollseg.widgets._common.start_worker`) and nnU-Net itself in
+the engine's subprocess, so the GUI stays responsive and torch never loads here.
+Each ``epoch`` event adds a point to the curves (train/val loss, pseudo Dice per
+class, epoch time) and updates the ETA; each finished fold shows its validation
+Dice and adds the model to :func:`~napari_scrollseg.widgets._common.session`'s
+``trained_models`` (the live-inference widget lists them). Cancel stops the
+subprocess after its current iteration (a checkpoint is saved; Resume continues from it);
+closing napari while training asks whether to stop it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, PushButton, SpinBox
+from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtWidgets import QLabel, QMessageBox, QVBoxLayout, QWidget
+
+from napari_scrollseg.engine.demo import tiny_network
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.train import TrainEvent, train
+from napari_scrollseg.widgets._common import (
+    ProgressRow,
+    notify_error,
+    notify_info,
+    session,
+    start_worker,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def parse_folds(text: str) -> list[int | str]:
+    """``"0"``, ``"0, 1 2"`` or ``"all"`` as a list of folds."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts:
+        raise ScrollsegError("give the folds to train: e.g. 0, or 0 1 2 3 4, or all")
+    folds: list[int | str] = []
+    for p in parts:
+        if p.lower() == "all":
+            folds.append("all")
+        elif p.isdigit():
+            folds.append(int(p))
+        else:
+            raise ScrollsegError(f"folds must be numbers or 'all', got {p!r}")
+    return folds
+
+
+class _CloseGuard(QObject):
+    """Asks before napari's window closes while a training runs."""
+
+    def __init__(self, widget: TrainWidget) -> None:
+        super().__init__(widget)
+        self.widget = widget
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.Close and self.widget.running:
+            if self.widget.ask_on_close() == "stop":
+                self.widget.stop(wait=True)
+                return False
+            event.ignore()
+            return True
+        return False
+
+
+class TrainWidget(QWidget):
+    """Train nnU-Net on an exported dataset; curves per epoch; Cancel and Resume."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        import napari.qt.threading  # noqa: F401  (here, not on the first click: slow import)
+
+        self.viewer = viewer
+        last = session().last_dataset
+        self.dataset = FileEdit(label="dataset", mode="d", value=last or "")
+        self.results = FileEdit(label="results folder", mode="d", value="")
+        self.configuration = ComboBox(
+            label="configuration", choices=list(CONFIGURATIONS), value="3d_fullres"
+        )
+        self.folds = LineEdit(label="folds", value="0")
+        self.device = ComboBox(label="device", choices=list(DEVICES), value="auto")
+        self.epochs = SpinBox(label="epochs", value=100, min=1, max=100_000)
+        self.iterations = SpinBox(label="iterations / epoch", value=250, min=1, max=100_000)
+        self.small = CheckBox(text="small network for CPU", value=False)
+        self.validate = CheckBox(text="validate each fold (Dice per class)", value=True)
+        self.train_button = PushButton(text="Train")
+        self.resume_button = PushButton(text="Resume")
+        self.form = Container(
+            widgets=[
+                self.dataset,
+                self.results,
+                self.configuration,
+                self.folds,
+                self.device,
+                self.epochs,
+                self.iterations,
+                self.small,
+                self.validate,
+                Container(
+                    widgets=[self.train_button, self.resume_button],
+                    layout="horizontal",
+                    labels=False,
+                ),
+            ]
+        )
+        self.progress = ProgressRow(self, describe=self._describe)
+        self.progress.cancel_button.clicked.connect(self._cancel_clicked)
+        self.dice_label = QLabel("", self)
+        self.dice_label.setWordWrap(True)
+        self.curves = TrainCurves(self)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.form.native)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.curves.canvas, 1)
+        layout.addWidget(self.dice_label)
+        self.train_button.changed.connect(lambda _=None: self.start(resume=False))
+        self.resume_button.changed.connect(lambda _=None: self.start(resume=True))
+        self.dataset.changed.connect(self._default_results)
+        session().changed.connect(self._on_session)
+        self._default_results()
+        self.worker: Any = None
+        self._stop_event: threading.Event | None = None
+        self.model_folder: Path | None = None
+        self.last_event: TrainEvent | None = None
+        self.event_times: list[tuple[float, str]] = []  # (perf_counter, kind)
+        self._close_guard = _CloseGuard(self)
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            window.installEventFilter(self._close_guard)
+
+    # -- form ------------------------------------------------------------------------------
+    def _on_session(self, what: str) -> None:
+        if what == "last_dataset" and session().last_dataset is not None and not self.running:
+            self.dataset.value = session().last_dataset
+
+    def _default_results(self, _value: Any = None) -> None:
+        """Results next to the raw datasets folder, unless the user chose a folder."""
+        dataset = Path(str(self.dataset.value))
+        if str(self.dataset.value) in ("", ".") or str(self.results.value) not in ("", "."):
+            return
+        self.results.value = dataset.parent.parent / "nnUNet_results"
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments for :func:`~napari_scrollseg.engine.train.train`."""
+        dataset = str(self.dataset.value)
+        results = str(self.results.value)
+        if dataset in ("", "."):
+            raise ScrollsegError(
+                "choose a dataset folder (Dataset<ID>_<Name>), or export one with the export widget"
+            )
+        if results in ("", "."):
+            raise ScrollsegError("choose a results folder for the trained model")
+        small = bool(self.small.value)
+        return {
+            "dataset_dir": Path(dataset),
+            "results_dir": Path(results),
+            "configuration": self.configuration.value,
+            "folds": parse_folds(self.folds.value),
+            "device": None if self.device.value == "auto" else self.device.value,
+            "epochs": int(self.epochs.value),
+            "iterations": int(self.iterations.value),
+            "validate": bool(self.validate.value),
+            "plans_overrides": tiny_network() if small else None,
+            "num_processes": 1 if small else 2,
+            "da_processes": 0 if small else None,
+        }
+
+    # -- running ---------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether a training started here is still going."""
+        return self.worker is not None
+
+    def start(self, resume: bool = False) -> Any:
+        """Start (or resume) the training with the form's values; returns the worker."""
+        if self.running:
+            notify_info("a training is already running: cancel it first")
+            return None
+        try:
+            options = self.options()
+        except ScrollsegError as exc:
+            notify_error(exc)
+            return None
+        dataset = options.pop("dataset_dir")
+        self._stop_event = threading.Event()
+        self.curves.clear(resume=resume)
+        self.dice_label.setText("")
+        self.last_event = None
+        self._set_running(True)
+        self.worker = start_worker(
+            train,
+            dataset,
+            resume=resume,
+            stop=self._stop_event,
+            **options,
+            on_event=self._on_event,
+            progress=self.progress,
+        )
+        self.worker.finished.connect(self._finished)
+        return self.worker
+
+    def _cancel_clicked(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    def stop(self, wait: bool = False, timeout: float = 180.0) -> None:
+        """Stop the training (its subprocess saves a checkpoint and exits)."""
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self.worker is not None:
+            self.worker.quit()
+            if wait:
+                from qtpy.QtCore import QCoreApplication, QElapsedTimer
+
+                timer = QElapsedTimer()
+                timer.start()
+                while self.worker is not None and timer.elapsed() < timeout * 1000:
+                    QCoreApplication.processEvents()
+                    threading.Event().wait(0.02)
+
+    def ask_on_close(self) -> str:
+        """``"stop"`` or ``"keep"`` (keep training; napari stays open)."""
+        box = QMessageBox(self)
+        box.setWindowTitle("Training is running")
+        box.setText(
+            "A training is running. Stop it and close napari (a checkpoint is saved: "
+            "Resume continues from it), or keep napari open and training?"
+        )
+        stop = box.addButton("Stop training and close", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("Keep training", QMessageBox.ButtonRole.RejectRole)
+        box.exec()
+        return "stop" if box.clickedButton() is stop else "keep"
+
+    def _set_running(self, running: bool) -> None:
+        self.train_button.enabled = not running
+        self.resume_button.enabled = not running
+
+    def _finished(self) -> None:
+        self.worker = None
+        self._set_running(False)
+
+    def _on_event(self, event: TrainEvent) -> None:
+        self.event_times.append((time.perf_counter(), event.kind))
+        self.last_event = event
+        if event.model_folder is not None:
+            self.model_folder = Path(event.model_folder)
+        if event.kind == "epoch":
+            self.curves.add(event)
+            done, total = self.curves.progress(event, len(self.options_folds()))
+            self.progress.bar.setRange(0, total)
+            self.progress.bar.setValue(done)
+        elif event.kind == "fold_done":
+            if event.dice:
+                text = ", ".join(f"{k} {v:.3f}" for k, v in event.dice.items())
+                self.dice_label.setText(
+                    self.dice_label.text() + f"fold {event.fold} validation Dice: {text}\n"
+                )
+            if event.model_folder is not None:
+                session().add_trained_model(event.model_folder)
+        elif event.kind == "done":
+            if event.model_folder is not None:
+                session().add_trained_model(event.model_folder)
+            notify_info(str(event))
+        elif event.kind == "stopped":
+            notify_info(event.message)
+
+    def _describe(self, event: TrainEvent) -> str:
+        if event.kind == "epoch":
+            eta = self.curves.eta(event, len(self.options_folds()))
+            return f"{event}; ETA {_duration(eta)}"
+        return str(event)
+
+    def options_folds(self) -> list[int | str]:
+        try:
+            return parse_folds(self.folds.value)
+        except ScrollsegError:
+            return [0]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class TrainCurves(QObject):
+    """The live plot: loss, pseudo Dice per class and epoch time per epoch.
+
+    matplotlib draws off the GUI thread (an Agg figure in a one-thread pool; a draw
+    takes about a second on a busy 2-core machine) and the GUI thread only shows the
+    finished image, so an epoch's update never stalls napari. ``canvas`` is the widget.
+    """
+
+    rendered = Signal(QImage)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        super().__init__(parent)
+        self.figure = Figure(figsize=(5, 4.5), dpi=90)
+        self.figure.subplots_adjust(left=0.14, right=0.97, top=0.97, bottom=0.09, hspace=0.15)
+        FigureCanvasAgg(self.figure)
+        self.ax_loss, self.ax_dice, self.ax_time = self.figure.subplots(3, 1, sharex=True)
+        self.canvas = QLabel(parent)
+        self.canvas.setMinimumSize(300, 270)
+        self.canvas.setScaledContents(True)
+        self.rendered.connect(self._show)
+        self.events: list[TrainEvent] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-curves")
+        self._lock = threading.Lock()
+        self._pending: list[TrainEvent] | None = None
+        self._future: Any = None
+        self._schedule()
+
+    def clear(self, resume: bool = False) -> None:
+        if not resume:
+            self.events = []
+        self._schedule()
+
+    def add(self, event: TrainEvent) -> None:
+        """Add one ``epoch`` event (an epoch redone after a resume replaces the old one)."""
+        self.events = [e for e in self.events if (e.fold, e.epoch) != (event.fold, event.epoch)] + [
+            event
+        ]
+        self._schedule()
+
+    def points(self) -> int:
+        """How many epochs are drawn (once :meth:`wait` returned)."""
+        return len(self.events)
+
+    def wait(self) -> None:
+        """Wait until the last update is drawn."""
+        while True:
+            with self._lock:
+                future = self._future
+            if future is None:
+                return
+            future.result()
+            with self._lock:
+                if self._future is future and self._pending is None:
+                    return
+
+    def progress(self, event: TrainEvent, n_folds: int) -> tuple[int, int]:
+        folds_done = len({e.fold for e in self.events} - {event.fold})
+        total = max(1, (event.epochs or 1) * max(n_folds, 1))
+        return min(total, folds_done * (event.epochs or 1) + event.epoch + 1), total
+
+    def eta(self, event: TrainEvent, n_folds: int) -> float | None:
+        times = [e.epoch_time for e in self.events[-10:] if e.epoch_time]
+        if not times or event.epochs is None or event.epoch is None:
+            return None
+        done, total = self.progress(event, n_folds)
+        return (total - done) * sum(times) / len(times)
+
+    # -- drawing (background thread) --------------------------------------------------------
+    def _schedule(self) -> None:
+        with self._lock:
+            idle = self._pending is None
+            self._pending = list(self.events)
+            if idle:
+                self._future = self._pool.submit(self._render_pending)
+
+    def _render_pending(self) -> None:
+        while True:
+            with self._lock:
+                events, self._pending = self._pending, None
+            if events is None:
+                return
+            image = self._render(events)
+            self.rendered.emit(image)
+
+    def _render(self, events: list[TrainEvent]) -> QImage:
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (self.ax_loss, self.ax_dice, self.ax_time):
+            ax.clear()
+            ax.tick_params(labelsize=7)
+        for fold in sorted({str(e.fold) for e in events}):
+            evs = sorted((e for e in events if str(e.fold) == fold), key=lambda e: e.epoch)
+            x = [e.epoch + 1 for e in evs]
+            tag = f" f{fold}"
+            self.ax_loss.plot(x, [e.train_loss for e in evs], "-o", ms=3, label="train" + tag)
+            self.ax_loss.plot(x, [e.val_loss for e in evs], "--o", ms=3, label="val" + tag)
+            for name in evs[-1].pseudo_dice:
+                self.ax_dice.plot(
+                    x, [e.pseudo_dice.get(name) for e in evs], "-o", ms=3, label=name + tag
+                )
+            self.ax_time.plot(x, [e.epoch_time for e in evs], "-o", ms=3, label="epoch" + tag)
+        self.ax_loss.set_ylabel("loss", fontsize=8)
+        self.ax_dice.set_ylabel("pseudo Dice", fontsize=8)
+        self.ax_dice.set_ylim(0, 1)
+        self.ax_time.set_ylabel("epoch (s)", fontsize=8)
+        self.ax_time.set_xlabel("epoch", fontsize=8)
+        self.ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax in (self.ax_loss, self.ax_dice):
+            if ax.lines:
+                ax.legend(fontsize=6, loc="best")
+        self.figure.canvas.draw()
+        buffer = self.figure.canvas.buffer_rgba()
+        height, width = buffer.shape[:2]
+        data = bytes(buffer)
+        image = QImage(data, width, height, 4 * width, QImage.Format.Format_RGBA8888)
+        return image.copy()  # owns its pixels (``data`` goes away)
+
+    def _show(self, image: QImage) -> None:
+        self.canvas.setPixmap(QPixmap.fromImage(image))

@@ -1,0 +1,271 @@
+"""The train widget in a real viewer (Xvfb) with real (tiny, CPU) nnU-Net trainings.
+
+One exported phantom dataset and one results folder are shared by the module, so
+nnU-Net plans and preprocesses once. The GUI thread is watched by a 10 ms QTimer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+from qtpy.QtGui import QCloseEvent
+
+from napari_scrollseg.widgets import _common
+from napari_scrollseg.widgets import train as train_module
+from napari_scrollseg.widgets._common import session
+from napari_scrollseg.widgets.train import TrainWidget, parse_folds
+
+WORKER = b"napari_scrollseg.engine._train_worker"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Three small sparse phantom cases exported as Dataset902_WidgetTiny."""
+    from napari_scrollseg.engine.dataset import export_dataset
+    from napari_scrollseg.engine.demo import sparse_slices
+    from napari_scrollseg.engine.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("trainwidget")
+    cases = []
+    for seed in range(3):
+        image, truth = make_phantom((16, 48, 48), seed=seed)
+        cases.append((image, sparse_slices(truth, n_slices=3)))
+    raw = export_dataset(
+        cases,
+        out_dir=root / "raw",
+        dataset_id=902,
+        name="WidgetTiny",
+        classes=["air", "papyrus", "ink"],
+    )
+    return {"raw": Path(raw), "results": root / "results"}
+
+
+@pytest.fixture
+def messages(monkeypatch) -> list[str]:
+    shown: list[str] = []
+
+    def error(exc):
+        shown.append(f"error: {exc}")
+        return str(exc)
+
+    monkeypatch.setattr(_common, "notify_error", error)  # start_worker's failures
+    monkeypatch.setattr(train_module, "notify_error", error)
+    monkeypatch.setattr(train_module, "notify_info", lambda m: shown.append(f"info: {m}"))
+    return shown
+
+
+@pytest.fixture
+def widget(make_napari_viewer, dataset) -> TrainWidget:
+    viewer = make_napari_viewer()
+    w = TrainWidget(viewer)
+    viewer.window.add_dock_widget(w, name="train")
+    w.results.value = dataset["results"]
+    w.small.value = True
+    w.device.value = "cpu"
+    w.iterations.value = 2
+    return w
+
+
+def worker_pids() -> list[int]:
+    """Training worker processes that are children of this test process."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if WORKER in cmd and ppid == os.getpid():
+            pids.append(int(entry))
+    return pids
+
+
+class TickGaps:
+    """Longest gap between the ticks of a 10 ms QTimer: how long the GUI thread stalled."""
+
+    def __init__(self) -> None:
+        self.timer = QTimer()
+        self.timer.setInterval(10)
+        self.gaps: list[float] = []
+        self.at: list[float] = []
+        self.last = time.perf_counter()
+        self.timer.timeout.connect(self._tick)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.gaps.append(now - self.last)
+        self.at.append(now)
+        self.last = now
+
+    def __enter__(self) -> TickGaps:
+        self.last = time.perf_counter()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.stop()
+
+    @property
+    def longest(self) -> float:
+        return max(self.gaps)
+
+    def worst(self, n: int = 5) -> list[tuple[float, float]]:
+        """The ``n`` longest gaps as (end time, gap) in seconds."""
+        return sorted(zip(self.at, self.gaps), key=lambda t: -t[1])[:n]
+
+
+def test_parse_folds():
+    assert parse_folds("0") == [0]
+    assert parse_folds("0, 1 2") == [0, 1, 2]
+    assert parse_folds("all") == ["all"]
+    with pytest.raises(Exception, match="numbers or 'all'"):
+        parse_folds("zero")
+
+
+@pytest.mark.slow
+def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
+    widget, dataset, qtbot, messages
+):
+    session().last_dataset = dataset["raw"]  # what the export widget does
+    assert Path(str(widget.dataset.value)) == dataset["raw"]
+    widget.epochs.value = 1
+    widget.folds.value = "0"
+    with TickGaps() as idle:  # the same measure with no training: the machine's noise
+        qtbot.wait(10_000)
+    t0 = time.perf_counter()
+    widget.train_button.clicked()
+    click_s = time.perf_counter() - t0
+    assert widget.running
+    with TickGaps() as ticks:
+        qtbot.waitUntil(lambda: not widget.running, timeout=600_000)
+    widget.curves.wait()
+    assert not [m for m in messages if m.startswith("error")], messages
+    assert widget.curves.points() == 1
+    assert len(widget.curves.ax_loss.lines) == 2  # train and val loss
+    assert {line.get_label() for line in widget.curves.ax_dice.lines} == {"papyrus f0", "ink f0"}
+    model = widget.model_folder
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    assert model in session().trained_models
+    assert "fold 0 validation Dice: papyrus" in widget.dice_label.text()
+    assert widget.last_event.kind == "done"
+    assert (model / "progress.png").is_file()
+    print(
+        f"\nGUI tick gaps during a 1-epoch training: longest {ticks.longest * 1000:.0f} ms "
+        f"over {len(ticks.gaps)} ticks ({ticks.at[-1] - ticks.at[0]:.0f} s); the click "
+        f"itself {click_s * 1000:.0f} ms; longest gap over 10 s with no training "
+        f"{idle.longest * 1000:.0f} ms"
+    )
+    t0 = ticks.at[0]
+    for end, gap in ticks.worst():
+        near = [f"{k}@{t - t0:.1f}" for t, k in widget.event_times if end - gap - 0.5 <= t <= end]
+        print(f"gap {gap * 1000:.0f} ms ending at {end - t0:.1f} s; events: {near}")
+    # a blocked GUI thread would stall for the whole training (tens of seconds)
+    assert ticks.longest < 1.0
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_process_and_resume_continues(widget, dataset, qtbot, messages):
+    widget.dataset.value = dataset["raw"]
+    widget.epochs.value = 2
+    widget.folds.value = "1"
+    widget.validate.value = False
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: widget.curves.points() >= 1, timeout=600_000)
+    pids = worker_pids()
+    assert len(pids) == 1
+    t0 = time.perf_counter()
+    widget.progress.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
+    cancel_s = time.perf_counter() - t0
+    assert not Path(f"/proc/{pids[0]}").exists()  # the training process is gone
+    assert worker_pids() == []
+    assert widget.last_event.kind == "stopped"
+    assert not [m for m in messages if m.startswith("error")], messages
+    print(f"\ncancel: worker gone {cancel_s:.1f} s after the click")
+    latest = widget.model_folder / "fold_1" / "checkpoint_latest.pth"
+    assert latest.is_file()
+    widget.resume_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=600_000)
+    widget.curves.wait()
+    assert widget.last_event.kind == "done", messages
+    assert (widget.model_folder / "fold_1" / "checkpoint_final.pth").is_file()
+    assert widget.curves.points() == 2  # the resumed epoch joins the first one
+
+
+@pytest.mark.slow
+def test_a_killed_training_is_one_message_and_the_widget_recovers(widget, dataset, qtbot, messages):
+    widget.dataset.value = dataset["raw"]
+    widget.epochs.value = 50
+    widget.folds.value = "2"
+    widget.train_button.clicked()
+    # the training worker of fold 2 has started (planning may run in an earlier process)
+    qtbot.waitUntil(
+        lambda: widget.last_event is not None and widget.last_event.fold == 2, timeout=600_000
+    )
+    qtbot.wait(2000)
+    assert len(worker_pids()) == 1
+    # closing napari now asks; "keep" keeps napari open and the training running
+    window = widget.viewer.window._qt_window
+    widget.ask_on_close = lambda: "keep"
+    close = QCloseEvent()
+    assert widget._close_guard.eventFilter(window, close) is True  # the close is eaten
+    assert not close.isAccepted()
+    assert widget.running
+    assert len(worker_pids()) == 1
+    for pid in worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
+    errors = [m for m in messages if m.startswith("error")]
+    assert len(errors) == 1, messages
+    assert "failed" in errors[0]
+    assert "full output in" in errors[0]
+    assert widget.train_button.enabled
+    assert worker_pids() == []
+
+
+def test_not_a_dataset_is_one_message(widget, tmp_path, qtbot, messages):
+    folder = tmp_path / "holiday_photos"
+    folder.mkdir()
+    widget.dataset.value = folder
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert len(messages) == 1
+    assert "is not an nnU-Net raw dataset folder" in messages[0]
+    assert widget.train_button.enabled
+    # the viewer stays usable
+    widget.viewer.add_image(np.arange(4.0).reshape(2, 2))
+    assert len(widget.viewer.layers) == 1
+
+
+def test_bad_form_values_are_one_message_each(widget, dataset, messages):
+    widget.dataset.value = dataset["raw"]
+    widget.folds.value = "first"
+    widget.train_button.clicked()
+    assert messages == ["error: folds must be numbers or 'all', got 'first'"]
+    assert not widget.running
+
+
+@pytest.mark.slow
+def test_closing_napari_while_training_can_stop_it(widget, dataset, qtbot, messages):
+    widget.dataset.value = dataset["raw"]
+    widget.epochs.value = 50
+    widget.folds.value = "0"
+    widget.results.value = dataset["results"] / "close"
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: len(worker_pids()) == 1, timeout=600_000)
+    pid = worker_pids()[0]
+    widget.ask_on_close = lambda: "stop"
+    close = QCloseEvent()
+    # "stop": the training stops (waiting for it), then napari's own close goes on
+    assert widget._close_guard.eventFilter(widget.viewer.window._qt_window, close) is False
+    assert not widget.running
+    assert not Path(f"/proc/{pid}").exists()
+    assert not [m for m in messages if m.startswith("error")], messages
