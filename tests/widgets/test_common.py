@@ -1,0 +1,149 @@
+"""The shared widget layer: engine generators off the GUI thread, Cancel, one error message."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from napari.utils.notifications import NotificationSeverity, notification_manager
+from qtpy.QtCore import Qt
+
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.widgets._common import (
+    ProgressRow,
+    image_layers,
+    pick_image_layer,
+    session,
+    start_worker,
+)
+
+
+@dataclass
+class Step:
+    done: int
+    total: int
+
+
+def counting(n: int, threads: list, closed: threading.Event, delay: float = 0.0):
+    """A small engine-like generator: records its thread, yields done/total, returns n."""
+    try:
+        for i in range(n):
+            threads.append(threading.get_ident())
+            time.sleep(delay)
+            yield Step(i + 1, n)
+        return n
+    finally:
+        closed.set()
+
+
+def failing(message: str):
+    yield Step(1, 2)
+    raise ScrollsegError(message)
+
+
+def crashing(exc_type: type):
+    yield Step(1, 2)
+    raise exc_type("boom\nsecond line")
+
+
+def _errors(since: int) -> list[str]:
+    return [
+        str(n.message)
+        for n in notification_manager.records[since:]
+        if n.severity == NotificationSeverity.ERROR
+    ]
+
+
+def test_generator_runs_off_thread_with_progress(qtbot):
+    row = ProgressRow()
+    qtbot.addWidget(row)
+    threads: list[int] = []
+    closed = threading.Event()
+    seen, seen_threads, done = [], [], []
+
+    def on_event(ev):
+        seen.append(ev.done)
+        seen_threads.append(threading.get_ident())
+
+    start_worker(counting, 5, threads, closed, on_event=on_event, on_done=done.append, progress=row)
+    qtbot.waitUntil(lambda: not row.running, timeout=10_000)
+    qtbot.waitUntil(lambda: done == [5], timeout=5000)
+    main = threading.get_ident()
+    assert threads
+    assert all(t != main for t in threads)  # the generator ran in a worker thread
+    assert seen_threads
+    assert all(t == main for t in seen_threads)  # events reach the GUI thread
+    assert seen == [1, 2, 3, 4, 5]
+    assert (row.bar.value(), row.bar.maximum()) == (5, 5)
+    assert row.status.text() == "done"
+    assert not row.cancel_button.isEnabled()
+    assert closed.is_set()
+
+
+def test_cancel_closes_the_generator(qtbot):
+    row = ProgressRow()
+    qtbot.addWidget(row)
+    threads: list[int] = []
+    closed = threading.Event()
+    done = []
+    start_worker(counting, 10_000, threads, closed, delay=0.01, on_done=done.append, progress=row)
+    qtbot.waitUntil(lambda: len(threads) >= 3, timeout=5000)
+    assert row.cancel_button.isEnabled()
+    qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not row.running, timeout=10_000)
+    assert closed.is_set()  # GeneratorExit reached the generator's finally
+    assert len(threads) < 10_000
+    assert done == []  # a cancelled run has no result
+    assert row.status.text() == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("gen", "args", "expected"),
+    [
+        (failing, ("choose another dataset ID",), "choose another dataset ID"),
+        (crashing, (ValueError,), "ValueError: boom"),
+        (crashing, (RuntimeError,), "RuntimeError: boom"),  # superqt alone would only warn
+    ],
+)
+def test_an_error_becomes_one_notification(qtbot, gen, args, expected):
+    row = ProgressRow()
+    qtbot.addWidget(row)
+    before = len(notification_manager.records)
+    caught = []
+    start_worker(gen, *args, on_error=caught.append, progress=row)
+    qtbot.waitUntil(lambda: not row.running, timeout=10_000)
+    qtbot.waitUntil(lambda: len(caught) == 1, timeout=5000)
+    assert _errors(before) == [expected]
+    assert row.status.text() == "failed"
+
+
+def test_session_is_shared_and_signals():
+    s = session()
+    assert session() is s
+    changes = []
+    s.changed.connect(changes.append)
+    try:
+        s.last_dataset = "/tmp/Dataset001_x"
+        s.add_trained_model("/tmp/model")
+        s.add_trained_model("/tmp/model")
+        assert str(s.last_dataset) == "/tmp/Dataset001_x"
+        assert [str(p) for p in s.trained_models] == ["/tmp/model"]
+        assert changes == ["last_dataset", "trained_models", "trained_models"]
+    finally:
+        s.changed.disconnect(changes.append)
+
+
+def test_image_layers_picks_3d_images(make_napari_viewer):
+    viewer = make_napari_viewer()
+    with pytest.raises(ScrollsegError, match="no 3D image layer"):
+        pick_image_layer(viewer)
+    viewer.add_image(np.zeros((8, 8), np.uint8), name="flat")
+    vol = viewer.add_image(np.zeros((4, 8, 8), np.uint8), name="vol")
+    viewer.add_labels(np.zeros((4, 8, 8), np.uint8), name="lab")
+    assert image_layers(viewer) == [vol]
+    assert pick_image_layer(viewer) is vol
+    with pytest.raises(ScrollsegError, match="not a 3D"):
+        pick_image_layer(viewer, "flat")
