@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 Box = tuple[slice, ...]
+# a view in world units: (low corner, high corner, plane axis or None); a 2D view is the
+# plane through low[axis] == high[axis]
+WorldBox = tuple[tuple[float, ...], tuple[float, ...], int | None]
 PRECISIONS = ("auto", "half", "float")
 
 
@@ -218,6 +221,8 @@ class LiveRequest:
     capped: bool = False
     error: BaseException | None = None
     visible: Box | None = None
+    world: WorldBox | None = None
+    visible_world: WorldBox | None = None
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -436,9 +441,12 @@ class LivePredictor:
         Errors (a model that does not load, a box outside the volume) come back in the
         request (``error``, and :meth:`LiveRequest.wait` raises them).
         """
+        return self._enqueue(LiveRequest(0, tuple(box), -1 if level is None else level))
+
+    def _enqueue(self, req: LiveRequest) -> LiveRequest:
         if self._closed:
             raise ScrollsegError("this live predictor is closed: make a new one")
-        req = LiveRequest(next(self._ids), tuple(box), -1 if level is None else level)
+        req.id = next(self._ids)
         with self._lock:
             current = self._current
         if current is not None:
@@ -454,17 +462,48 @@ class LivePredictor:
         self._queue.put(req)
         return req
 
+    def submit_world(
+        self, low: Sequence[float], high: Sequence[float], plane_axis: int | None = None
+    ) -> LiveRequest:
+        """:meth:`submit` for a view in world units (what a viewer's camera shows).
+
+        ``low``/``high`` are the view's corners ``(z, y, x)`` in world units (the scan's
+        spacing and origin); with ``plane_axis`` the view is the one voxel thick plane at
+        ``low[plane_axis]`` (a 2D view). Converted on the worker thread, at the level the
+        request runs on.
+        """
+        world = (tuple(map(float, low)), tuple(map(float, high)), plane_axis)
+        return self._enqueue(LiveRequest(0, (), -1, world=world))
+
+    def world_to_box(self, world: WorldBox, level: int) -> Box:
+        """The voxel box of ``level`` covering a world-unit view (not clipped)."""
+        low, high, plane = world
+        scale, translate = self.geometry(level)
+        box = []
+        for axis, (lo, hi, s, t) in enumerate(zip(low, high, scale, translate, strict=True)):
+            a, b = (lo - t) / s, (hi - t) / s
+            if axis == plane:
+                start = math.floor(a + 0.5)  # the slice napari shows at this position
+                box.append(slice(start, start + 1))
+            else:
+                box.append(slice(math.floor(min(a, b)), math.ceil(max(a, b))))
+        return tuple(box)
+
     def predict(self, box: Any, level: int | None = None, timeout: float | None = None):
         """Submit a request and wait for it (scripts, benchmarks). Returns the request."""
         return self.submit(box, level).wait(timeout)
 
-    def view_moved(self, box: Any) -> None:
-        """The view now shows ``box``: the running request drops the blocks it left
-        (and is cancelled when none is left in view)."""
+    def view_moved(self, box: Any = None, *, world: WorldBox | None = None) -> None:
+        """The view now shows ``box`` (level coordinates) or ``world`` (see
+        :meth:`submit_world`): the running request drops the blocks it left (and is
+        cancelled when none is left in view)."""
         with self._lock:
             current = self._current
         if current is not None and not current.done:
-            current.visible = tuple(box)
+            if world is not None:
+                current.visible_world = world
+            else:
+                current.visible = tuple(box)
 
     def close(self) -> None:
         """Cancel everything and stop the worker thread."""
@@ -525,6 +564,8 @@ class LivePredictor:
         model = self.load()
         lv = self.level() if req.level < 0 else req.level
         req.level = lv
+        if req.world is not None:
+            req.box = self.world_to_box(req.world, lv)
         req.box = _as_box(req.box, self.shape(lv))
         req.scale, req.translate = self.geometry(lv)
         _, grid, read = self._level(lv)
@@ -603,6 +644,8 @@ class LivePredictor:
         while pending:
             if req.cancelled:
                 break
+            if req.visible_world is not None:
+                req.visible = self.world_to_box(req.visible_world, lv)
             if req.visible is not None:  # drop the blocks the view has left
                 pending = [i for i in pending if _intersects(blocks[i], req.visible)]
                 if not pending:
