@@ -87,7 +87,6 @@ def child_scrollseg(a: argparse.Namespace) -> dict:
     import nnunetv2.inference.predict_from_raw_data  # noqa: F401  imported before the
     import torch  # noqa: F401  timer starts, as in child_nnunet
 
-    from napari_scrollseg.engine.model import forward_passes
     from napari_scrollseg.engine.predict_volume import predict_volume
 
     events: list = []
@@ -127,7 +126,7 @@ def child_scrollseg(a: argparse.Namespace) -> dict:
     return {
         "peak_partial_mb": peak_partial[0] / 2**20,
         "wall_s": wall,
-        "tiles": forward_passes(),
+        "tiles": last.tiles_computed,  # forward passes of this run
         "tiles_grid": last.grid_tiles,
         "chunks": last.chunks_total,
         "peak_rss_mb": _peak_rss_mb(),

@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from napari_scrollseg.engine.dataset import export_dataset
-from napari_scrollseg.engine.demo import dice_per_class, phantom_cases
+from napari_scrollseg.engine.demo import dice_per_class, phantom_cases, tiny_network
 from napari_scrollseg.engine.phantom import CLASSES, INK_CONTRAST, write_phantom
 from napari_scrollseg.engine.predict_volume import predict_volume
 from napari_scrollseg.engine.train import train
@@ -69,12 +69,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             num_processes=2,
             da_processes=args.da_processes,
             validate=False,
-            plans_overrides={
-                "n_stages": len(args.features),
-                "features_per_stage": list(args.features),
-                "patch_size": list(args.patch),
-                "batch_size": 2,
-            },
+            plans_overrides=tiny_network(args.features, args.patch),
         )
     ):
         print(f"[{mode} {time.perf_counter() - t0:6.0f} s] {ev}", flush=True)

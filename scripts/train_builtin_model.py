@@ -19,7 +19,7 @@ from pathlib import Path
 
 from napari_scrollseg.engine.builtin import MODELS_DIR
 from napari_scrollseg.engine.dataset import export_dataset
-from napari_scrollseg.engine.demo import phantom_cases
+from napari_scrollseg.engine.demo import phantom_cases, tiny_network
 from napari_scrollseg.engine.phantom import CLASSES
 from napari_scrollseg.engine.train import train
 
@@ -63,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    tiny = {
-        "n_stages": len(args.features),
-        "features_per_stage": list(args.features),
-        "patch_size": list(args.patch),
-        "batch_size": 2,
-    }
+    tiny = tiny_network(args.features, args.patch)
     t0 = time.perf_counter()
     cases = phantom_cases(args.work / "phantoms", args.shape, args.seeds, n_slices=args.slices)
     classes = sorted(CLASSES, key=CLASSES.get)

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from napari_scrollseg.engine.colors import label_colormap
+from napari_scrollseg.engine.volumes import (
+    H5_PATH_PATTERN,
+    HDF5_SUFFIXES,
+    TIFF_SUFFIXES,
+    URL_PATTERN,
+    ZARR_METADATA,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -36,13 +44,6 @@ log = logging.getLogger(__name__)
 LayerData = tuple[Any, dict[str, Any], str]
 ReaderFunction = Callable[[str | Sequence[str]], list[LayerData]]
 
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
-_TIFF = (".tif", ".tiff")
-_HDF5 = (".h5", ".hdf5", ".hdf", ".he5")
-_H5_PATH = re.compile(r"\.(?:h5|hdf5|hdf|he5)(?::.*)?$", re.IGNORECASE)
-# unlisted label values (user classes, the ignore value) get this colour
-DEFAULT_LABEL_COLOR = (0.6, 0.6, 0.6, 1.0)
 # below this many voxels the smallest level is read whole for contrast limits
 _SMALL = 2**22
 _SAMPLE_BLOCKS = 5
@@ -109,7 +110,7 @@ def _hdf5_volumes(path: str) -> list[str]:
     one layer per volume. Empty for anything else (and where h5py is missing:
     :func:`open_volume` then says how to install it).
     """
-    if Path(path).suffix.lower() not in _HDF5 or not Path(path).is_file():
+    if Path(path).suffix.lower() not in HDF5_SUFFIXES or not Path(path).is_file():
         return []
     try:
         import h5py
@@ -131,28 +132,28 @@ def _hdf5_volumes(path: str) -> list[str]:
 
 # -- cheap path checks --------------------------------------------------------------------
 def _looks_like_volume(path: str) -> bool:
-    if _URL.match(path) and not path.startswith("file://"):
+    if URL_PATTERN.match(path) and not path.startswith("file://"):
         return ".zarr" in path.lower()
     local = Path(path.removeprefix("file://")).expanduser()
     if local.is_dir():
         return _is_zarr_dir(local) or _has_tiff(local)
     suffix = local.suffix.lower()
-    if suffix in _TIFF:
+    if suffix in TIFF_SUFFIXES:
         return local.is_file() and _tiff_is_volume(local)
     if suffix == ".zip":
         return local.name.lower().endswith(".zarr.zip")
-    return bool(_H5_PATH.search(path))
+    return bool(H5_PATH_PATTERN.match(path))
 
 
 def _is_zarr_dir(path: Path) -> bool:
-    return path.suffix.lower() == ".zarr" or any((path / m).exists() for m in _ZARR_METADATA)
+    return path.suffix.lower() == ".zarr" or any((path / m).exists() for m in ZARR_METADATA)
 
 
 def _has_tiff(path: Path) -> bool:
     """Whether a folder holds a slice TIFF (stops at the first one found)."""
     try:
         with os.scandir(path) as entries:
-            return any(e.name.lower().endswith(_TIFF) and e.is_file() for e in entries)
+            return any(e.name.lower().endswith(TIFF_SUFFIXES) and e.is_file() for e in entries)
     except OSError:
         return False
 
@@ -173,8 +174,8 @@ def _tiff_is_volume(path: Path) -> bool:
 # -- layers -------------------------------------------------------------------------------
 def _stem(source: str) -> str:
     text = source.rstrip("/")
-    if match := re.search(r"\.(?:h5|hdf5|hdf|he5):(.+)$", text, re.IGNORECASE):
-        return match.group(1).strip("/").replace("/", "_") or "volume"
+    if (match := H5_PATH_PATTERN.match(text)) and match.group("dataset"):
+        return match.group("dataset").strip("/").replace("/", "_") or "volume"
     name = text.rsplit("/", 1)[-1] or "volume"
     for suffix in (".ome.zarr", ".zarr.zip", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
         if name.lower().endswith(suffix):
@@ -238,7 +239,7 @@ def _label_group_meta(source: str, name: str) -> Mapping[str, Any] | None:
     """The ``image-label`` metadata of ``source/labels/name`` (metadata read only)."""
     import zarr
 
-    if not (_URL.match(source) or Path(source).is_dir()):
+    if not (URL_PATTERN.match(source) or Path(source).is_dir()):
         return None
     try:
         group = zarr.open_group(f"{source.rstrip('/')}/labels/{name}", mode="r")
@@ -252,21 +253,17 @@ def _label_style(
     label_meta: Mapping[str, Any],
 ) -> tuple[dict[Any, tuple[float, ...]] | None, dict[str, list] | None]:
     """napari direct colormap and features (class names) from NGFF ``image-label``."""
-    colors: dict[Any, tuple[float, ...]] = {}
+    colors: dict[int, list[float]] = {}
     for entry in label_meta.get("colors") or ():
         try:
-            value = int(entry["label-value"])
-            rgba = [float(c) / 255 for c in entry["rgba"]]
+            colors[int(entry["label-value"])] = [float(c) for c in entry["rgba"]]
         except (KeyError, TypeError, ValueError):
             continue
-        colors[value] = tuple([*rgba, 1.0][:4])
     names: dict[int, str] = {}
     for entry in label_meta.get("properties") or ():
         if "label-value" in entry and "class" in entry:
             names[int(entry["label-value"])] = str(entry["class"])
-    colormap = None
-    if colors:
-        colormap = {0: (0.0, 0.0, 0.0, 0.0), **colors, None: DEFAULT_LABEL_COLOR}
+    colormap = label_colormap(colors) if colors else None
     features = None
     if names:
         values = sorted(set(names) | {0})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from napari_scrollseg._reader import DEFAULT_LABEL_COLOR
+from napari_scrollseg.engine.colors import label_colormap
 from napari_scrollseg.engine.phantom import CLASSES, COLORS, DEFAULT_SHAPE, SPACING, make_phantom
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -17,8 +17,7 @@ def phantom_sample() -> list[LayerData]:
     colours and names of :mod:`napari_scrollseg.engine.phantom` (1 air, 2 papyrus, 3 ink).
     """
     image, truth = make_phantom(DEFAULT_SHAPE)
-    colormap: dict[Any, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: DEFAULT_LABEL_COLOR}
-    colormap.update({v: tuple(c / 255 for c in rgba) for v, rgba in COLORS.items()})
+    colormap = label_colormap(COLORS)
     names = {v: k for k, v in CLASSES.items()}
     values = [0, *sorted(names)]
     image_meta = {

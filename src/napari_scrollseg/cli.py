@@ -74,18 +74,51 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- options from the engine's config classes -------------------------------------------------
+def _argtype(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """``parse`` for argparse: its ValueError message becomes argparse's error."""
+    if parse in (int, float, str):
+        return parse
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def add_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, config: type) -> None:
+    """One option per field of an engine config class (flag, type, default, help)."""
+    from napari_scrollseg.engine.config import options
+
+    for opt in options(config):
+        kw: dict = {"help": opt.help, "dest": opt.name}
+        if opt.required:
+            kw["required"] = True
+        else:
+            kw["default"] = opt.default
+        if opt.switch:  # --x / --no-x, or --x alone when off by default
+            kw["action"] = "store_true" if opt.default is False else argparse.BooleanOptionalAction
+        else:
+            kw["metavar"] = opt.flag.removeprefix("--").upper().replace("-", "_")
+            if opt.parse is not None:
+                kw["type"] = _argtype(opt.parse)
+            if opt.choices:
+                kw["choices"] = list(opt.choices)
+                del kw["metavar"]
+            if opt.nargs:
+                kw["nargs"] = opt.nargs
+        p.add_argument(*opt.aliases[:1], opt.flag, *opt.aliases[1:], **kw)
+
+
 # -- predict ------------------------------------------------------------------------------
-def _chunk_arg(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or Z,Y,X, got {text!r}") from None
-    if len(values) not in (1, 3) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or Z,Y,X positive sizes, got {text!r}")
-    return values
-
-
 def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from napari_scrollseg.engine.config import PredictConfig
+    from napari_scrollseg.engine.predict.schedule import CLUSTERS
+
     p = sub.add_parser(
         "predict",
         help="run an nnU-Net model over a whole volume (chunked, resumable, distributed)",
@@ -95,46 +128,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="nnU-Net trained-model folder or exported zip")
     p.add_argument("volume", help="input volume (OME-Zarr, zarr, TIFF folder/file, file.h5:/ds)")
     p.add_argument("out", help="output .zarr path")
-    p.add_argument("--step", type=float, default=0.5, help="tile step (fraction of the patch)")
-    p.add_argument(
-        "--mirror",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="nnU-Net's mirroring test-time augmentation (default: on)",
-    )
-    p.add_argument("--folds", default=None, help="folds to ensemble, e.g. 0,1 or all")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best)")
-    p.add_argument("--chunk", type=_chunk_arg, default=None, help="output chunk: N or Z,Y,X")
-    p.add_argument(
-        "--superchunk",
-        type=_shape,
-        default=None,
-        help="share partial sums only within groups of N chunks per axis: bounds scratch "
-        "disk, reruns tiles on group borders (default: whole volume, each tile once)",
-    )
-    p.add_argument("--batch-size", type=_shape, default=4, help="tiles per network batch")
-    p.add_argument(
-        "--half",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="autocast (float16 on CUDA); default: on CUDA only, as nnU-Net's predictor",
-    )
-    p.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1: predict this box only")
-    p.add_argument("--mask", default=None, help="skip tiles where this mask volume is empty")
-    p.add_argument("--threads", type=_shape, default=3, help="threads of the local scheduler")
-    p.add_argument("--prob-reduction", default="mean", choices=["mean", "max", "nearest"])
-    p.add_argument("--label-reduction", default="mode", choices=["mode", "max", "nearest"])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction")
-    p.add_argument(
-        "--ignore-spacing",
-        action="store_true",
-        help="predict even if the volume's spacing differs from the model's (no resampling)",
-    )
+    add_options(p, PredictConfig)
     dist = p.add_argument_group("distributed (dask.distributed)")
     where = dist.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, help="address of a running dask scheduler")
-    where.add_argument("--cluster", choices=["local", "local-cuda", "slurm"], default=None)
+    where.add_argument("--cluster", choices=list(CLUSTERS), default=None)
     dist.add_argument("--workers", type=_shape, default=2, help="local workers / SLURM jobs")
     dist.add_argument("--queue", default=None, help="SLURM partition")
     dist.add_argument("--account", default=None, help="SLURM account")
@@ -146,9 +144,19 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _run_predict(args: argparse.Namespace) -> int:
-    from napari_scrollseg.engine.predict_volume import open_client, predict_volume
+def _config_from(args: argparse.Namespace, config: type) -> object:
+    """The config object of the parsed options (validated: a bad value is one error)."""
+    from napari_scrollseg.engine.config import options
 
+    return config(**{opt.name: getattr(args, opt.name) for opt in options(config)})
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from napari_scrollseg.engine.config import PredictConfig
+    from napari_scrollseg.engine.predict import predict_volume
+    from napari_scrollseg.engine.predict.schedule import open_client
+
+    config = _config_from(args, PredictConfig)
     events = []
     with open_client(
         scheduler=args.scheduler,
@@ -165,24 +173,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             args.model,
             args.volume,
             args.out,
+            config,
             progress=events.append,
             bar=True,
-            folds=args.folds,
-            checkpoint=args.checkpoint,
-            device=args.device,
-            step=args.step,
-            mirror=args.mirror,
-            half=args.half,
-            batch_size=args.batch_size,
-            chunk=args.chunk[0] if args.chunk and len(args.chunk) == 1 else args.chunk,
-            superchunk=args.superchunk,
-            roi=args.roi,
-            mask=args.mask,
-            overwrite=args.overwrite,
-            ignore_spacing=args.ignore_spacing,
-            prob_reduction=args.prob_reduction,
-            label_reduction=args.label_reduction,
-            num_workers=args.threads,
             client=client,
         )
     ev = events[-1]
@@ -197,7 +190,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 # -- export -------------------------------------------------------------------------------
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from napari_scrollseg.engine.dataset import ENDINGS, NORMS
+    from napari_scrollseg.engine.config import ExportConfig
 
     p = sub.add_parser("export", help="annotations -> nnU-Net v2 raw dataset Dataset<ID>_<Name>")
     p.add_argument("--image", action="append", required=True, help="image volume (repeatable)")
@@ -207,50 +200,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="annotation store or label volume for the --image in the same position",
     )
-    p.add_argument(
-        "--classes", required=True, help="class names for ids 1..K (air,papyrus,ink) or a .json"
-    )
-    p.add_argument("--out", required=True, help="nnU-Net raw folder (nnUNet_raw)")
-    p.add_argument("--dataset-id", type=int, required=True)
-    p.add_argument("--name", required=True, help="dataset name (letters, digits, '-')")
-    p.add_argument(
-        "--margin", type=int, nargs="+", default=None, help="voxels around the annotations (1 or 3)"
-    )
-    p.add_argument("--norm", choices=list(NORMS), default="CT")
-    p.add_argument("--ending", choices=list(ENDINGS), default=".tif")
-    p.add_argument("--append", action="store_true", help="add cases to an existing dataset")
-    p.add_argument("--folds", type=int, default=None, help="fail if fewer cases than folds")
+    add_options(p, ExportConfig)
     p.add_argument("--verify", action="store_true", help="run nnU-Net's integrity check after")
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from napari_scrollseg.engine.annotations import ClassTable
+    from napari_scrollseg.engine.config import ExportConfig
     from napari_scrollseg.engine.dataset import export_dataset, verify_dataset
 
     if len(args.image) != len(args.labels):
         raise ScrollsegError(
             f"{len(args.image)} --image but {len(args.labels)} --labels: give one --labels per --image"
         )
-    if args.classes.endswith(".json"):
-        classes = ClassTable.from_json(args.classes)
-    else:
-        classes = ClassTable.from_names(args.classes)
-    margin = None
-    if args.margin is not None:
-        if len(args.margin) not in (1, 3):
-            raise ScrollsegError("--margin takes one value or three (z y x)")
-        margin = args.margin[0] if len(args.margin) == 1 else tuple(args.margin)
     out = export_dataset(
         list(zip(args.image, args.labels)),
-        out_dir=args.out,
-        dataset_id=args.dataset_id,
-        name=args.name,
-        classes=classes,
-        margin=margin,
-        norm=args.norm,
-        ending=args.ending,
-        append=args.append,
-        folds=args.folds,
+        _config_from(args, ExportConfig),
         on_case=lambda i, name: print(f"case {i + 1}/{len(args.image)}: {name}", flush=True),
     )
     if args.verify:
@@ -261,17 +225,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # -- train --------------------------------------------------------------------------------
-def _fold(text: str) -> int | str:
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a fold is a number or 'all', got {text!r}") from None
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from napari_scrollseg.engine.train import PLANNERS
+    from napari_scrollseg.engine.config import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -281,96 +236,31 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", help="the Dataset<ID>_<Name> folder written by `scrollseg export`")
     p.add_argument("--out", required=True, help="results folder (nnUNet_results)")
-    p.add_argument("--config", default="3d_fullres", help="nnU-Net configuration (%(default)s)")
-    p.add_argument(
-        "--fold", nargs="+", type=_fold, default=[0], help="fold(s) to train, or 'all' (0)"
-    )
-    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: best")
-    p.add_argument("--epochs", type=_shape, default=None, help="epochs (nnU-Net: 1000)")
-    p.add_argument("--iterations", type=_shape, default=None, help="iterations/epoch (250)")
-    p.add_argument("--planner", choices=PLANNERS, default="default")
-    p.add_argument(
-        "-np",
-        "--num-processes",
-        type=_shape,
-        default=2,
-        dest="num_processes",
-        help="processes for fingerprint and preprocessing (%(default)s)",
-    )
-    p.add_argument(
-        "--da-processes",
-        type=int,
-        default=None,
-        help="data-augmentation processes (0: in the training process)",
-    )
-    p.add_argument(
-        "--resume",
-        "--continue",
-        "--c",
-        action="store_true",
-        dest="resume",
-        help="continue from the latest checkpoint",
-    )
-    p.add_argument(
-        "--plans-overrides",
-        default=None,
-        metavar="JSON",
-        help='network/patch changes, e.g. \'{"n_stages": 3, "features_per_stage": '
-        '[4, 8, 16], "patch_size": [32, 64, 64]}\'',
-    )
-    p.add_argument("--plans-name", default=None, help="name of the overridden plans")
-    p.add_argument("--preprocessed", default=None, help="nnUNet_preprocessed (default: OUT/...)")
+    add_options(p, TrainConfig)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import json
-
     from tqdm.auto import tqdm
 
+    from napari_scrollseg.engine.config import TrainConfig
+    from napari_scrollseg.engine.progress import drive
     from napari_scrollseg.engine.train import train
 
-    overrides = None
-    if args.plans_overrides:
-        try:
-            overrides = json.loads(args.plans_overrides)
-        except json.JSONDecodeError as exc:
-            raise ScrollsegError(f"--plans-overrides is not valid JSON: {exc}") from exc
-        if not isinstance(overrides, dict):
-            raise ScrollsegError("--plans-overrides must be a JSON object")
-    bar = None
-    try:
-        for ev in train(
-            args.dataset,
-            results_dir=args.out,
-            configuration=args.config,
-            folds=args.fold,
-            device=args.device,
-            epochs=args.epochs,
-            iterations=args.iterations,
-            planner=args.planner,
-            num_processes=args.num_processes,
-            da_processes=args.da_processes,
-            resume=args.resume,
-            plans_overrides=overrides,
-            plans_name=args.plans_name,
-            preprocessed_dir=args.preprocessed,
-        ):
-            if ev.kind == "epoch":
-                if bar is None:
-                    bar = tqdm(
-                        total=ev.epochs, initial=ev.epoch, unit="epoch", desc=f"fold {ev.fold}"
-                    )
-                bar.update(ev.epoch + 1 - bar.n)
-                bar.set_postfix(loss=f"{ev.train_loss:.3f}", val=f"{ev.val_loss:.3f}")
-                tqdm.write(str(ev))
-            else:
-                if bar is not None and ev.kind in ("fold_done", "done"):
-                    bar.close()
-                    bar = None
-                tqdm.write(str(ev))
-    finally:
-        if bar is not None:
-            bar.close()
+    config = _config_from(args, TrainConfig)
+
+    def bar(ev: object) -> dict | None:
+        tqdm.write(str(ev))
+        if ev.kind == "epoch":
+            return {
+                "unit": "epoch",
+                "desc": f"fold {ev.fold}",
+                "total": ev.epochs,
+                "n": ev.epoch + 1,
+                "postfix": {"loss": f"{ev.train_loss:.3f}", "val": f"{ev.val_loss:.3f}"},
+            }
+        return {"close": True} if ev.kind in ("fold_done", "done") else None
+
+    drive(train(args.dataset, results_dir=args.out, **config.kwargs()), bar=bar)
     return 0
 
 

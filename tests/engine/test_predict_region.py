@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from napari_scrollseg.engine.errors import ScrollsegError
-from napari_scrollseg.engine.model import forward_passes, load_model
-from napari_scrollseg.engine.predict import predict_region, run_tiles
+from napari_scrollseg.engine.model import load_model
+from napari_scrollseg.engine.predict import Predictor, predict_region, run_tiles
 from napari_scrollseg.engine.tiling import weight_map, weight_sum
 from tests.engine.conftest import (
     blocky_volume,
@@ -30,9 +30,9 @@ from tests.engine.conftest import (
 TOL = 1 / 255
 
 
-def _check(model, volume, ref, boxes, *, step=0.5, **kw) -> list[dict]:
+def _check(model, volume, ref, boxes, *, step=0.5, session=None, **kw) -> list[dict]:
     """Inside each box: the bar against nnU-Net with float32 sums everywhere, and against
-    stock nnU-Net (float16 sums) outside its float16 band."""
+    stock nnU-Net (float16 sums) outside its float16 band (through ``session`` if given)."""
     ref_labels, ref_probs = ref["labels"], ref["probs"]
     arr = getattr(volume, "data", volume)
     shape = arr.shape[-3:]
@@ -40,7 +40,7 @@ def _check(model, volume, ref, boxes, *, step=0.5, **kw) -> list[dict]:
     out = []
     for box in boxes:
         box = tuple(slice(*b) for b in box)
-        probs, labels = predict_region(model, volume, box, step=step, **kw)
+        probs, labels = predict_region(session or model, volume, box, step=step, **kw)
         assert probs.shape == (model.n_classes, *(b.stop - b.start for b in box))
         assert labels.shape == probs.shape[1:]
         np.testing.assert_allclose(probs.sum(axis=0), 1, atol=1e-5)
@@ -78,12 +78,13 @@ def test_3d_ct_two_folds_matches_nnunet(tiny_model_3d, ct_case):
     volume, ref = ct_case
     model = load_model(tiny_model_3d, device="cpu")
     assert len(set(np.unique(ref["labels"]))) == 3  # the tiny net's answer is not trivial
-    before = forward_passes()
-    stats = _check(model, volume, ref, BOXES_3D[:1])
+    session = Predictor(model, cache=None)
+    before = session.forward_passes
+    stats = _check(model, volume, ref, BOXES_3D[:1], session=session)
     print("3D region, whole volume, vs nnUNetPredictor:", stats[0])
     # no wasted work: the whole volume runs each of nnU-Net's tiles once
     n_nnunet = len(ref["predictor"]._internal_get_sliding_window_slicers(volume.shape))
-    assert forward_passes() - before == n_nnunet == model.grid(volume).n_tiles
+    assert session.forward_passes - before == n_nnunet == model.grid(volume).n_tiles
     _check(model, volume, ref, BOXES_3D[1:])
 
 
@@ -136,12 +137,13 @@ def test_2d_two_folds_matches_nnunet(tiny_model_2d):
     model = load_model(tiny_model_2d, device="cpu")
     assert model.is_2d
     assert model.patch_size == (16, 16)
-    before = forward_passes()
+    session = Predictor(model, cache=None)
+    before = session.forward_passes
     boxes = [((0, 5), (0, 45), (0, 37)), ((1, 4), (9, 30), (5, 20)), ((4, 5), (30, 45), (0, 11))]
-    stats = _check(model, volume, ref, boxes[:1])
+    stats = _check(model, volume, ref, boxes[:1], session=session)
     print("2D region, whole volume, vs nnUNetPredictor:", stats[0])
     n_nnunet = len(ref["predictor"]._internal_get_sliding_window_slicers(volume.shape))
-    assert forward_passes() - before == n_nnunet
+    assert session.forward_passes - before == n_nnunet
     _check(model, volume, ref, boxes[1:])
 
 
@@ -281,14 +283,15 @@ def test_tile_cache_reuses_tiles_and_keeps_the_answer(tiny_model_3d):
     model = load_model(tiny_model_3d, folds=(0,), device="cpu")
     volume = blocky_volume((14, 40, 33), seed=14)
     cache = TileCache()
+    session = Predictor(model, cache=cache)
     a = ((2, 10), (0, 20), (0, 20))
     b = ((2, 10), (10, 30), (5, 25))  # panned: overlaps a's tiles
     first, _ = predict_region(model, volume, a, cache=cache)
     n_first = len(cache)
     assert n_first == len(model.grid(volume).tiles_intersecting(tuple(slice(*x) for x in a)))
-    before = forward_passes()
-    panned, _ = predict_region(model, volume, b, cache=cache)
-    run = forward_passes() - before
+    before = session.forward_passes
+    panned, _ = session.predict_region(volume, b)
+    run = session.forward_passes - before
     assert cache.hits > 0
     assert (
         run
@@ -299,9 +302,9 @@ def test_tile_cache_reuses_tiles_and_keeps_the_answer(tiny_model_3d):
     np.testing.assert_allclose(panned, predict_region(model, volume, b)[0], atol=1e-6)
     np.testing.assert_allclose(first, predict_region(model, volume, a, cache=cache)[0], atol=1e-6)
     # another TTA mode does not reuse mirrored tiles
-    before = forward_passes()
-    predict_region(model, volume, a, cache=cache, mirror=False)
-    assert forward_passes() - before == n_first
+    before = session.forward_passes
+    session.predict_region(volume, a, mirror=False)
+    assert session.forward_passes - before == n_first
     small = TileCache(max_bytes=cache.nbytes // 4)
     predict_region(model, volume, b, cache=small)
     assert 0 < small.nbytes <= small.max_bytes

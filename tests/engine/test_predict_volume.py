@@ -54,23 +54,17 @@ def _compare_with_nnunet(
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory, tiny_model_3d: Path) -> dict:
     """A volume with a zero border on disk and its uninterrupted, threaded prediction."""
-    from napari_scrollseg.engine.model import forward_passes
     from napari_scrollseg.engine.omezarr import write_image
+    from napari_scrollseg.engine.predict import Predictor
     from napari_scrollseg.engine.predict_volume import predict_volume
 
     root = tmp_path_factory.mktemp("predict_volume")
     image = blocky_volume(SHAPE, seed=5, zero_border=2)
     write_image(root / "vol.zarr", image, spacing=(1.0, 1.0, 1.0), chunks=(16, 16, 16))
     events: list = []
-    before = forward_passes()
+    session = Predictor(tiny_model_3d, folds=FOLDS, device="cpu")  # a warm session
     out = predict_volume(
-        tiny_model_3d,
-        root / "vol.zarr",
-        root / "ref.zarr",
-        chunk=CHUNK,
-        folds=FOLDS,
-        device="cpu",
-        progress=events.append,
+        session, root / "vol.zarr", root / "ref.zarr", chunk=CHUNK, progress=events.append
     )
     probs, labels = _read(out)
     return {
@@ -82,7 +76,7 @@ def case(tmp_path_factory: pytest.TempPathFactory, tiny_model_3d: Path) -> dict:
         "probs": probs,
         "labels": labels,
         "events": events,
-        "forward": forward_passes() - before,
+        "forward": session.forward_passes,
     }
 
 

@@ -15,15 +15,11 @@ import time
 import numpy as np
 import pytest
 
+from napari_scrollseg.engine.demo import tiny_network
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.nnunet_trainers.sampling import sparse_bbox
 
-TINY = {
-    "n_stages": 3,
-    "features_per_stage": [4, 8, 16],
-    "patch_size": [16, 32, 32],
-    "batch_size": 2,
-}
+TINY = tiny_network()
 
 
 # -- the sampler ----------------------------------------------------------------------------

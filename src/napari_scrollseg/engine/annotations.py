@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from napari_scrollseg.engine.colors import TRANSPARENT, label_colormap, palette_color
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.volumes import volume_parts
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -46,19 +48,6 @@ log = logging.getLogger(__name__)
 UNLABELED = 0
 ATTRS_KEY = "scrollseg"
 FORMAT_VERSION = 1
-# first colours match the phantom's air / papyrus / ink; the rest are distinct hues
-_PALETTE = [
-    (60, 60, 160),
-    (230, 190, 110),
-    (220, 30, 30),
-    (51, 204, 0),
-    (255, 255, 0),
-    (0, 122, 153),
-    (255, 153, 51),
-    (204, 255, 255),
-    (115, 0, 102),
-    (11, 0, 255),
-]
 
 
 def ignore_value(dtype: np.dtype | str) -> int:
@@ -107,9 +96,7 @@ class ClassTable:
         """Classes ``1..K`` named in order, with default colours."""
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",")]
-        return cls(
-            [LabelClass(i + 1, str(n), _PALETTE[i % len(_PALETTE)]) for i, n in enumerate(names)]
-        )
+        return cls([LabelClass(i + 1, str(n), palette_color(i + 1)) for i, n in enumerate(names)])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassTable:
@@ -120,7 +107,7 @@ class ClassTable:
                 cid = int(entry["id"])
                 if cid == UNLABELED:
                     continue
-                color = tuple(int(c) for c in entry.get("color", _PALETTE[(cid - 1) % 10]))[:3]
+                color = tuple(int(c) for c in entry.get("color", palette_color(cid)))[:3]
                 classes.append(LabelClass(cid, str(name), color))  # type: ignore[arg-type]
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
             raise ScrollsegError(
@@ -162,27 +149,8 @@ class ClassTable:
 
     def as_napari_colors(self, *, ignore: int | None = 255) -> dict[int | None, tuple[float, ...]]:
         """Colour dict for a napari labels layer (RGBA 0..1; 0 transparent, ignore grey)."""
-        colors: dict[int | None, tuple[float, ...]] = {
-            None: (0.0, 0.0, 0.0, 0.0),
-            UNLABELED: (0.0, 0.0, 0.0, 0.0),
-        }
-        for c in self.classes:
-            colors[c.id] = (*(v / 255 for v in c.color), 1.0)
-        if ignore is not None:
-            colors[ignore] = (0.5, 0.5, 0.5, 0.6)
-        return colors
-
-
-def _volume_parts(image: Any) -> tuple[Any, tuple[float, ...] | None, tuple[float, ...] | None]:
-    """``(array, spacing, origin)`` of a Volume (anything with ``.data``) or an array."""
-    if hasattr(image, "data") and hasattr(image, "spacing") and not isinstance(image, np.ndarray):
-        origin = getattr(image, "origin", None)
-        return (
-            image.data,
-            tuple(float(s) for s in image.spacing),
-            None if origin is None else tuple(float(o) for o in origin),
-        )
-    return image, None, None
+        colors = {c.id: c.color for c in self.classes}
+        return label_colormap(colors, default=TRANSPARENT, ignore=ignore)
 
 
 def _normalize_box(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
@@ -333,7 +301,7 @@ class AnnotationStore:
 
         ``like`` is a Volume or an array (z, y, x). ``classes`` is needed to create.
         """
-        data, spacing, origin = _volume_parts(like)
+        data, spacing, origin = volume_parts(like)
         shape = tuple(int(s) for s in data.shape[-3:])
         if Path(path).exists():
             store = cls.open(path)
@@ -572,7 +540,7 @@ class AnnotationStore:
         ``max_blocks`` evenly spread dask blocks, so the volume is never loaded whole).
         Voxels below the threshold keep their label. Returns the threshold.
         """
-        data, _, _ = _volume_parts(image)
+        data, _, _ = volume_parts(image)
         if tuple(data.shape) != self.shape:
             raise ScrollsegError(
                 f"image shape {tuple(data.shape)} does not match the annotation {self.shape}"

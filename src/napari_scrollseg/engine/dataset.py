@@ -28,6 +28,7 @@ Rules (DESIGN.md "Annotation", SEEDS.md "Export to nnU-Net"):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import logging
@@ -46,11 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_scrollseg.engine.annotations import ClassTable, _volume_parts, ignore_value
+from napari_scrollseg.engine.annotations import ClassTable, ignore_value
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.volumes import as_czyx, volume_parts
 
 if TYPE_CHECKING:
     import dask.array as da
+
+    from napari_scrollseg.engine.config import ExportConfig
 
 
 log = logging.getLogger(__name__)
@@ -103,22 +107,18 @@ def dataset_dir_name(dataset_id: int, name: str) -> str:
 
 def export_dataset(
     cases: Sequence[tuple[Any, Any]],
+    config: ExportConfig | None = None,
     *,
-    out_dir: str | Path,
-    dataset_id: int,
-    name: str,
-    classes: ClassTable | Sequence[str],
-    margin: int | Sequence[int] | None = None,
-    norm: str = "CT",
-    ending: str = ".tif",
-    append: bool = False,
-    folds: int | None = None,
     on_case: Callable[[int, str], None] | None = None,
+    **options: Any,
 ) -> Path:
     """Export ``(image, labels)`` pairs as the nnU-Net raw dataset ``Dataset<ID>_<name>``.
 
     Parameters
     ----------
+    config, options
+        An :class:`~napari_scrollseg.engine.config.ExportConfig` and/or its fields as
+        keywords (validated there; documented here).
     cases
         Pairs ``(image, labels)``. ``image``: a Volume, a path :func:`open_volume` reads,
         or an array ``(z, y, x)`` / ``(c, z, y, x)``. ``labels``: an
@@ -153,25 +153,19 @@ def export_dataset(
     Path
         ``out_dir / "Dataset<ID>_<name>"``.
     """
-    gen = iter_export_dataset(
-        cases,
-        out_dir=out_dir,
-        dataset_id=dataset_id,
-        name=name,
-        classes=classes,
-        margin=margin,
-        norm=norm,
-        ending=ending,
-        append=append,
-        folds=folds,
-    )
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from napari_scrollseg.engine.config import ExportConfig
+    from napari_scrollseg.engine.progress import drive
+
+    if config is None:
+        config = ExportConfig(**options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+
+    def case_done(event: ExportProgress) -> None:
         if on_case is not None and event.done == event.total:
             on_case(event.index, event.case)
+
+    return drive(iter_export_dataset(cases, **config.kwargs()), case_done)
 
 
 def iter_export_dataset(
@@ -402,21 +396,12 @@ def _source_name(obj: Any) -> str:
 
 
 def _open_image(image: Any) -> tuple[da.Array, tuple | None, tuple | None]:
-    import dask.array as da
-
     if isinstance(image, (str, os.PathLike)):
         from napari_scrollseg.engine.volumes import open_volume
 
         image = open_volume(image)
-    data, spacing, origin = _volume_parts(image)
-    if not isinstance(data, da.Array):
-        data = np.asarray(data)
-        data = da.from_array(data, chunks=(64,) * data.ndim)
-    if data.ndim == 3:
-        data = data[None]
-    if data.ndim != 4:
-        raise ScrollsegError(f"images must be 3D (z, y, x) or (c, z, y, x), got {data.shape}")
-    return data, spacing, origin
+    data, spacing = as_czyx(image)
+    return data, spacing, volume_parts(image)[2]
 
 
 def _open_labels(labels: Any) -> tuple[Any, tuple | None]:
@@ -433,7 +418,7 @@ def _open_labels(labels: Any) -> tuple[Any, tuple | None]:
             labels = open_volume(labels)
     if isinstance(labels, AnnotationStore):
         return labels, labels.spacing
-    data, spacing, _ = _volume_parts(labels)
+    data, spacing, _ = volume_parts(labels)
     if not isinstance(data, da.Array):
         data = np.asarray(data)
         data = da.from_array(data, chunks=(64,) * data.ndim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,19 @@ import numpy as np
 from napari_scrollseg.engine.errors import ScrollsegError
 
 log = logging.getLogger(__name__)
+
+
+def tiny_network(
+    features: Sequence[int] = (4, 8, 16), patch: Sequence[int] = (16, 32, 32), batch_size: int = 2
+) -> dict:
+    """Plans overrides for a tiny nnU-Net (``train(plans_overrides=...)``): one stage per
+    entry of ``features``, a small ``patch`` (divisible by 2**(stages-1)) and batch."""
+    return {
+        "n_stages": len(features),
+        "features_per_stage": [int(f) for f in features],
+        "patch_size": [int(p) for p in patch],
+        "batch_size": int(batch_size),
+    }
 
 
 def sparse_slices(truth: np.ndarray, *, n_slices: int = 4, axis: int = 0) -> np.ndarray:
@@ -190,12 +203,7 @@ def run_demo(
         num_processes=1,
         da_processes=0,
         validate=False,  # a sliding-window pass over the training volume: minutes on a CPU
-        plans_overrides={
-            "n_stages": 3,
-            "features_per_stage": [4, 8, 16],
-            "patch_size": [16, 32, 32],
-            "batch_size": 2,
-        },
+        plans_overrides=tiny_network(),
     ):
         yield f"train: {ev}"
 
@@ -206,7 +214,8 @@ def run_demo(
     for progress in iter_predict_volume(
         model, scan, pred_path, device=device, mirror=mirror, overwrite=True
     ):
-        if progress.stage != "predict" or progress.chunks_done == progress.chunks_total:
+        finished = progress.chunks_done == progress.chunks_total
+        if progress.stage in ("pyramid", "done") or (progress.stage == "predict" and finished):
             yield (
                 f"predict ({model.name}, mirroring {'on' if mirror else 'off'}): {progress.stage} "
                 f"{progress.chunks_done}/{progress.chunks_total} chunks, {progress.elapsed_s:.0f} s"

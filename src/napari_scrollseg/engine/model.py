@@ -22,6 +22,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import weakref
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,10 +32,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.normalization import (
+    SUPPORTED_SCHEMES,
+    VolumeCache,
+    make_normalizer,
+    volume_stats,
+)
+from napari_scrollseg.engine.normalization import nonzero_bbox as _bbox_of
 from napari_scrollseg.engine.tiling import TTA_MODES, Grid, make_grid, tta_transforms
+from napari_scrollseg.engine.volumes import as_czyx
 
 if TYPE_CHECKING:
-    import dask.array
     import torch
 
 log = logging.getLogger(__name__)
@@ -44,53 +52,16 @@ __all__ = [
     "as_czyx",
     "choose_device",
     "clear_cache",
-    "forward_passes",
     "load_model",
     "nonzero_bbox",
 ]
 
 Box = tuple[slice, ...]
-SUPPORTED_SCHEMES = (
-    "CTNormalization",
-    "ZScoreNormalization",
-    "NoNormalization",
-    "RescaleTo01Normalization",
-    "RGBTo01Normalization",
-)
 _SPACING_RTOL = 1e-2
 
-_MODELS: dict[tuple, LoadedModel] = {}
+# loaded models by arguments, held weakly: a model lives while a session or caller holds it
+_MODELS: weakref.WeakValueDictionary[tuple, LoadedModel] = weakref.WeakValueDictionary()
 _MODELS_LOCK = threading.Lock()
-_BBOXES: dict[str, Box] = {}
-_STATS: dict[tuple, list[dict[str, float]]] = {}
-
-
-class _Counter:
-    """Thread-safe count of tiles run through a network (each tile once, whatever the TTA)."""
-
-    def __init__(self) -> None:
-        self._n = 0
-        self._lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self._n += n
-
-    @property
-    def value(self) -> int:
-        return self._n
-
-
-_FORWARD_PASSES = _Counter()
-
-
-def forward_passes() -> int:
-    """Number of tiles run through any model's :meth:`~LoadedModel.forward` in this process.
-
-    One tile counts once however many folds and TTA passes it gets, so this compares
-    directly with nnU-Net's number of sliding-window steps (:attr:`Grid.n_tiles`).
-    """
-    return _FORWARD_PASSES.value
 
 
 # -- devices --------------------------------------------------------------------------------
@@ -116,58 +87,11 @@ def choose_device(device: str | None = None) -> torch.device:
     return dev
 
 
-# -- volumes --------------------------------------------------------------------------------
-def as_czyx(volume: Any) -> tuple[dask.array.Array, tuple[float, ...] | None]:
-    """A volume as a dask array ``(c, z, y, x)`` and its spacing (None if unknown).
-
-    Accepts a :class:`~napari_scrollseg.engine.volumes.Volume` (anything with ``.data``,
-    ``.spacing`` and optionally ``.axes``), a dask array or a numpy array, ``(z, y, x)`` or
-    ``(c, z, y, x)``.
-    """
-    import dask.array as da
-
-    data = getattr(volume, "data", volume)
-    spacing = getattr(volume, "spacing", None)
-    axes = getattr(volume, "axes", None)
-    arr = data if isinstance(data, da.Array) else da.asarray(np.asarray(data))
-    if axes is not None and axes not in ("zyx", "czyx"):
-        raise ScrollsegError(f"volume axes {axes!r} not supported: expected 'zyx' or 'czyx'")
-    if arr.ndim == 3 and axes != "czyx":
-        arr = arr[None]
-    if arr.ndim != 4:
-        raise ScrollsegError(
-            f"expected a 3D volume (z, y, x) or (c, z, y, x), got shape {tuple(arr.shape)}: "
-            "nnU-Net models here run on 3D volumes; give a single 2D image as (1, y, x)"
-        )
-    if spacing is not None:
-        spacing = tuple(float(s) for s in spacing)
-    return arr, spacing
-
-
-def _key(arr: dask.array.Array) -> str:
-    return arr.name
-
-
 def nonzero_bbox(volume: Any) -> Box:
-    """nnU-Net's ``crop_to_nonzero`` bounding box: where any channel is nonzero.
-
-    One dask reduction over the volume, cached per volume. An all-zero volume gives the
-    whole volume. (nnU-Net fills holes in the mask first; that cannot change the box.)
-    """
-    import dask
-
+    """nnU-Net's ``crop_to_nonzero`` bounding box of a volume (one pass over it; see
+    :func:`~napari_scrollseg.engine.normalization.nonzero_bbox`)."""
     arr, _ = as_czyx(volume)
-    key = _key(arr)
-    if key not in _BBOXES:
-        nz = (arr != 0).any(axis=0)
-        projections = [nz.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
-        projections = dask.compute(*projections)
-        box = []
-        for p, n in zip(projections, arr.shape[1:]):
-            idx = np.flatnonzero(p)
-            box.append(slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, int(n)))
-        _BBOXES[key] = tuple(box)
-    return _BBOXES[key]
+    return _bbox_of(arr)
 
 
 # -- zip and folder ---------------------------------------------------------------------------
@@ -337,6 +261,9 @@ class LoadedModel:
     ``n_classes`` is the number of output channels (label 0 is background).
     :meth:`forward` runs the TTA passes of a batch as network batches of at most
     ``max(n, max_network_batch)`` tiles (lower it if the device runs out of memory).
+    ``volumes`` caches whole-volume passes (nonzero box, statistics) per volume. Run it
+    through a :class:`~napari_scrollseg.engine.predict.Predictor`, which serialises the
+    device and counts forward passes.
     """
 
     folder: Path
@@ -361,8 +288,7 @@ class LoadedModel:
     _model_mirror_axes: tuple[int, ...] = ()
     _use_mask_for_norm: tuple[bool, ...] = ()
     _intensity: dict = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    tiles_run: int = 0
+    volumes: VolumeCache = field(default_factory=VolumeCache, repr=False)
     max_network_batch: int = 16
 
     @property
@@ -405,7 +331,7 @@ class LoadedModel:
         ``bbox`` overrides the nonzero box (which costs one pass over the volume), e.g.
         the whole volume when it is known to have no all-zero border.
         """
-        bbox = nonzero_bbox(volume) if bbox is None else tuple(bbox)
+        bbox = self.bbox(volume) if bbox is None else tuple(bbox)
         return make_grid(
             tuple(b.stop - b.start for b in bbox),
             self.patch_size,
@@ -413,43 +339,18 @@ class LoadedModel:
             offset=tuple(b.start for b in bbox),
         )
 
-    def _stats(self, volume: Any, bbox: Box | None) -> list[dict[str, float]]:
-        import dask
-
+    def bbox(self, volume: Any) -> Box:
+        """The volume's nonzero box (:func:`nonzero_bbox`), cached per volume."""
         arr, _ = as_czyx(volume)
-        bbox = nonzero_bbox(volume) if bbox is None else tuple(bbox)
-        key = (_key(arr), self.sha256, self.configuration, repr(bbox))
-        if key in _STATS:
-            return _STATS[key]
-        todo: dict[tuple[int, str], Any] = {}
-        for c, scheme in enumerate(self.normalization_schemes):
-            x = arr[(c, *bbox)].astype(np.float64)
-            if scheme == "ZScoreNormalization":
-                if self._use_mask_for_norm[c]:
-                    m = arr[(c, *bbox)] != 0
-                    for other in range(arr.shape[0]):
-                        m = m | (arr[(other, *bbox)] != 0)
-                    n = m.sum()
-                    s1 = (x * m).sum()
-                    s2 = ((x * x) * m).sum()
-                    todo[(c, "n")], todo[(c, "s1")], todo[(c, "s2")] = n, s1, s2
-                else:
-                    todo[(c, "mean")], todo[(c, "std")] = x.mean(), x.std()
-            elif scheme == "RescaleTo01Normalization":
-                todo[(c, "min")], todo[(c, "max")] = x.min(), x.max()
-        values = dict(zip(todo, dask.compute(*todo.values()))) if todo else {}
-        stats: list[dict[str, float]] = []
-        for c in range(len(self.normalization_schemes)):
-            d = {k: float(v) for (cc, k), v in values.items() if cc == c}
-            if "n" in d:
-                n = max(d["n"], 1.0)
-                mean = d["s1"] / n
-                d = {"mean": mean, "std": float(np.sqrt(max(d["s2"] / n - mean * mean, 0.0)))}
-            stats.append(d)
-        if any(v.get("std", 1) == 0 for v in stats):
-            log.warning("a channel of the volume is constant: zscore normalisation divides by ~0")
-        _STATS[key] = stats
-        return stats
+        return self.volumes.get(("bbox", arr.name), lambda: _bbox_of(arr))
+
+    def _stats(self, volume: Any, bbox: Box | None) -> list[dict[str, float]]:
+        arr, _ = as_czyx(volume)
+        bbox = self.bbox(volume) if bbox is None else tuple(bbox)
+        return self.volumes.get(
+            ("stats", arr.name, repr(bbox)),
+            lambda: volume_stats(arr, self.normalization_schemes, self._use_mask_for_norm, bbox),
+        )
 
     def normalizer(
         self, volume: Any, *, bbox: Box | None = None
@@ -464,38 +365,12 @@ class LoadedModel:
         (nnU-Net also fills holes in it; enclosed zero voxels differ). ``bbox`` overrides
         the nonzero box the statistics are taken over.
         """
-        stats = self._stats(volume, bbox)
-        schemes = self.normalization_schemes
-        props = self._intensity
-        use_mask = self._use_mask_for_norm
-
-        def normalise(raw: np.ndarray) -> np.ndarray:
-            out = np.empty(raw.shape, np.float32)
-            nonzero = np.any(raw != 0, axis=0) if any(use_mask) else None
-            for c, scheme in enumerate(schemes):
-                x = raw[c].astype(np.float32)
-                if scheme == "CTNormalization":
-                    p = props[str(c)] if str(c) in props else props[c]
-                    np.clip(x, p["percentile_00_5"], p["percentile_99_5"], out=x)
-                    x -= np.float32(p["mean"])
-                    x /= np.float32(max(p["std"], 1e-8))
-                elif scheme == "ZScoreNormalization":
-                    mean, std = np.float32(stats[c]["mean"]), np.float32(max(stats[c]["std"], 1e-8))
-                    if use_mask[c]:
-                        x = np.where(nonzero, (x - mean) / std, x).astype(np.float32)
-                    else:
-                        x -= mean
-                        x /= std
-                elif scheme == "RescaleTo01Normalization":
-                    lo, hi = stats[c]["min"], stats[c]["max"]
-                    x -= np.float32(lo)
-                    x /= np.float32(max(hi - lo, 1e-8))
-                elif scheme == "RGBTo01Normalization":
-                    x /= np.float32(255.0)
-                out[c] = x
-            return out
-
-        return normalise
+        return make_normalizer(
+            self.normalization_schemes,
+            self._intensity,
+            self._stats(volume, bbox),
+            self._use_mask_for_norm,
+        )
 
     def reader(
         self,
@@ -512,7 +387,7 @@ class LoadedModel:
         elsewhere (e.g. on a dask.distributed driver) to skip the whole-volume reductions.
         """
         arr, _ = as_czyx(volume)
-        bbox = nonzero_bbox(volume) if bbox is None else tuple(bbox)
+        bbox = self.bbox(volume) if bbox is None else tuple(bbox)
         norm = self.normalizer(volume, bbox=bbox) if normalizer is None else normalizer
 
         def read(box: Box) -> np.ndarray:
@@ -582,7 +457,7 @@ class LoadedModel:
         perm = (0, 1, *(2 + t for t in self._transpose))
         inv = tuple(int(i) for i in np.argsort(perm))
         n = batch.shape[0]
-        with self._lock, torch.no_grad():
+        with torch.no_grad():
             x = batch.to(self.device, torch.float32).permute(perm)
             views = []
             for k, axes in transforms:
@@ -611,17 +486,13 @@ class LoadedModel:
                         o = torch.rot90(o, -k, dims=(-2, -1))
                     total = o.clone() if total is None else total.add_(o)
             total /= len(self._networks) * len(transforms)
-            self.tiles_run += n
-        _FORWARD_PASSES.add(n)
         return total.permute(inv).contiguous()
 
 
 def clear_cache() -> None:
-    """Forget loaded models and cached volume statistics."""
+    """Forget the loaded models (those still held elsewhere stay loaded there)."""
     with _MODELS_LOCK:
         _MODELS.clear()
-    _BBOXES.clear()
-    _STATS.clear()
 
 
 def load_model(
@@ -652,7 +523,8 @@ def load_model(
     Returns
     -------
     LoadedModel
-        The same object for the same arguments (a second call costs nothing).
+        The same object for the same arguments while one is held (a second call costs
+        nothing); models nobody holds any more are freed.
     """
     p = Path(path).expanduser()
     if not p.exists():

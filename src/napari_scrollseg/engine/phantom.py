@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_scrollseg.engine.colors import palette_color
 from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 AIR, PAPYRUS, INK = 1, 2, 3
 CLASSES = {"air": AIR, "papyrus": PAPYRUS, "ink": INK}
-COLORS = {AIR: (60, 60, 160, 255), PAPYRUS: (230, 190, 110, 255), INK: (220, 30, 30, 255)}
+COLORS = {c: (*palette_color(c), 255) for c in (AIR, PAPYRUS, INK)}  # RGBA 0..255
 DEFAULT_SHAPE = (64, 128, 128)
 SPACING = (7.91, 7.91, 7.91)  # micrometres, as the Vesuvius scroll scans
 INK_CONTRAST = 18.0  # grey values ink adds to papyrus (noise sigma 12): faint, as real ink

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from napari_scrollseg.engine._train_worker import MARKER
+from napari_scrollseg.engine._train_worker import PLANNERS as _WORKER_PLANNERS
 from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PLANNERS = ("default", "resenc-m", "resenc-l", "resenc-xl")
+PLANNERS = tuple(_WORKER_PLANNERS)  # the names --planner takes
 _PLANS_IDENTIFIER = {
     "default": "nnUNetPlans",
     "resenc-m": "nnUNetResEncUNetMPlans",
@@ -49,7 +51,6 @@ _PLANS_IDENTIFIER = {
     "resenc-xl": "nnUNetResEncUNetXLPlans",
 }
 STOCK_TRAINER = "nnUNetTrainer"
-_MARKER = "\x1escrollseg-event "
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 
 
@@ -186,8 +187,8 @@ def _run_worker(
                 line = lines.get()
                 if line is None:
                     break
-                if line.startswith(_MARKER):
-                    yield json.loads(line[len(_MARKER) :])
+                if line.startswith(MARKER):
+                    yield json.loads(line[len(MARKER) :])
                     continue
                 out.write(line)
                 out.flush()

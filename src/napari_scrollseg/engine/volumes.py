@@ -47,8 +47,10 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
 _METADATA_KEYS = (".zgroup", ".zarray", ".zattrs", ".zmetadata", "zarr.json")
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_H5_PATH = re.compile(r"^(?P<file>.+?\.(?:h5|hdf5|hdf|he5))(?::(?P<dataset>.*))?$", re.IGNORECASE)
+URL_PATTERN = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+H5_PATH_PATTERN = re.compile(
+    r"^(?P<file>.+?\.(?:h5|hdf5|hdf|he5))(?::(?P<dataset>.*))?$", re.IGNORECASE
+)
 _SPATIAL = "zyx"
 
 
@@ -152,9 +154,9 @@ def open_volume(path: str | os.PathLike | Store, *, level: int | None = None) ->
         source = os.fspath(path)
         if source.startswith("file://"):
             source = source[len("file://") :]
-        if _URL.match(source):
+        if URL_PATTERN.match(source):
             volume = _open_zarr(_url_store(source), source=source)
-        elif (match := _H5_PATH.match(source)) and not Path(source).is_dir():
+        elif (match := H5_PATH_PATTERN.match(source)) and not Path(source).is_dir():
             volume = _open_hdf5(match["file"], match["dataset"], source=source)
         else:
             volume = _open_local(Path(source).expanduser(), source=source)
@@ -162,6 +164,43 @@ def open_volume(path: str | os.PathLike | Store, *, level: int | None = None) ->
         volume = _from_level(volume, level)
     log.info("opened %s (%s): shape %s %s", volume.source, volume.kind, volume.shape, volume.dtype)
     return volume
+
+
+def volume_parts(image: Any) -> tuple[Any, tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(array, spacing, origin)`` of a Volume (anything with ``.data`` and ``.spacing``)
+    or an array (spacing and origin None): the one place volumes are taken apart."""
+    if hasattr(image, "data") and hasattr(image, "spacing") and not isinstance(image, np.ndarray):
+        spacing, origin = image.spacing, getattr(image, "origin", None)
+        return (
+            image.data,
+            None if spacing is None else tuple(float(s) for s in spacing),
+            None if origin is None else tuple(float(o) for o in origin),
+        )
+    return image, None, None
+
+
+def as_czyx(volume: Any) -> tuple[da.Array, tuple[float, ...] | None]:
+    """A volume as a dask array ``(c, z, y, x)`` and its spacing (None if unknown).
+
+    Accepts a :class:`~napari_scrollseg.engine.volumes.Volume` (anything with ``.data``,
+    ``.spacing`` and optionally ``.axes``), a dask array or a numpy array, ``(z, y, x)`` or
+    ``(c, z, y, x)``.
+    """
+    import dask.array as da
+
+    data, spacing, _ = volume_parts(volume)
+    axes = getattr(volume, "axes", None)
+    arr = data if isinstance(data, da.Array) else da.asarray(np.asarray(data))
+    if axes is not None and axes not in ("zyx", "czyx"):
+        raise ScrollsegError(f"volume axes {axes!r} not supported: expected 'zyx' or 'czyx'")
+    if arr.ndim == 3 and axes != "czyx":
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ScrollsegError(
+            f"expected a 3D volume (z, y, x) or (c, z, y, x), got shape {tuple(arr.shape)}: "
+            "nnU-Net models here run on 3D volumes; give a single 2D image as (1, y, x)"
+        )
+    return arr, spacing
 
 
 def describe(volume: Volume) -> str:
@@ -202,10 +241,10 @@ def disk_size(path: str | os.PathLike, *, limit_s: float = 20.0) -> int | None:
     within ``limit_s`` seconds.
     """
     text = os.fspath(path) if isinstance(path, str | os.PathLike) else ""
-    if not text or _URL.match(text):
+    if not text or URL_PATTERN.match(text):
         return None
     p = Path(text).expanduser()
-    if not p.exists() and (match := _H5_PATH.match(text)):
+    if not p.exists() and (match := H5_PATH_PATTERN.match(text)):
         p = Path(match["file"]).expanduser()
     if p.is_file():
         return p.stat().st_size

@@ -1,0 +1,179 @@
+"""A warm prediction session: one loaded model on one device, its lock and its caches."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.predict.cache import TileCache
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from napari_scrollseg.engine.model import LoadedModel
+    from napari_scrollseg.engine.predict.region import RegionProgress
+    from napari_scrollseg.engine.tiling import Grid
+
+__all__ = ["DEFAULT_CACHE_BYTES", "ModelRef", "Predictor"]
+
+DEFAULT_CACHE_BYTES = 1 << 30
+Box = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """How to load a model again elsewhere (picklable: dask.distributed workers)."""
+
+    path: str
+    folds: tuple[int | str, ...] | None
+    checkpoint: str
+    device: str | None
+
+
+class Predictor:
+    """A prediction session: a loaded model, its device and one lock, the tile cache.
+
+    Every forward pass goes through :meth:`forward`, which holds :attr:`lock` (one network
+    call on the device at a time; reading and writing overlap it) and counts tiles in
+    :attr:`forward_passes` (one per tile whatever the folds and TTA, so it compares with
+    nnU-Net's number of sliding-window steps). Whole-volume passes (nonzero box,
+    normalization statistics) are cached per volume on the model. Keep one session warm
+    for live requests (:meth:`iter_predict_region`) and hand it to
+    :func:`~napari_scrollseg.engine.predict.iter_predict_volume`; :meth:`close` frees it.
+
+    Parameters
+    ----------
+    model
+        A trained-model folder or zip (loaded with
+        :func:`~napari_scrollseg.engine.model.load_model`), or a loaded model.
+    folds, checkpoint, device, configuration
+        As :func:`~napari_scrollseg.engine.model.load_model` (for a path only).
+    cache
+        The tile cache: a byte bound for a new :class:`TileCache`, a cache to use, or
+        None / 0 for none.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | LoadedModel,
+        *,
+        folds: Any = None,
+        checkpoint: str = "checkpoint_final.pth",
+        device: str | torch.device | None = None,
+        configuration: str | None = None,
+        cache: TileCache | int | None = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        from napari_scrollseg.engine.model import LoadedModel, load_model
+
+        if isinstance(model, LoadedModel):
+            self.path = str(model.folder)
+            self._device_arg: str | None = str(model.device)
+            self._model: LoadedModel | None = model
+        else:
+            self.path = str(Path(model).expanduser().absolute())
+            self._device_arg = None if device is None else str(device)
+            self._model = load_model(
+                model,
+                folds=folds,
+                checkpoint=checkpoint,
+                device=device,
+                configuration=configuration,
+            )
+        self.device = self._model.device
+        self.lock = threading.RLock()
+        self.cache: TileCache | None = (
+            cache if isinstance(cache, TileCache) else TileCache(cache) if cache else None
+        )
+        self.forward_passes = 0
+
+    # -- the model --------------------------------------------------------------------------
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model; a :class:`ScrollsegError` once the session is closed."""
+        if self._model is None:
+            raise ScrollsegError("this prediction session is closed: open a new Predictor")
+        return self._model
+
+    @property
+    def closed(self) -> bool:
+        return self._model is None
+
+    def ref(self) -> ModelRef:
+        """How a worker process loads the same model (on the device asked for)."""
+        m = self.model
+        return ModelRef(self.path, m.folds, m.checkpoint, self._device_arg)
+
+    def forward(
+        self,
+        batch: torch.Tensor,
+        *,
+        mirror: bool = True,
+        tta: str | None = None,
+        half: bool | None = None,
+    ) -> torch.Tensor:
+        """:meth:`LoadedModel.forward` under the session's lock, counted."""
+        with self.lock:
+            out = self.model.forward(batch, mirror=mirror, tta=tta, half=half)
+            self.forward_passes += int(batch.shape[0])
+        return out
+
+    # -- volumes ----------------------------------------------------------------------------
+    def bbox(self, volume: Any) -> Box:
+        """The volume's nonzero box (one pass over it, cached per volume)."""
+        return self.model.bbox(volume)
+
+    def grid(self, volume: Any, step: float = 0.5, *, bbox: Box | None = None) -> Grid:
+        """nnU-Net's global tile grid over the volume (see :meth:`LoadedModel.grid`)."""
+        return self.model.grid(volume, step, bbox=bbox)
+
+    def normalizer(self, volume: Any, *, bbox: Box | None = None) -> Any:
+        """The volume's normalization (statistics cached per volume)."""
+        return self.model.normalizer(volume, bbox=bbox)
+
+    # -- regions ----------------------------------------------------------------------------
+    def iter_predict_region(
+        self, volume: Any, box: Any, **options: Any
+    ) -> Iterator[RegionProgress]:
+        """See :func:`~napari_scrollseg.engine.predict.iter_predict_region`."""
+        from napari_scrollseg.engine.predict.region import iter_predict_region
+
+        return iter_predict_region(self, volume, box, **options)
+
+    def predict_region(
+        self, volume: Any, box: Any, **options: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """See :func:`~napari_scrollseg.engine.predict.predict_region`."""
+        from napari_scrollseg.engine.predict.region import predict_region
+
+        return predict_region(self, volume, box, **options)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the model, its cached volume passes and the tile cache (idempotent)."""
+        with self.lock:
+            if self._model is None:
+                return
+            self._model.volumes.clear()
+            self._model = None
+            if self.cache is not None:
+                self.cache.clear()
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.device}, {self.forward_passes} tiles run"
+        return f"Predictor({self.path!r}, {state})"

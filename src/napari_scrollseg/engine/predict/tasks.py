@@ -1,0 +1,274 @@
+"""The tasks of a whole-volume run (picklable: they travel to dask.distributed workers).
+
+A block task runs its tiles once and saves their gaussian-weighted logit sum over its
+extended box as a partial file (temporary name, then renamed); a chunk task adds the
+partial sums overlapping it, divides by the weight sum (analytic; with a mask, the
+weights of the tiles that ran), writes the uint8 probabilities and the argmax labels as
+whole zarr chunks, then its done marker, and deletes the partials all their readers have
+consumed. Partial sums travel through files, so a task's memory is set by the chunk and
+patch sizes whatever the volume size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_scrollseg.engine.predict.mask import mask_region
+from napari_scrollseg.engine.predict.store import (
+    atomic_touch,
+    marker_path,
+    output_array,
+    partial_path,
+)
+
+if TYPE_CHECKING:
+    from napari_scrollseg.engine.predict.plan import Plan
+    from napari_scrollseg.engine.predict.session import ModelRef, Predictor
+    from napari_scrollseg.engine.tiling import Grid
+    from napari_scrollseg.engine.volumes import Volume
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a task needs, shared by all tasks of one run."""
+
+    model: Predictor | ModelRef  # the session (threaded) or how workers load one
+    volume: Any  # a Volume (threaded) or its source path (distributed: reopened per worker)
+    grid: Grid
+    normalizer: Callable[[np.ndarray], np.ndarray]  # computed once by the driver
+    probs_path: str
+    labels_path: str
+    state: str
+    roi: tuple[Span, ...]
+    n_classes: int
+    mirror: bool
+    batch_size: int
+    half: bool | None
+    mask: Any = None  # a Volume / path of the mask, or None
+    volume_shape: tuple[int, ...] = ()
+    run: str = ""  # unique per run: keys the output arrays opened once per process
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    index: tuple[int, ...]
+    tiles: tuple[tuple[int, ...], ...]
+    ext: tuple[Span, ...]
+    partial: str
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    index: tuple[int, ...]
+    box: tuple[Span, ...]
+    marker: str
+    blocks: tuple[BlockSpec, ...]
+    # for each source block, the done markers of every chunk that reads it
+    consumers: tuple[tuple[str, ...], ...] = field(default=())
+
+
+def _session(job: Job) -> Predictor:
+    """The run's session: the driver's (threaded), else one per worker process and model."""
+    from napari_scrollseg.engine.predict.session import Predictor
+
+    if isinstance(job.model, Predictor):
+        return job.model
+    from distributed import get_worker
+
+    ref = job.model
+    worker = get_worker()
+    with _WORKER_GUARD:
+        sessions = worker.__dict__.setdefault("_scrollseg_sessions", {})
+        if ref not in sessions:
+            sessions[ref] = Predictor(
+                ref.path, folds=ref.folds, checkpoint=ref.checkpoint, device=ref.device, cache=None
+            )
+        return sessions[ref]
+
+
+_WORKER_GUARD = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _open_cached(source: str) -> Volume:
+    from napari_scrollseg.engine.volumes import open_volume
+
+    return open_volume(source)
+
+
+def source_of(volume: Volume) -> str:
+    """Where a volume came from: an absolute path for local files, else as given (URL)."""
+    src = str(volume.source)
+    return str(Path(src).absolute()) if Path(src).exists() else src
+
+
+def _resolve(volume: Any) -> Volume:
+    return _open_cached(volume) if isinstance(volume, str) else volume
+
+
+def _weights(patch: Sequence[int]) -> np.ndarray:
+    from napari_scrollseg.engine.tiling import weight_map
+
+    return weight_map(tuple(int(p) for p in patch), "gaussian")
+
+
+def run_block(job: Job, spec: BlockSpec) -> dict:
+    """Run a block's tiles once; save their weighted logit sum over its extended box."""
+    partial = Path(spec.partial)
+    if partial.exists():  # computed by an interrupted earlier run
+        return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
+    import dask
+
+    from napari_scrollseg.engine.predict.tiles import run_tiles
+    from napari_scrollseg.engine.tiling import tile_overlap
+
+    session = _session(job)
+    model = session.model
+    volume = _resolve(job.volume)
+    patch = tuple(job.grid.patch)
+    tiles = spec.tiles
+    # prefetch: read + normalise the union of the tiles outside the device lock
+    lo = tuple(min(t[a] for t in tiles) for a in range(len(patch)))
+    hi = tuple(max(t[a] for t in tiles) + patch[a] for a in range(len(patch)))
+    read_box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    # the driver's bbox and normaliser: workers do no whole-volume reductions; the read
+    # runs in this task's thread (parallelism comes from tasks, not nested thread pools)
+    read_all = model.reader(volume, bbox=job.grid.data, normalizer=job.normalizer)
+    with dask.config.set(scheduler="synchronous"):
+        data = read_all(read_box)
+
+    def read(box: tuple[slice, ...]) -> np.ndarray:
+        local = tuple(slice(s.start - o, s.stop - o) for s, o in zip(box, lo))
+        return data[(slice(None), *local)]
+
+    out_box = tuple(slice(a, b) for a, b in spec.ext)
+    with session.lock:  # one block on the device at a time: bounded device memory
+        logits = run_tiles(
+            session,
+            read,
+            [tuple(t) for t in tiles],
+            out_box=out_box,
+            mirror=job.mirror,
+            batch_size=job.batch_size,
+            half=job.half,
+        )
+    parts = [np.asarray(logits, dtype=np.float32)]
+    if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
+        weights = np.zeros(logits.shape[1:], dtype=np.float32)
+        gmap = _weights(patch)
+        for t in tiles:  # the extended box holds every tile of the block whole
+            src, dst = tile_overlap(t, patch, out_box)
+            weights[dst] += gmap[src]
+        parts.append(weights[None])
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial.with_name(f".{partial.stem}.{uuid.uuid4().hex}.tmp.npy")
+    np.save(tmp, np.concatenate(parts) if len(parts) > 1 else parts[0])
+    os.replace(tmp, partial)
+    return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
+
+
+def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
+    """Sum the partials over a chunk, normalise, write it, then mark it done."""
+    from napari_scrollseg.engine.predict.tiles import finalize
+    from napari_scrollseg.engine.tiling import weight_sum
+
+    shape = tuple(b - a for a, b in spec.box)
+    acc = np.zeros((job.n_classes, *shape), dtype=np.float32)
+    weights = np.zeros(shape, dtype=np.float32) if job.mask is not None else None
+    for block in spec.blocks:
+        part = np.load(block.partial, mmap_mode="r")
+        src, dst = [], []
+        for (c0, c1), (e0, e1) in zip(spec.box, block.ext):
+            a0, a1 = max(c0, e0), min(c1, e1)
+            src.append(slice(a0 - e0, a1 - e0))
+            dst.append(slice(a0 - c0, a1 - c0))
+        acc[(slice(None), *dst)] += part[(slice(0, job.n_classes), *src)]
+        if weights is not None:
+            weights[tuple(dst)] += part[(job.n_classes, *src)]
+    if weights is None:
+        box = tuple(slice(a, b) for a, b in spec.box)
+        weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
+    inside = np.zeros(shape, dtype=bool)
+    inside[
+        tuple(
+            slice(min(max(d.start, c0), c1) - c0, max(min(d.stop, c1), c0) - c0)
+            for d, (c0, c1) in zip(job.grid.data, spec.box)
+        )
+    ] = True
+    if job.mask is not None:
+        inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
+    probs, labels = finalize(acc, weights, data=inside)
+    local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(spec.box, job.roi))
+    # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero
+    probs_arr = output_array(job.probs_path, job.run, True)
+    labels_arr = output_array(job.labels_path, job.run, False)
+    np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
+    np.rint(probs, out=probs)
+    probs_arr[(slice(None), *local)] = probs.astype(np.uint8)
+    labels_arr[local] = labels.astype(labels_arr.dtype, copy=False)
+    marker = Path(spec.marker)
+    atomic_touch(marker)
+    # free the partials that every reader has now consumed
+    for block, consumers in zip(spec.blocks, spec.consumers):
+        if all(Path(c).exists() for c in consumers):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(block.partial)
+    return {"chunk": spec.index, "voxels": int(np.prod(shape))}
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The dask graph of the pending chunks and the blocks they read."""
+
+    dsk: dict
+    block_keys: dict[tuple[int, ...], tuple]  # block index -> task key
+    chunk_keys: list[tuple]
+
+    @property
+    def keys(self) -> list[tuple]:
+        return [*self.block_keys.values(), *self.chunk_keys]
+
+
+def build_graph(the_plan: Plan, job: Job, pending: Sequence[tuple[int, ...]], token: str) -> Graph:
+    """Tasks for the ``pending`` chunks of ``the_plan`` and the blocks they read."""
+    state = Path(job.state)
+    specs = {
+        i: BlockSpec(i, b.tiles, b.ext, str(partial_path(state, i)))
+        for i, b in the_plan.blocks.items()
+    }
+    chunks = {c.index: c for c in the_plan.chunks}
+    dsk: dict = {}
+    block_keys: dict[tuple[int, ...], tuple] = {}
+    chunk_keys: list[tuple] = []
+    for index in pending:
+        chunk = chunks[index]
+        for b in chunk.sources:
+            if b not in block_keys:
+                block_keys[b] = (f"scrollseg-block-{token}", *b)
+                dsk[block_keys[b]] = (run_block, job, specs[b])
+        spec = ChunkSpec(
+            index=index,
+            box=chunk.box,
+            marker=str(marker_path(state, index)),
+            blocks=tuple(specs[b] for b in chunk.sources),
+            consumers=tuple(
+                tuple(str(marker_path(state, c)) for c in the_plan.consumers[b])
+                for b in chunk.sources
+            ),
+        )
+        key = (f"scrollseg-chunk-{token}", *index)
+        chunk_keys.append(key)
+        dsk[key] = (finish_chunk, job, spec, *(block_keys[b] for b in chunk.sources))
+    return Graph(dsk, block_keys, chunk_keys)

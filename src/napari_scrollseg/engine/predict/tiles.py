@@ -1,0 +1,197 @@
+"""Run tiles of the global grid through a model, and turn summed logits into an answer.
+
+:func:`iter_tiles` (and :func:`run_tiles`, which drains it) is the one place tiles go
+through the network: it sums gaussian-weighted logits of some tiles of the global grid
+inside an output box, so callers can add partial sums from different tiles (overlap-add)
+and divide by :func:`~napari_scrollseg.engine.tiling.weight_sum` at the end
+(:func:`finalize`).
+
+Differences from nnU-Net, by design: logits and weights are summed in float32 (nnU-Net
+sums in float16), and the volume is not resampled (see :mod:`..model`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.tiling import BLEND_MODES, tile_overlap, weight_map
+
+if TYPE_CHECKING:
+    from napari_scrollseg.engine.model import LoadedModel
+    from napari_scrollseg.engine.predict.session import Predictor
+
+__all__ = ["finalize", "grid_patch", "iter_tiles", "run_tiles"]
+
+Box = tuple[slice, ...]
+
+
+def grid_patch(model: LoadedModel) -> tuple[int, ...]:
+    """The model's tile shape on a 3D volume: ``patch_size``, or ``(1, py, px)`` for 2D."""
+    return (1, *model.patch_size) if model.is_2d else tuple(model.patch_size)
+
+
+def _model_of(runner: LoadedModel | Predictor) -> LoadedModel:
+    from napari_scrollseg.engine.predict.session import Predictor
+
+    return runner.model if isinstance(runner, Predictor) else runner
+
+
+def iter_tiles(
+    model: LoadedModel | Predictor,
+    read: Callable[[Box], np.ndarray],
+    tiles: Sequence[tuple[int, ...]],
+    *,
+    out_box: Box,
+    mirror: bool = True,
+    batch_size: int = 4,
+    half: bool | None = None,
+    tta: str | None = None,
+    blend: str = "gaussian",
+    on_tile: Callable[[tuple[int, ...], Any], None] | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """Run ``tiles`` batch by batch, yielding ``(tiles_done, sum)`` after each batch.
+
+    ``sum`` is the float32 ``(n_classes, *out_box shape)`` tensor of weighted logits so
+    far, kept on the model's device. Closing the generator stops before the next batch.
+    Arguments as :func:`run_tiles`.
+    """
+    import torch
+
+    if blend not in BLEND_MODES:
+        raise ScrollsegError(f"unknown blend mode {blend!r}: use one of {', '.join(BLEND_MODES)}")
+    if batch_size < 1:
+        raise ScrollsegError(f"batch size must be at least 1, got {batch_size}")
+    lm = _model_of(model)
+    forward = model.forward
+    patch = grid_patch(lm)
+    out = torch.zeros(
+        (lm.n_classes, *(b.stop - b.start for b in out_box)),
+        dtype=torch.float32,
+        device=lm.device,
+    )
+    gmap_t = torch.from_numpy(weight_map(patch, blend).copy()).to(lm.device)
+    tiles = list(tiles)
+    batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+
+    def load(batch: list[tuple[int, ...]]) -> np.ndarray:
+        x = np.stack([read(tuple(slice(s, s + p) for s, p in zip(t, patch))) for t in batch])
+        return x[:, :, 0] if lm.is_2d else x
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrollseg-read") as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            x = pending.result()
+            pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            logits = forward(torch.from_numpy(x), mirror=mirror, tta=tta, half=half)
+            if lm.is_2d:
+                logits = logits[:, :, None]
+            for tile, weighted in zip(batch, logits * gmap_t):
+                _add_tile(out, tile, patch, weighted, out_box)
+                if on_tile is not None:
+                    on_tile(tile, weighted)
+            done += len(batch)
+            yield done, out
+
+
+def run_tiles(
+    model: LoadedModel | Predictor,
+    read: Callable[[Box], np.ndarray],
+    tiles: Sequence[tuple[int, ...]],
+    *,
+    out_box: Box,
+    mirror: bool = True,
+    batch_size: int = 4,
+    half: bool | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    tta: str | None = None,
+    blend: str = "gaussian",
+    on_tile: Callable[[tuple[int, ...], Any], None] | None = None,
+) -> np.ndarray:
+    """Sum of the weighted logits of ``tiles`` inside ``out_box``.
+
+    The sum is kept on the model's device and copied back once, at the end.
+
+    Parameters
+    ----------
+    model
+        A :class:`~napari_scrollseg.engine.predict.Predictor` (its lock and forward-pass
+        count apply) or a bare :class:`~napari_scrollseg.engine.model.LoadedModel`.
+    read
+        ``read(box) -> (c, *box)`` normalised float32 input, zero outside the data (as
+        :meth:`LoadedModel.reader` gives). Called once per tile, for the next batch while
+        the current batch runs on the device.
+    tiles
+        Tile starts in volume coordinates (from the :class:`Grid`).
+    out_box
+        The output box (volume coordinates); tiles may stick out of it.
+    mirror, tta, half
+        Passed to :meth:`LoadedModel.forward`.
+    batch_size
+        Tiles per network batch (the network sees ``batch_size`` x TTA passes).
+    on_batch
+        Called as ``on_batch(tiles_done, tiles_total)`` after each batch.
+    blend
+        ``"gaussian"`` (nnU-Net) or ``"uniform"``.
+    on_tile
+        Called as ``on_tile(tile, weighted)`` with each tile's weighted logits, a
+        ``(n_classes, *patch)`` tensor on the device (for :class:`TileCache`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(n_classes, *out_box shape)``.
+    """
+    lm = _model_of(model)
+    total = np.zeros((lm.n_classes, *(b.stop - b.start for b in out_box)), np.float32)
+    out = None
+    for done, partial in iter_tiles(
+        model,
+        read,
+        tiles,
+        out_box=out_box,
+        mirror=mirror,
+        batch_size=batch_size,
+        half=half,
+        tta=tta,
+        blend=blend,
+        on_tile=on_tile,
+    ):
+        out = partial
+        if on_batch is not None:
+            on_batch(done, len(tiles))
+    return total if out is None else out.cpu().numpy()
+
+
+def _add_tile(out: Any, tile: Sequence[int], patch: Sequence[int], weighted: Any, box: Box) -> None:
+    """``out[box ∩ tile] += weighted[...]`` for numpy arrays or torch tensors."""
+    ov = tile_overlap(tile, patch, box)
+    if ov is not None:
+        out[(slice(None), *ov[1])] += weighted[(slice(None), *ov[0])]
+
+
+def finalize(
+    logit_sum: np.ndarray, weights: np.ndarray, *, data: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels from summed weighted logits and the summed weights.
+
+    ``softmax(logit_sum / weights)`` and its argmax; voxels with no weight or outside
+    ``data`` (a boolean mask: the nonzero box) are background (probability 1 for class 0,
+    label 0), as nnU-Net fills the region it cropped away.
+    """
+    valid = weights > 0
+    if data is not None:
+        valid &= data
+    logits = np.divide(logit_sum, weights, out=np.zeros_like(logit_sum), where=valid)
+    logits -= logits.max(axis=0, keepdims=True)
+    probs = np.exp(logits, dtype=np.float32)
+    probs /= probs.sum(axis=0, keepdims=True)
+    probs[:, ~valid] = 0
+    probs[0, ~valid] = 1
+    labels = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 255 else np.uint16)
+    return probs, labels
