@@ -17,7 +17,6 @@ import zarr
 from napari_scrollseg.engine.builtin import builtin_model
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.live import LiveOptions, LivePredictor, choose_level, view_blocks
-from napari_scrollseg.engine.model import forward_passes
 from napari_scrollseg.engine.volumes import open_volume
 from tests.engine.conftest import blocky_volume
 
@@ -35,7 +34,7 @@ def live(phantom_zarr: Path, one_torch_thread: None):
 @pytest.fixture(scope="module")
 def full_run(phantom_zarr: Path, tmp_path_factory: pytest.TempPathFactory, one_torch_thread):
     """``predict_volume`` of the same model over the view's voxels (tiles of the whole grid)."""
-    from napari_scrollseg.engine.predict_volume import predict_volume
+    from napari_scrollseg.engine.predict import predict_volume
 
     out = tmp_path_factory.mktemp("live_full") / "pred.zarr"
     roi = [(s.start, s.stop) for s in VIEW]
@@ -76,13 +75,13 @@ def test_view_equals_the_full_run_on_the_same_voxels(live: LivePredictor, full_r
 
 def test_pan_away_and_back_runs_no_new_forward_pass(live: LivePredictor) -> None:
     first = live.predict(VIEW, timeout=600)
-    before = forward_passes()
+    before = live.forward_passes
     away = (slice(50, 51), slice(60, 128), slice(0, 40))  # other tiles along z
     live.predict(away, timeout=600)
-    ran_away = forward_passes() - before
-    mid = forward_passes()
+    ran_away = live.forward_passes - before
+    mid = live.forward_passes
     back = live.predict(VIEW, timeout=600)
-    assert forward_passes() == mid  # the engine's counter: nothing ran
+    assert live.forward_passes == mid  # the session's counter: nothing ran
     assert back.tiles_run == 0
     assert back.tiles_cached == back.tiles
     np.testing.assert_array_equal(back.labels, first.labels)
@@ -142,7 +141,7 @@ def test_cap_runs_the_centre_and_estimate_says_so(live: LivePredictor) -> None:
 
 def test_zscore_model_uses_whole_volume_statistics(tmp_path: Path, tiny_model_3d_zscore):
     from napari_scrollseg.engine.omezarr import write_image
-    from napari_scrollseg.engine.predict_volume import predict_volume
+    from napari_scrollseg.engine.predict import predict_volume
 
     image = blocky_volume((13, 37, 29), seed=9)
     image[:, :, :10] //= 4  # a view with very different statistics from the whole

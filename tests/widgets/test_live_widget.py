@@ -17,7 +17,6 @@ import pytest
 import zarr
 
 from napari_scrollseg.engine.builtin import builtin_model
-from napari_scrollseg.engine.model import forward_passes
 from napari_scrollseg.engine.phantom import SPACING
 from napari_scrollseg.widgets.live import LABELS_LAYER, PROB_LAYER, LiveWidget, _camera
 
@@ -83,7 +82,7 @@ def run(qtbot, widget, timeout_s: float = 300):
 
 
 def test_predict_view_equals_the_full_run_and_never_stalls(live, qtbot, tmp_path) -> None:
-    from napari_scrollseg.engine.predict_volume import predict_volume
+    from napari_scrollseg.engine.predict import predict_volume
 
     viewer, widget = live
     look_at(viewer, 50, 60, 70, 40)
@@ -127,10 +126,10 @@ def test_pan_away_and_back_runs_no_new_forward_pass(live, qtbot) -> None:
     look_at(viewer, 20, 113, 113, 28)  # the opposite corner: other tiles
     away = run(qtbot, widget)
     assert away.tiles_run > 0
-    before = forward_passes()
+    before = widget.predictor.forward_passes
     look_at(viewer, 20, 15, 15, 28)
     back = run(qtbot, widget)
-    assert forward_passes() == before
+    assert widget.predictor.forward_passes == before  # the session's counter
     assert back.tiles_run == 0
     assert back.tiles_cached == back.tiles == first.tiles
     assert f"from cache {back.tiles}" in widget.timing.value

@@ -1,7 +1,8 @@
 """Live inference: predict the region on screen, the full run's answer there, fast.
 
 A :class:`LivePredictor` owns one worker thread (which alone uses the device), a warm
-model and a :class:`~napari_scrollseg.engine.predict.TileCache`. A request is a box of
+prediction session (:class:`~napari_scrollseg.engine.predict.Predictor`: the model, its
+lock and forward-pass count) and a :class:`~napari_scrollseg.engine.predict.TileCache`. A request is a box of
 the volume (the view: one slice of a 2D view, or the visible box of a 3D view):
 
 * the box is cut into *blocks* (the tile grid's patch size, on a grid aligned with the
@@ -42,7 +43,7 @@ from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.model import LoadedModel
-    from napari_scrollseg.engine.predict import TileCache
+    from napari_scrollseg.engine.predict import Predictor, TileCache
     from napari_scrollseg.engine.tiling import Grid
 
 log = logging.getLogger(__name__)
@@ -287,8 +288,8 @@ class LivePredictor:
         self._volume_arg = volume
         self.cache = cache if cache is not None else TileCache(int(cache_mb * 2**20))
         self.on_event = on_event
-        self.model: LoadedModel | None = model if not isinstance(model, str | os.PathLike) else None
-        self.tiles_run = 0  # tiles this predictor sent through the network
+        self.model: LoadedModel | None = None
+        self.session: Predictor | None = None
         self.rate: float | None = None  # tiles per second, last request that ran tiles
         self._volume: Any = None
         self._levels: dict[int, tuple[Any, Grid, Callable[[Box], np.ndarray]]] = {}
@@ -305,13 +306,16 @@ class LivePredictor:
     def load(self) -> LoadedModel:
         """Load the model (once) and open the volume; raise :class:`ScrollsegError`."""
         with self._load_lock:
-            if self.model is None:
-                from napari_scrollseg.engine.model import load_model
+            if self.session is None:
+                from napari_scrollseg.engine.predict import Predictor
 
                 o = self.options
-                self.model = load_model(
-                    self._model_arg, folds=o.folds, checkpoint=o.checkpoint, device=o.device
-                )
+                # the tile cache is ours (shared across settings): the session keeps none
+                self.session = Predictor(
+                    self._model_arg, folds=o.folds, checkpoint=o.checkpoint, device=o.device,
+                    cache=None,
+                )  # fmt: skip
+                self.model = self.session.model
             if self._volume is None:
                 v = self._volume_arg
                 if isinstance(v, str | os.PathLike):
@@ -320,6 +324,11 @@ class LivePredictor:
                     v = open_volume(v)
                 self._volume = v
             return self.model
+
+    @property
+    def forward_passes(self) -> int:
+        """Tiles this predictor's session has run through the network."""
+        return self.session.forward_passes if self.session is not None else 0
 
     @property
     def level_spacings(self) -> list[tuple[float, ...]]:
@@ -516,6 +525,8 @@ class LivePredictor:
             current.cancel()
         self._queue.put(None)
         self._thread.join(timeout=60)
+        if self.session is not None:
+            self.session.close()
 
     def __enter__(self) -> LivePredictor:
         return self
@@ -667,13 +678,14 @@ class LivePredictor:
             x = np.stack([read(grid.tile_box(t)) for t in batch])
             req.read_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            weighted = _forward(model, x, mode=mode, half=self.options.half, gmap=gmap_t)
+            weighted = _forward(
+                self.session, x, mode=mode, half=self.options.half, gmap=gmap_t
+            )  # fmt: skip
             req.compute_s += time.perf_counter() - t0
             for t, w in zip(batch, weighted):
                 have[t] = w
                 self.cache.put((*prefix, t), w)
             req.tiles_run += len(batch)
-            self.tiles_run += len(batch)
             n_done += len(batch)
             land_ready()
         if n_done:
@@ -688,7 +700,7 @@ class LivePredictor:
         )
 
 
-def _forward(model: LoadedModel, x: np.ndarray, *, mode: str, half: bool | None, gmap: Any):
+def _forward(session: Predictor, x: np.ndarray, *, mode: str, half: bool | None, gmap: Any):
     """Weighted logits ``(n, n_classes, *patch)`` of a batch of tiles, as numpy arrays.
 
     On a device out of memory the batch is retried in halves, then one tile at a time;
@@ -696,9 +708,11 @@ def _forward(model: LoadedModel, x: np.ndarray, *, mode: str, half: bool | None,
     """
     import torch
 
+    model = session.model
+
     def run(part: np.ndarray) -> np.ndarray:
         inp = torch.from_numpy(part[:, :, 0] if model.is_2d else part)
-        out = model.forward(inp, tta=mode, half=half)
+        out = session.forward(inp, tta=mode, half=half)
         if model.is_2d:
             out = out[:, :, None]
         return (out * gmap).cpu().numpy()
@@ -718,8 +732,8 @@ def _forward(model: LoadedModel, x: np.ndarray, *, mode: str, half: bool | None,
         log.warning("out of memory on %s: retrying with batches of %d", model.device, half_n)
         return np.concatenate(
             [
-                _forward(model, x[:half_n], mode=mode, half=half, gmap=gmap),
-                _forward(model, x[half_n:], mode=mode, half=half, gmap=gmap),
+                _forward(session, x[:half_n], mode=mode, half=half, gmap=gmap),
+                _forward(session, x[half_n:], mode=mode, half=half, gmap=gmap),
             ]
         )
 

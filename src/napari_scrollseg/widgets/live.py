@@ -198,8 +198,8 @@ class LiveWidget(Container):
     # -- the predictor -------------------------------------------------------------------
     def options(self):
         """The :class:`LiveOptions` the widget's settings say (raises ScrollsegError)."""
+        from napari_scrollseg.engine.config import parse_folds
         from napari_scrollseg.engine.live import LiveOptions
-        from napari_scrollseg.engine.predict_volume import parse_folds
 
         cap: int | None = int(self.max_tiles.value)
         if not cap:  # about a second at the last measured rate
