@@ -1,0 +1,760 @@
+"""Live inference: predict the region on screen, the full run's answer there, fast.
+
+A :class:`LivePredictor` owns one worker thread (which alone uses the device), a warm
+prediction session (:class:`~napari_scrollseg.engine.predict.Predictor`: the model, its
+lock and forward-pass count) and a :class:`~napari_scrollseg.engine.predict.TileCache`. A request is a box of
+the volume (the view: one slice of a 2D view, or the visible box of a 3D view):
+
+* the box is cut into *blocks* (the tile grid's patch size, on a grid aligned with the
+  volume) that run nearest the box centre first; each block lands (an event with its
+  probabilities and labels) as soon as every tile touching it has run;
+* the tiles are those of nnU-Net's global grid over the whole volume that touch the
+  box, so the answer there equals the full run's (:mod:`.predict_volume`);
+* finished tiles are kept in the cache, keyed by model, checkpoint, folds, device,
+  volume level, step, TTA and precision: panning back, or stepping a slice within the
+  same tiles, runs no forward pass;
+* a new request cancels the running one (its queued batches are dropped; the batch on
+  the device finishes and its tiles are cached); :meth:`LivePredictor.view_moved`
+  drops only the blocks the view has left;
+* ``max_tiles`` caps the tiles one request runs (blocks nearest the centre first), and
+  :meth:`LivePredictor.estimate` says what a request would cost before it runs.
+
+Models whose normalisation uses the input's own statistics (``zscore``, ...) get the
+statistics of the whole volume (one dask reduction, cached), so live still equals full.
+No Qt here: a script uses it as the widget does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_scrollseg.engine.errors import ScrollsegError
+
+if TYPE_CHECKING:
+    from napari_scrollseg.engine.model import LoadedModel
+    from napari_scrollseg.engine.predict import Predictor, TileCache
+    from napari_scrollseg.engine.tiling import Grid
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Estimate",
+    "LiveEvent",
+    "LiveOptions",
+    "LivePredictor",
+    "LiveRequest",
+    "choose_level",
+    "view_blocks",
+]
+
+Box = tuple[slice, ...]
+# a view in world units: (low corner, high corner, plane axis or None); a 2D view is the
+# plane through low[axis] == high[axis]
+WorldBox = tuple[tuple[float, ...], tuple[float, ...], int | None]
+PRECISIONS = ("auto", "half", "float")
+
+
+# -- pure helpers -----------------------------------------------------------------------------
+def choose_level(level_spacings: Sequence[Sequence[float]], model_spacing: Sequence[float]) -> int:
+    """The pyramid level whose voxel size is closest to the model's (log-ratio distance).
+
+    ``model_spacing`` of a 2D model is in-plane ``(y, x)``: only the last axes compare.
+    """
+    target = np.log(np.asarray(model_spacing, float))
+    best, best_d = 0, math.inf
+    for i, sp in enumerate(level_spacings):
+        s = np.log(np.asarray(sp, float)[-len(target) :])
+        d = float(np.abs(s - target).sum())
+        if d < best_d - 1e-9:
+            best, best_d = i, d
+    return best
+
+
+def view_blocks(box: Box, block: Sequence[int]) -> list[Box]:
+    """``box`` cut along a global grid of ``block``-sized cells, nearest its centre first."""
+    per_axis = []
+    for sl, b in zip(box, block, strict=True):
+        first = (sl.start // b) * b
+        per_axis.append(
+            [slice(max(s, sl.start), min(s + b, sl.stop)) for s in range(first, sl.stop, b)]
+        )
+    centre = np.array([(sl.start + sl.stop) / 2 for sl in box])
+    blocks = [tuple(p) for p in itertools.product(*per_axis)]
+    return sorted(
+        blocks,
+        key=lambda bl: float(
+            np.linalg.norm(np.array([(s.start + s.stop) / 2 for s in bl]) - centre)
+        ),
+    )
+
+
+def _as_box(box: Any, shape: Sequence[int]) -> Box:
+    """Clip ``box`` (slices or (start, stop) pairs) to the volume; refuse an empty one."""
+    if len(box) != len(shape):
+        raise ScrollsegError(f"view box {box} needs {len(shape)} axes (z, y, x)")
+    out = []
+    for b, n in zip(box, shape):
+        start, stop = (b.start, b.stop) if isinstance(b, slice) else (b[0], b[1])
+        start, stop = max(int(start or 0), 0), min(int(n if stop is None else stop), int(n))
+        if start >= stop:
+            raise ScrollsegError(
+                f"the view {tuple(box)} does not overlap the volume of shape {tuple(shape)}: "
+                "move the view over the scan"
+            )
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def _intersects(a: Box, b: Box) -> bool:
+    return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
+
+
+# -- public records ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LiveOptions:
+    """Settings of live prediction; every field except ``max_tiles`` keys the tile cache.
+
+    ``precision``: ``"auto"`` (nnU-Net's: autocast on CUDA only), ``"half"`` or
+    ``"float"``. ``level``: pyramid level to predict on, or None for the level whose
+    voxel size is closest to the model's spacing. ``max_tiles``: cap on the tiles one
+    request runs (None: no cap).
+    """
+
+    folds: tuple[int | str, ...] | None = None
+    checkpoint: str = "checkpoint_final.pth"
+    device: str | None = None
+    step: float = 0.5
+    mirror: bool = True
+    precision: str = "auto"
+    batch_size: int = 4
+    max_tiles: int | None = 256
+    level: int | None = None
+    ignore_spacing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ScrollsegError(
+                f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"
+            )
+        if not 0 < self.step <= 1:
+            raise ScrollsegError(f"step {self.step} must be in (0, 1]")
+        if self.batch_size < 1:
+            raise ScrollsegError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ScrollsegError(f"max_tiles must be at least 1 (or None), got {self.max_tiles}")
+
+    @property
+    def half(self) -> bool | None:
+        """The ``half`` argument of :meth:`LoadedModel.forward`."""
+        return {"auto": None, "half": True, "float": False}[self.precision]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a request would cost: tiles touching the box, already cached, to run, the
+    tiles the cap lets run, and seconds at the last measured rate (None before any)."""
+
+    tiles: int
+    cached: int
+    to_run: int
+    capped_to: int
+    seconds: float | None
+
+    @property
+    def capped(self) -> bool:
+        """True if the cap leaves some of the box without a prediction."""
+        return self.capped_to < self.to_run
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    """One block of a request has landed (or the request ended: ``block`` is None).
+
+    ``box``/``block`` are in the coordinates of level ``level``; ``probs`` float32
+    ``(n_classes, *block shape)`` and ``labels`` (model label ids) cover ``block``.
+    ``error`` is set when the request failed (a :class:`ScrollsegError`).
+    """
+
+    request: LiveRequest
+    block: Box | None
+    probs: np.ndarray | None
+    labels: np.ndarray | None
+    final: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class LiveRequest:
+    """A submitted view box; filled in by the worker thread.
+
+    ``probs``/``labels`` cover ``box`` (level coordinates) once blocks land (zeros /
+    label 0 where none has yet, or where the cap or a cancel stopped it).
+    """
+
+    id: int
+    box: Box
+    level: int
+    tiles: int = 0
+    tiles_run: int = 0
+    tiles_cached: int = 0
+    tiles_dropped: int = 0
+    blocks_total: int = 0
+    blocks_done: int = 0
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    finish_s: float = 0.0
+    total_s: float = 0.0
+    probs: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    scale: tuple[float, ...] = (1.0, 1.0, 1.0)
+    translate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    capped: bool = False
+    error: BaseException | None = None
+    visible: Box | None = None
+    world: WorldBox | None = None
+    visible_world: WorldBox | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Drop the blocks not yet run (the batch on the device finishes)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the worker has finished with this request (complete, cancelled, failed)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> LiveRequest:
+        """Block until the request ends; re-raise its error. Returns self."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"live request {self.id} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+# -- the predictor ----------------------------------------------------------------------------
+class LivePredictor:
+    """Requests for the region on screen, run on one worker thread that owns the device.
+
+    Parameters
+    ----------
+    model
+        Trained-model folder or zip, or a :class:`LoadedModel` (then ``options.folds``,
+        ``checkpoint`` and ``device`` are the model's own).
+    volume
+        A :class:`~napari_scrollseg.engine.volumes.Volume` (any level can be predicted),
+        a path/URL, or a ``(z, y, x)`` / ``(c, z, y, x)`` array.
+    options
+        :class:`LiveOptions`.
+    cache
+        A shared :class:`TileCache` (e.g. kept by a widget across setting changes);
+        by default one of ``cache_mb`` MB.
+    on_event
+        Called on the worker thread with each :class:`LiveEvent`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | LoadedModel,
+        volume: Any,
+        options: LiveOptions | None = None,
+        *,
+        cache: TileCache | None = None,
+        cache_mb: float = 1024,
+        on_event: Callable[[LiveEvent], None] | None = None,
+    ) -> None:
+        from napari_scrollseg.engine.predict import TileCache
+
+        self.options = options or LiveOptions()
+        self._model_arg = model
+        self._volume_arg = volume
+        self.cache = cache if cache is not None else TileCache(int(cache_mb * 2**20))
+        self.on_event = on_event
+        self.model: LoadedModel | None = None
+        self.session: Predictor | None = None
+        self.rate: float | None = None  # tiles per second, last request that ran tiles
+        self._volume: Any = None
+        self._levels: dict[int, tuple[Any, Grid, Callable[[Box], np.ndarray]]] = {}
+        self._ids = itertools.count(1)
+        self._queue: queue.Queue[LiveRequest | None] = queue.Queue()
+        self._current: LiveRequest | None = None
+        self._lock = threading.Lock()  # guards _current (short holds only)
+        self._load_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="scrollseg-live", daemon=True)
+        self._thread.start()
+
+    # -- set-up (worker thread, or a caller that wants to wait for it) --------------------
+    def load(self) -> LoadedModel:
+        """Load the model (once) and open the volume; raise :class:`ScrollsegError`."""
+        with self._load_lock:
+            if self.session is None:
+                from napari_scrollseg.engine.predict import Predictor
+
+                o = self.options
+                # the tile cache is ours (shared across settings): the session keeps none
+                self.session = Predictor(
+                    self._model_arg, folds=o.folds, checkpoint=o.checkpoint, device=o.device,
+                    cache=None,
+                )  # fmt: skip
+                self.model = self.session.model
+            if self._volume is None:
+                v = self._volume_arg
+                if isinstance(v, str | os.PathLike):
+                    from napari_scrollseg.engine.volumes import open_volume
+
+                    v = open_volume(v)
+                self._volume = v
+            return self.model
+
+    @property
+    def forward_passes(self) -> int:
+        """Tiles this predictor's session has run through the network."""
+        return self.session.forward_passes if self.session is not None else 0
+
+    @property
+    def level_spacings(self) -> list[tuple[float, ...]]:
+        """Spacing of each level of the volume (one entry for a plain array)."""
+        v = self._volume
+        if hasattr(v, "levels"):
+            return [tuple(v.level_spacing(i)) for i in range(len(v.levels))]
+        return [tuple(getattr(v, "spacing", None) or (1.0, 1.0, 1.0))]
+
+    def level(self) -> int:
+        """The level requests run on: ``options.level``, else the closest to the model."""
+        model = self.load()
+        if self.options.level is not None:
+            n = len(self.level_spacings)
+            if not 0 <= self.options.level < n:
+                raise ScrollsegError(f"the volume has levels 0..{n - 1}, not {self.options.level}")
+            return self.options.level
+        return choose_level(self.level_spacings, model.spacing)
+
+    def geometry(self, level: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(scale, translate) of a level in world units, for placing result layers."""
+        self.load()
+        lv = self.level() if level is None else level
+        v = self._volume
+        scale = self.level_spacings[lv]
+        origins = getattr(v, "level_origins", ()) or ()
+        origin = origins[lv] if lv < len(origins) else getattr(v, "origin", (0.0,) * 3)
+        return tuple(float(s) for s in scale), tuple(float(o) for o in origin)
+
+    def _level(self, lv: int) -> tuple[Any, Grid, Callable[[Box], np.ndarray]]:
+        """The level's volume, its global grid and its reader (statistics computed once)."""
+        if lv not in self._levels:
+            model = self.load()
+            v = self._volume
+            if hasattr(v, "levels") and lv:
+                from napari_scrollseg.engine.volumes import _from_level
+
+                v = _from_level(v, lv)
+            model.check_volume(v, ignore_spacing=self.options.ignore_spacing)
+            grid = model.grid(v, self.options.step)
+            reader = model.reader(v, bbox=grid.data)
+            self._levels[lv] = (v, grid, reader)
+        return self._levels[lv]
+
+    def shape(self, level: int | None = None) -> tuple[int, ...]:
+        """Spatial shape of a level."""
+        from napari_scrollseg.engine.model import as_czyx
+
+        self.load()
+        lv = self.level() if level is None else level
+        v = self._volume
+        data = v.levels[lv] if hasattr(v, "levels") else v
+        return tuple(int(s) for s in as_czyx(data)[0].shape[1:])
+
+    @property
+    def normalization_note(self) -> str | None:
+        """A sentence for the user when the model normalises with the input's statistics."""
+        model = self.load()
+        if not model.needs_volume_stats:
+            return None
+        return (
+            f"this model normalises with the input's own statistics "
+            f"({', '.join(model.normalization_schemes)}): they are computed once over the "
+            "whole volume, so live results equal the full run's"
+        )
+
+    def _prefix(self, lv: int) -> tuple:
+        from napari_scrollseg.engine.model import as_czyx
+
+        model = self.load()
+        v, grid, _ = self._level(lv)
+        o = self.options
+        return (
+            model.sha256,
+            model.configuration,
+            tuple(str(f) for f in model.folds),
+            model.checkpoint,
+            str(model.device),
+            as_czyx(v)[0].name,
+            repr(grid.data),
+            o.step,
+            "mirror" if o.mirror else "none",
+            model.autocast(o.half),
+        )
+
+    # -- planning -----------------------------------------------------------------------
+    def _plan(self, box: Box, lv: int) -> tuple[list[Box], list[list[tuple[int, ...]]]]:
+        """The view's blocks (nearest the centre first) and the tiles touching each."""
+        _, grid, _ = self._level(lv)
+        blocks = view_blocks(box, [min(p, b.stop - b.start) or 1 for p, b in zip(grid.patch, box)])
+        return blocks, [grid.tiles_intersecting(b) for b in blocks]
+
+    def estimate(self, box: Any, level: int | None = None) -> Estimate:
+        """Tiles a request for ``box`` would touch, find cached and run (no forward pass)."""
+        lv = self.level() if level is None else level
+        box = _as_box(box, self.shape(lv))
+        _, tiles_of = self._plan(box, lv)
+        prefix = self._prefix(lv)
+        seen: set[tuple[int, ...]] = set()
+        cached = to_run = capped_to = 0
+        cap = self.options.max_tiles
+        for tiles in tiles_of:
+            new = [t for t in tiles if t not in seen]
+            seen.update(new)
+            miss = sum(1 for t in new if not _cached(self.cache, (*prefix, t)))
+            cached += len(new) - miss
+            if cap is None or capped_to + miss <= cap or not capped_to:
+                capped_to += miss  # the first block runs whatever the cap
+            else:
+                cap = capped_to  # a block over the cap stops the request there
+            to_run += miss
+        seconds = capped_to / self.rate if self.rate else None
+        return Estimate(len(seen), cached, to_run, capped_to, seconds)
+
+    # -- requests -----------------------------------------------------------------------
+    def submit(self, box: Any, level: int | None = None) -> LiveRequest:
+        """Queue a request for ``box`` (level coordinates); cancels every earlier request.
+
+        Errors (a model that does not load, a box outside the volume) come back in the
+        request (``error``, and :meth:`LiveRequest.wait` raises them).
+        """
+        return self._enqueue(LiveRequest(0, tuple(box), -1 if level is None else level))
+
+    def _enqueue(self, req: LiveRequest) -> LiveRequest:
+        if self._closed:
+            raise ScrollsegError("this live predictor is closed: make a new one")
+        req.id = next(self._ids)
+        with self._lock:
+            current = self._current
+        if current is not None:
+            current.cancel()
+        while True:  # drop queued requests
+            try:
+                old = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if old is not None:
+                old.cancel()
+                old._done.set()
+        self._queue.put(req)
+        return req
+
+    def submit_world(
+        self, low: Sequence[float], high: Sequence[float], plane_axis: int | None = None
+    ) -> LiveRequest:
+        """:meth:`submit` for a view in world units (what a viewer's camera shows).
+
+        ``low``/``high`` are the view's corners ``(z, y, x)`` in world units (the scan's
+        spacing and origin); with ``plane_axis`` the view is the one voxel thick plane at
+        ``low[plane_axis]`` (a 2D view). Converted on the worker thread, at the level the
+        request runs on.
+        """
+        world = (tuple(map(float, low)), tuple(map(float, high)), plane_axis)
+        return self._enqueue(LiveRequest(0, (), -1, world=world))
+
+    def world_to_box(self, world: WorldBox, level: int) -> Box:
+        """The voxel box of ``level`` covering a world-unit view (not clipped)."""
+        low, high, plane = world
+        scale, translate = self.geometry(level)
+        box = []
+        for axis, (lo, hi, s, t) in enumerate(zip(low, high, scale, translate, strict=True)):
+            a, b = (lo - t) / s, (hi - t) / s
+            if axis == plane:
+                start = math.floor(a + 0.5)  # the slice napari shows at this position
+                box.append(slice(start, start + 1))
+            else:
+                box.append(slice(math.floor(min(a, b)), math.ceil(max(a, b))))
+        return tuple(box)
+
+    def predict(self, box: Any, level: int | None = None, timeout: float | None = None):
+        """Submit a request and wait for it (scripts, benchmarks). Returns the request."""
+        return self.submit(box, level).wait(timeout)
+
+    def view_moved(self, box: Any = None, *, world: WorldBox | None = None) -> None:
+        """The view now shows ``box`` (level coordinates) or ``world`` (see
+        :meth:`submit_world`): the running request drops the blocks it left (and is
+        cancelled when none is left in view)."""
+        with self._lock:
+            current = self._current
+        if current is not None and not current.done:
+            if world is not None:
+                current.visible_world = world
+            else:
+                current.visible = tuple(box)
+
+    def close(self) -> None:
+        """Cancel everything and stop the worker thread."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            current = self._current
+        if current is not None:
+            current.cancel()
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+        if self.session is not None:
+            self.session.close()
+
+    def __enter__(self) -> LivePredictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the worker ---------------------------------------------------------------------
+    def _emit(self, event: LiveEvent) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # a display error must not kill the worker
+                log.exception("live event handler failed")
+
+    def _loop(self) -> None:
+        while True:
+            req = self._queue.get()
+            if req is None:
+                return
+            if req.cancelled:
+                req._done.set()
+                continue
+            with self._lock:
+                self._current = req
+            t0 = time.perf_counter()
+            try:
+                self._run(req)
+            except ScrollsegError as exc:
+                req.error = exc
+            except Exception as exc:  # a bug: keep the worker alive, report it
+                log.exception("live request %d failed", req.id)
+                req.error = exc
+            finally:
+                req.total_s = time.perf_counter() - t0
+                with self._lock:
+                    self._current = None
+                req._done.set()
+                self._emit(LiveEvent(req, None, None, None, final=True, error=req.error))
+
+    def _run(self, req: LiveRequest) -> None:
+        import torch
+
+        from napari_scrollseg.engine.tiling import tile_overlap, weight_map
+
+        model = self.load()
+        lv = self.level() if req.level < 0 else req.level
+        req.level = lv
+        if req.world is not None:
+            req.box = self.world_to_box(req.world, lv)
+        req.box = _as_box(req.box, self.shape(lv))
+        req.scale, req.translate = self.geometry(lv)
+        _, grid, read = self._level(lv)
+        prefix = self._prefix(lv)
+        patch = grid.patch
+        gmap = weight_map(patch, "gaussian")
+        blocks, tiles_of = self._plan(req.box, lv)
+        req.blocks_total = len(blocks)
+        shape = tuple(b.stop - b.start for b in req.box)
+        req.probs = np.zeros((model.n_classes, *shape), np.float32)
+        req.labels = np.zeros(shape, np.uint8 if model.n_classes <= 255 else np.uint16)
+
+        # the tiles each block needs: from the cache now, or to run (nearest blocks first)
+        have: dict[tuple[int, ...], np.ndarray] = {}
+        users: dict[tuple[int, ...], int] = {}
+        for tiles in tiles_of:
+            for t in tiles:
+                users[t] = users.get(t, 0) + 1
+        req.tiles = len(users)
+        cap = self.options.max_tiles
+        pending: list[int] = []  # blocks still to land, in priority order (indices)
+        planned: set[tuple[int, ...]] = set()
+        n_run = 0
+        for i, tiles in enumerate(tiles_of):
+            miss = []
+            for t in tiles:
+                if t in have or t in planned:
+                    continue
+                hit = self.cache.get((*prefix, t))
+                if hit is not None:
+                    have[t] = hit
+                    req.tiles_cached += 1
+                else:
+                    miss.append(t)
+            if cap is not None and n_run + len(miss) > cap and n_run:
+                req.capped = True  # the first block with tiles to run runs whatever the cap
+                break
+            planned.update(miss)
+            n_run += len(miss)
+            pending.append(i)
+        req.tiles_dropped = len(users) - len(have) - n_run
+        gmap_t = torch.from_numpy(gmap.copy()).to(model.device)
+        mode = "mirror" if self.options.mirror else "none"
+        batch_size = self.options.batch_size
+
+        def land(i: int) -> None:
+            t0 = time.perf_counter()
+            b = blocks[i]
+            acc = np.zeros((model.n_classes, *(s.stop - s.start for s in b)), np.float32)
+            weights = np.zeros(acc.shape[1:], np.float32)
+            for t in tiles_of[i]:
+                ov = tile_overlap(t, patch, b)
+                if ov is not None:
+                    acc[(slice(None), *ov[1])] += have[t][(slice(None), *ov[0])]
+                    weights[ov[1]] += gmap[ov[0]]
+                users[t] -= 1
+                if users[t] == 0:
+                    have.pop(t, None)
+            probs, labels = _finish(acc, weights, grid.data, b)
+            local = tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(b, req.box))
+            req.probs[(slice(None), *local)] = probs  # type: ignore[index]
+            req.labels[local] = labels  # type: ignore[index]
+            req.blocks_done += 1
+            req.finish_s += time.perf_counter() - t0
+            self._emit(LiveEvent(req, b, probs, labels))
+
+        def land_ready() -> None:
+            for i in list(pending):
+                if all(t in have for t in tiles_of[i]):
+                    pending.remove(i)
+                    land(i)
+
+        land_ready()  # blocks served wholly from the cache
+        t_run = time.perf_counter()
+        n_done = 0
+        while pending:
+            if req.cancelled:
+                break
+            if req.visible_world is not None:
+                req.visible = self.world_to_box(req.visible_world, lv)
+            if req.visible is not None:  # drop the blocks the view has left
+                pending = [i for i in pending if _intersects(blocks[i], req.visible)]
+                if not pending:
+                    req.cancel()
+                    break
+            batch: list[tuple[int, ...]] = []
+            for i in pending:
+                for t in tiles_of[i]:
+                    if t not in have and t not in batch:
+                        batch.append(t)
+                        if len(batch) == batch_size:
+                            break
+                if len(batch) == batch_size:
+                    break
+            if not batch:  # pragma: no cover - every pending block has all tiles
+                land_ready()
+                continue
+            t0 = time.perf_counter()
+            x = np.stack([read(grid.tile_box(t)) for t in batch])
+            req.read_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            weighted = _forward(
+                self.session, x, mode=mode, half=self.options.half, gmap=gmap_t
+            )  # fmt: skip
+            req.compute_s += time.perf_counter() - t0
+            for t, w in zip(batch, weighted):
+                have[t] = w
+                self.cache.put((*prefix, t), w)
+            req.tiles_run += len(batch)
+            n_done += len(batch)
+            land_ready()
+        if n_done:
+            self.rate = n_done / max(time.perf_counter() - t_run, 1e-6)
+        log.debug(
+            "live request %d: %d tiles run, %d cached, %d blocks of %d",
+            req.id,
+            req.tiles_run,
+            req.tiles_cached,
+            req.blocks_done,
+            req.blocks_total,
+        )
+
+
+def _forward(session: Predictor, x: np.ndarray, *, mode: str, half: bool | None, gmap: Any):
+    """Weighted logits ``(n, n_classes, *patch)`` of a batch of tiles, as numpy arrays.
+
+    On a device out of memory the batch is retried in halves, then one tile at a time;
+    if even that fails the user is told what to do.
+    """
+    import torch
+
+    model = session.model
+
+    def run(part: np.ndarray) -> np.ndarray:
+        inp = torch.from_numpy(part[:, :, 0] if model.is_2d else part)
+        out = session.forward(inp, tta=mode, half=half)
+        if model.is_2d:
+            out = out[:, :, None]
+        return (out * gmap).cpu().numpy()
+
+    try:
+        return run(x)
+    except torch.OutOfMemoryError:
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(x) == 1:
+            raise ScrollsegError(
+                f"the device {model.device} ran out of memory on a single tile "
+                f"{tuple(x.shape[2:])} of this model: free the device (close other programs), "
+                "turn mirroring off, or choose the cpu device"
+            ) from None
+        half_n = len(x) // 2
+        log.warning("out of memory on %s: retrying with batches of %d", model.device, half_n)
+        return np.concatenate(
+            [
+                _forward(session, x[:half_n], mode=mode, half=half, gmap=gmap),
+                _forward(session, x[half_n:], mode=mode, half=half, gmap=gmap),
+            ]
+        )
+
+
+def _cached(cache: TileCache, key: tuple) -> bool:
+    """Whether ``cache`` holds ``key``, without counting a hit or reordering it."""
+    return key in cache._items
+
+
+def _finish(acc: np.ndarray, weights: np.ndarray, data: Box, b: Box):
+    """Probabilities and labels of a block from its summed tiles (as the full run)."""
+    from napari_scrollseg.engine.predict import finalize
+
+    inside = np.zeros(weights.shape, bool)
+    inside[
+        tuple(
+            slice(
+                min(max(d.start, s.start), s.stop) - s.start,
+                max(min(d.stop, s.stop), s.start) - s.start,
+            )
+            for d, s in zip(data, b)
+        )
+    ] = True
+    return finalize(acc, weights, data=inside)

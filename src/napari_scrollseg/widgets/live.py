@@ -1,0 +1,399 @@
+"""Live inference dock widget: one click (or Shift-P) predicts the region on screen.
+
+The widget only wires the viewer to :class:`~napari_scrollseg.engine.live.LivePredictor`:
+it reads the view from napari's camera and canvas (2D: the visible field at the current
+slice; 3D: the whole volume), submits it, and writes each block that lands into two
+result layers (a probability image of the chosen class and the argmax labels) placed
+over the scan. Follow mode re-predicts when the view has rested for 300 ms. Building
+the widget imports no torch; the model loads on the predictor's worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+)
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.widgets._common import image_layers, notify_error, notify_info, session
+from napari_scrollseg.widgets._models import device_choices, model_choices, remember_model
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_scrollseg.engine.live import LiveEvent, LivePredictor, LiveRequest
+
+log = logging.getLogger(__name__)
+
+KEY = "Shift-P"
+FOLLOW_MS = 300
+PROB_LAYER = "live probability"
+LABELS_LAYER = "live labels"
+
+
+def _camera(viewer: napari.Viewer) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9 on)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+def view_box(viewer: napari.Viewer) -> tuple[tuple[float, ...], tuple[float, ...], int | None]:
+    """What the canvas shows, in world units: (low, high, plane axis or None).
+
+    2D: the field of view from the camera centre, zoom and canvas size, at the current
+    slice (the plane axis). 3D: the whole extent of the layers.
+    """
+    dims = viewer.dims
+    ndim = dims.ndim
+    if dims.ndisplay == 3:
+        extent = viewer.layers.extent.world
+        return tuple(extent[0][-3:]), tuple(extent[1][-3:]), None
+    displayed = list(dims.displayed[-2:])
+    point = np.asarray(dims.point, float)
+    low, high = point.copy(), point.copy()
+    camera = _camera(viewer)
+    centre = np.asarray(camera.center, float)[-2:]
+    half = np.asarray(viewer.canvas.size, float) / camera.zoom / 2  # (h, w)
+    for axis, c, h in zip(displayed, centre, half, strict=True):
+        low[axis], high[axis] = c - h, c + h
+    plane = [a for a in range(ndim) if a not in displayed][-1]
+    return tuple(low[-3:]), tuple(high[-3:]), plane - (ndim - 3)
+
+
+class _Relay(QObject):
+    """Carries engine events from the predictor's worker thread to the GUI thread."""
+
+    event = Signal(object)
+
+
+class LiveWidget(Container):
+    """Predict the view with a warm model; results land in two layers over the scan."""
+
+    def __init__(self, viewer: napari.Viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.image = ComboBox(label="image", choices=self._image_names)
+        self.model = ComboBox(label="model", choices=model_choices)
+        self.model_path = FileEdit(
+            label="model folder/zip", mode="r", filter="*.zip", nullable=True, value=None
+        )
+        self.folds = LineEdit(label="folds", value="", tooltip="e.g. 0,1; empty: every fold")
+        self.device = ComboBox(label="device", choices=lambda _w: device_choices(), value="auto")
+        self.step = FloatSpinBox(label="step", value=0.5, min=0.1, max=1.0, step=0.05)
+        self.mirror = CheckBox(text="mirroring (TTA)", value=True)
+        self.precision = ComboBox(label="precision", choices=["auto", "half", "float"])
+        self.max_tiles = SpinBox(
+            label="max tiles",
+            value=0,
+            min=0,
+            max=100_000,
+            tooltip="tiles per request; 0: about one second at the last measured rate",
+        )
+        self._class_names: list[str] = []
+        self.show_class = ComboBox(label="probability of", choices=lambda _w: self._class_names)
+        self.follow = CheckBox(text="follow the view (re-predict after 300 ms)", value=False)
+        self.predict_button = PushButton(text=f"Predict view ({KEY})")
+        self.status = Label(value="")
+        self.timing = Label(value="")
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.model_path,
+                self.folds,
+                self.device,
+                self.step,
+                self.mirror,
+                self.precision,
+                self.max_tiles,
+                self.show_class,
+                self.follow,
+                self.predict_button,
+                self.status,
+                self.timing,
+            ]
+        )
+        self.predictor: LivePredictor | None = None
+        self._key: tuple | None = None
+        self._cache: Any = None
+        self._request: LiveRequest | None = None
+        self.finished: LiveRequest | None = None  # the last request shown to the end
+        self._t_submit = 0.0
+        self._display_s = 0.0
+        self._relay = _Relay()
+        self._relay.event.connect(self._on_event)
+        self._refresh = QTimer()
+        self._refresh.setSingleShot(True)
+        self._refresh.setInterval(30)
+        self._refresh.timeout.connect(self._refresh_layers)
+        self._follow_timer = QTimer()
+        self._follow_timer.setSingleShot(True)
+        self._follow_timer.setInterval(FOLLOW_MS)
+        self._follow_timer.timeout.connect(self.predict_view)
+
+        self.predict_button.changed.connect(self.predict_view)
+        self.model_path.changed.connect(self._model_path_chosen)
+        self.model.changed.connect(self._model_changed)
+        self.show_class.changed.connect(self._class_changed)
+        viewer.layers.events.inserted.connect(self._layers_changed)
+        viewer.layers.events.removed.connect(self._layers_changed)
+        _camera(viewer).events.center.connect(self._view_changed)
+        _camera(viewer).events.zoom.connect(self._view_changed)
+        viewer.dims.events.point.connect(self._view_changed)
+        session().changed.connect(self._session_changed)
+        viewer.bind_key(KEY, lambda _v: self.predict_view(), overwrite=True)
+        self._model_changed()
+
+    # -- choices -------------------------------------------------------------------------
+    def _image_names(self, _widget: Any = None) -> list[str]:
+        return [layer.name for layer in image_layers(self.viewer)]
+
+    def _layers_changed(self, _event: Any = None) -> None:
+        self.image.reset_choices()
+
+    def _session_changed(self, what: str) -> None:
+        if what == "trained_models":
+            self.model.reset_choices()
+
+    def _model_path_chosen(self, value: Any) -> None:
+        if not value or not str(value).strip() or str(value) == ".":
+            return
+        path = remember_model(value)
+        self.model.reset_choices()
+        self.model.value = path
+
+    def _model_changed(self, _value: Any = None) -> None:
+        """Class names from the model's dataset.json (read without loading the model)."""
+        import json
+
+        names: list[str] = []
+        path = Path(self.model.value) if self.model.value else None
+        if path is not None and (path / "dataset.json").is_file():
+            try:
+                labels = json.loads((path / "dataset.json").read_text())["labels"]
+                names = [k for k, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+                names = [n for n in names if n != "ignore"]
+            except (OSError, ValueError, KeyError, TypeError):
+                names = []
+        self._class_names = names or ["class 1"]
+        self.show_class.reset_choices()
+        self.show_class.value = self._class_names[-1]
+
+    # -- the predictor -------------------------------------------------------------------
+    def options(self):
+        """The :class:`LiveOptions` the widget's settings say (raises ScrollsegError)."""
+        from napari_scrollseg.engine.config import parse_folds
+        from napari_scrollseg.engine.live import LiveOptions
+
+        cap: int | None = int(self.max_tiles.value)
+        if not cap:  # about a second at the last measured rate
+            rate = self.predictor.rate if self.predictor is not None else None
+            cap = max(8, round(rate)) if rate else 64
+        return LiveOptions(
+            folds=parse_folds(self.folds.value.strip() or None),
+            device=None if self.device.value == "auto" else self.device.value,
+            step=float(self.step.value),
+            mirror=bool(self.mirror.value),
+            precision=str(self.precision.value),
+            max_tiles=cap,
+        )
+
+    def _volume(self, layer: Any) -> Any:
+        """The layer's data as an engine Volume (its pyramid, spacing and origin)."""
+        import dask.array as da
+
+        from napari_scrollseg.engine.volumes import Volume
+
+        levels = layer.data if layer.multiscale else [layer.data]
+        arrays = tuple(a if isinstance(a, da.Array) else da.asarray(a) for a in levels)
+        return Volume(
+            levels=arrays,
+            spacing=tuple(float(s) for s in layer.scale[-3:]),
+            origin=tuple(float(t) for t in layer.translate[-3:]),
+            axes="zyx",
+            source=str((layer.metadata or {}).get("source", layer.name)),
+            kind="layer",
+        )
+
+    def _ensure_predictor(self) -> LivePredictor:
+        from napari_scrollseg.engine.live import LivePredictor
+        from napari_scrollseg.engine.predict import TileCache
+
+        if not self.image.value:
+            raise ScrollsegError("no 3D image layer: open a volume first (File > Open)")
+        if not self.model.value:
+            raise ScrollsegError("choose a model (built-in, or a trained-model folder or zip)")
+        layer = self.viewer.layers[self.image.value]
+        options = self.options()
+        key = (id(layer.data), str(self.model.value), replace(options, max_tiles=None))
+        if self.predictor is not None and key == self._key:
+            self.predictor.options = options  # only the cap changed
+            return self.predictor
+        rate = self.predictor.rate if self.predictor is not None else None
+        self.close_predictor()
+        if self._cache is None:
+            self._cache = TileCache(1 << 30)
+        self.predictor = LivePredictor(
+            self.model.value,
+            self._volume(layer),
+            options,
+            cache=self._cache,
+            on_event=self._relay.event.emit,
+        )
+        self.predictor.rate = rate
+        self._key = key
+        return self.predictor
+
+    def close_predictor(self) -> None:
+        """Stop the predictor's worker (the next request makes a new one)."""
+        if self.predictor is not None:
+            self.predictor.on_event = None
+            self.predictor.close()
+            self.predictor = None
+            self._key = None
+
+    # -- requests ------------------------------------------------------------------------
+    def predict_view(self, *_: Any) -> LiveRequest | None:
+        """Submit what the canvas shows; results land in the layers as blocks finish."""
+        try:
+            predictor = self._ensure_predictor()
+            low, high, plane = view_box(self.viewer)
+            self._request = predictor.submit_world(low, high, plane)
+        except ScrollsegError as exc:
+            notify_error(exc)
+            self.status.value = str(exc)[:120]
+            return None
+        self._t_submit = time.perf_counter()
+        self._display_s = 0.0
+        self.status.value = "predicting..." if predictor.model else "loading the model..."
+        return self._request
+
+    def _view_changed(self, _event: Any = None) -> None:
+        req = self._request
+        if req is not None and not req.done and self.predictor is not None:
+            low, high, plane = view_box(self.viewer)
+            self.predictor.view_moved(world=(low, high, plane))
+        if self.follow.value:
+            self._follow_timer.start()  # restarts: fires once the view rests
+
+    # -- results -------------------------------------------------------------------------
+    def _on_event(self, event: LiveEvent) -> None:
+        req = event.request
+        if req is not self._request:
+            return  # a stale request's block
+        t0 = time.perf_counter()
+        if event.error is not None:
+            self.status.value = "failed"
+            self.finished = req
+            notify_error(event.error)
+            return
+        if event.block is not None:
+            self._show_block(req, event)
+        elif event.final:
+            self._refresh_layers()
+            self._finished(req)
+            self.finished = req
+        self._display_s += time.perf_counter() - t0
+
+    def _layers(self, req: LiveRequest) -> tuple[Any, Any]:
+        """The two result layers, created once; re-pointed at this request's box."""
+
+        low = [t + s * b.start for t, s, b in zip(req.translate, req.scale, req.box)]
+        model = self.predictor.model  # type: ignore[union-attr]
+        names = [model.label_names[k] for k in sorted(model.label_names)]
+        shown = self.show_class.value if self.show_class.value in names else names[-1]
+        c = names.index(shown)
+        prob = req.probs[c]  # type: ignore[index]
+        if PROB_LAYER in self.viewer.layers:
+            pl = self.viewer.layers[PROB_LAYER]
+            pl.data = prob
+        else:
+            pl = self.viewer.add_image(
+                prob,
+                name=PROB_LAYER,
+                colormap="inferno",
+                blending="additive",
+                opacity=0.6,
+                contrast_limits=(0.0, 1.0),
+            )
+        pl.scale, pl.translate = req.scale, low
+        pl.metadata["class"] = shown
+        if LABELS_LAYER in self.viewer.layers:
+            ll = self.viewer.layers[LABELS_LAYER]
+            ll.data = req.labels
+        else:
+            ll = self.viewer.add_labels(req.labels, name=LABELS_LAYER, opacity=0.5)
+            self._style_labels(ll, model)
+        ll.scale, ll.translate = req.scale, low
+        return pl, ll
+
+    def _style_labels(self, layer: Any, model: Any) -> None:
+        """The model's class names and colours (from the scrollseg export, if recorded)."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        meta = model.dataset_json.get("scrollseg", {})
+        colors = meta.get("colors", {})
+        colormap: dict[Any, Any] = {0: (0, 0, 0, 0), None: (0.6, 0.6, 0.6, 1.0)}
+        for k, name in model.label_names.items():
+            # the export names classes air/papyrus/ink (ids 1..K); the model's k is id k+1
+            by_id = {v: n for n, v in meta.get("classes", {}).items()}
+            rgb = colors.get(name) or colors.get(by_id.get(k + 1, ""), None)
+            if rgb and k:
+                colormap[k] = (*(c / 255 for c in rgb[:3]), 1.0)
+        if len(colormap) > 2:
+            layer.colormap = DirectLabelColormap(color_dict=colormap)
+        values = sorted(model.label_names)
+        layer.features = {"index": values, "class": [model.label_names[v] for v in values]}
+
+    def _show_block(self, req: LiveRequest, event: LiveEvent) -> None:
+        if getattr(req, "_shown", False) is False:
+            self._layers(req)
+            req._shown = True  # type: ignore[attr-defined]
+        self._refresh.start() if not self._refresh.isActive() else None
+
+    def _refresh_layers(self) -> None:
+        for name in (PROB_LAYER, LABELS_LAYER):
+            if name in self.viewer.layers:
+                self.viewer.layers[name].refresh()
+
+    def _class_changed(self, _value: Any = None) -> None:
+        req = self._request
+        if req is not None and req.probs is not None and getattr(req, "_shown", False):
+            self._layers(req)
+
+    def _finished(self, req: LiveRequest) -> None:
+        total = time.perf_counter() - self._t_submit
+        note = self.predictor.normalization_note if self.predictor is not None else None
+        state = "cancelled" if req.cancelled else "done"
+        if req.capped:
+            rate = self.predictor.rate if self.predictor else None
+            rest = req.tiles_dropped
+            eta = f" (~{rest / rate:.1f} s at {rate:.1f} tiles/s)" if rate else ""
+            state = (
+                f"capped: {req.blocks_done}/{req.blocks_total} blocks; {rest} tiles more"
+                f"{eta}: zoom in or raise max tiles"
+            )
+            notify_info(f"live prediction {state}")
+        self.status.value = state + (f"\n{note}" if note else "")
+        self.timing.value = (
+            f"read {req.read_s:.2f} s | compute {req.compute_s:.2f} s | "
+            f"display {self._display_s:.3f} s | total {total:.2f} s\n"
+            f"tiles run {req.tiles_run}, from cache {req.tiles_cached} of {req.tiles}"
+        )
+        self.device.reset_choices()
