@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from napari_scrollseg.engine.colors import label_colormap
+from napari_scrollseg.engine.colors import DEFAULT_LABEL_COLOR, label_colormap
 from napari_scrollseg.engine.volumes import (
     H5_PATH_PATTERN,
     HDF5_SUFFIXES,
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 LayerData = tuple[Any, dict[str, Any], str]
 ReaderFunction = Callable[[str | Sequence[str]], list[LayerData]]
 
-from napari_scrollseg.engine.colors import DEFAULT_LABEL_COLOR  # noqa: E402
 
 # CT display defaults (see the module docstring)
 RENDERING_3D = "attenuated_mip"
