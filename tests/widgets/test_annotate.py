@@ -280,3 +280,22 @@ def test_a_2d_image_is_refused(make_napari_viewer, qtbot, tmp_path):
     (msg,) = errors_since(n)
     assert "no 3D image layer" in msg
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_removing_the_layer_or_switching_store_saves(
+    make_napari_viewer, qtbot, phantom_copy, tmp_path
+):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, phantom_copy)
+    qtbot.mouseClick(widget.new_button, LEFT)
+    first = widget.store.path
+    widget.layer.paint((3, 10, 10), 2)
+    widget.path_edit.setText(str(tmp_path / "second.zarr"))
+    qtbot.mouseClick(widget.new_button, LEFT)  # switching stores saves the first one
+    assert AnnotationStore.open(first)[3, 10, 10] == 2
+    assert [layer.name for layer in viewer.layers].count("phantom annotations") == 1
+    widget.layer.paint((4, 20, 20), 3)
+    viewer.layers.remove(widget.layer)  # removing the layer saves too
+    assert widget.store is None
+    assert AnnotationStore.open(tmp_path / "second.zarr")[4, 20, 20] == 3
+    assert widget.table.rowCount() == 0

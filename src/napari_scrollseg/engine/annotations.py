@@ -402,6 +402,11 @@ class AnnotationStore:
         self._meta_dirty = True
 
     @property
+    def unsaved(self) -> bool:
+        """Whether paint or class-table edits wait for :meth:`save`."""
+        return bool(self._dirty) or self._meta_dirty
+
+    @property
     def dirty_chunks(self) -> int:
         """Number of painted chunks not saved yet."""
         return len(self._dirty)

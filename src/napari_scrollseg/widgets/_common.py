@@ -215,7 +215,7 @@ class ProgressRow(QWidget):
         worker.yielded.connect(self.show_event)
         worker.errored.connect(lambda exc: self.status.setText("failed"))
         worker.aborted.connect(lambda: self.status.setText("cancelled"))
-        worker.returned.connect(lambda _: self.status.setText("done"))
+        worker.returned.connect(self._done)
         worker.finished.connect(self._finished)
 
     def show_event(self, event: Any) -> None:
@@ -229,6 +229,11 @@ class ProgressRow(QWidget):
             self.status.setText(self.describe(event))
         elif fraction is not None:
             self.status.setText(f"{fraction[0]}/{fraction[1]}")
+
+    def _done(self, result: Any) -> None:
+        self.bar.setRange(0, max(1, self.bar.maximum()))
+        self.bar.setValue(self.bar.maximum())
+        self.status.setText("done")
 
     def cancel(self) -> None:
         """Ask the worker to stop (the engine generator is closed at its next yield)."""

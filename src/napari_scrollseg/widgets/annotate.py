@@ -360,7 +360,7 @@ class AnnotateWidget(QWidget):
         return written
 
     def _autosave_tick(self) -> None:
-        if self.store is not None and (self.store.dirty_chunks or self.store._meta_dirty):
+        if self.store is not None and self.store.unsaved:
             self.save()
 
     def refresh_status(self) -> None:
@@ -369,7 +369,7 @@ class AnnotateWidget(QWidget):
         if store is None:
             self.save_status.setText("")
             return
-        if store.dirty_chunks or store._meta_dirty:
+        if store.unsaved:
             self.save_status.setText("unsaved changes")
         elif self._saved_at is not None:
             self.save_status.setText(

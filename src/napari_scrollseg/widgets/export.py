@@ -81,6 +81,7 @@ class ExportWidget(QWidget):
         self.pair_table = QTableWidget(0, 2)
         self.pair_table.setHorizontalHeaderLabels(["image", "annotation store"])
         self.pair_table.verticalHeader().setVisible(False)
+        self.pair_table.horizontalHeader().setStretchLastSection(True)
         self.add_pair_button = QPushButton("Add current pair")
         self.add_pair_button.setToolTip(
             "the selected annotation layer (made by the Annotate widget) and its image"
@@ -187,7 +188,9 @@ class ExportWidget(QWidget):
             store = self.viewer.layers[labels].data if labels in self.viewer.layers else None
             path = str(store.path) if isinstance(store, AnnotationStore) else labels
             self.pair_table.setItem(row, 0, QTableWidgetItem(image))
-            self.pair_table.setItem(row, 1, QTableWidgetItem(path))
+            item = QTableWidgetItem(Path(path).name)
+            item.setToolTip(path)
+            self.pair_table.setItem(row, 1, item)
         try:
             self.classes_label.setText(", ".join(self._classes().names()))
         except ScrollsegError as exc:
