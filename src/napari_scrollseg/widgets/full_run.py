@@ -325,9 +325,12 @@ class FullRunWidget(Container):
                 meta["name"], meta["colormap"] = names[-1], "inferno"
                 meta["opacity"], meta["contrast_limits"] = 0.6, (0, 255)
             meta["name"] = f"{Path(out).stem}: {meta['name']}"
-            if meta["name"] in self.viewer.layers:
-                self.viewer.layers.remove(meta["name"])
-            self._opened.append(self.viewer.add_layer(Layer.create(data, meta, kind)))
+            if meta["name"] in self.viewer.layers:  # a resumed run: reuse the layer
+                layer = self.viewer.layers[meta["name"]]
+                layer.data = data
+                self._opened.append(layer)
+            else:
+                self._opened.append(self.viewer.add_layer(Layer.create(data, meta, kind)))
         self._refreshed = time.perf_counter()
 
     def _refresh_output(self, out: Path) -> None:
