@@ -18,7 +18,8 @@ import zarr
 
 from napari_scrollseg.engine.builtin import builtin_model
 from napari_scrollseg.engine.phantom import SPACING
-from napari_scrollseg.widgets.live import LABELS_LAYER, PROB_LAYER, LiveWidget, _camera
+from napari_scrollseg.widgets._view import camera_of
+from napari_scrollseg.widgets.live import LABELS_LAYER, PROB_LAYER, LiveWidget
 
 PLUGIN = "napari-scrollseg"
 S = SPACING[0]
@@ -70,8 +71,8 @@ def look_at(viewer, z: int, y: float, x: float, extent_voxels: float) -> None:
     """A 2D view of slice ``z`` centred on voxel (y, x), ``extent_voxels`` across."""
     viewer.dims.ndisplay = 2
     viewer.dims.set_point(0, z * S)
-    _camera(viewer).center = (z * S, y * S, x * S)
-    _camera(viewer).zoom = max(viewer.canvas.size) / (extent_voxels * S)
+    camera_of(viewer).center = (z * S, y * S, x * S)
+    camera_of(viewer).zoom = max(viewer.canvas.size) / (extent_voxels * S)
 
 
 def run(qtbot, widget, timeout_s: float = 300):
@@ -98,7 +99,7 @@ def test_predict_view_equals_the_full_run_and_never_stalls(live, qtbot, tmp_path
     assert req.error is None
     assert req.box[0] == slice(20, 21)  # the slice on screen
     h, w = (b.stop - b.start for b in req.box[1:])
-    shown = np.asarray(viewer.canvas.size) / _camera(viewer).zoom / S  # voxels on screen
+    shown = np.asarray(viewer.canvas.size) / camera_of(viewer).zoom / S  # voxels on screen
     assert abs(h - shown[0]) <= 2
     assert abs(w - shown[1]) <= 2
     prob, labels = viewer.layers[PROB_LAYER], viewer.layers[LABELS_LAYER]

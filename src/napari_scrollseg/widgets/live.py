@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -33,6 +32,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.widgets._common import image_layers, notify_error, notify_info, session
 from napari_scrollseg.widgets._models import device_choices, model_choices, remember_model
+from napari_scrollseg.widgets._view import camera_of, view_box
 
 if TYPE_CHECKING:
     import napari
@@ -45,35 +45,6 @@ KEY = "Shift-P"
 FOLLOW_MS = 300
 PROB_LAYER = "live probability"
 LABELS_LAYER = "live labels"
-
-
-def _camera(viewer: napari.Viewer) -> Any:
-    """The viewer's camera (``viewer.scene.camera`` from napari 0.9 on)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None else viewer.camera
-
-
-def view_box(viewer: napari.Viewer) -> tuple[tuple[float, ...], tuple[float, ...], int | None]:
-    """What the canvas shows, in world units: (low, high, plane axis or None).
-
-    2D: the field of view from the camera centre, zoom and canvas size, at the current
-    slice (the plane axis). 3D: the whole extent of the layers.
-    """
-    dims = viewer.dims
-    ndim = dims.ndim
-    if dims.ndisplay == 3:
-        extent = viewer.layers.extent.world
-        return tuple(extent[0][-3:]), tuple(extent[1][-3:]), None
-    displayed = list(dims.displayed[-2:])
-    point = np.asarray(dims.point, float)
-    low, high = point.copy(), point.copy()
-    camera = _camera(viewer)
-    centre = np.asarray(camera.center, float)[-2:]
-    half = np.asarray(viewer.canvas.size, float) / camera.zoom / 2  # (h, w)
-    for axis, c, h in zip(displayed, centre, half, strict=True):
-        low[axis], high[axis] = c - h, c + h
-    plane = [a for a in range(ndim) if a not in displayed][-1]
-    return tuple(low[-3:]), tuple(high[-3:]), plane - (ndim - 3)
 
 
 class _Relay(QObject):
@@ -153,8 +124,8 @@ class LiveWidget(Container):
         self.show_class.changed.connect(self._class_changed)
         viewer.layers.events.inserted.connect(self._layers_changed)
         viewer.layers.events.removed.connect(self._layers_changed)
-        _camera(viewer).events.center.connect(self._view_changed)
-        _camera(viewer).events.zoom.connect(self._view_changed)
+        camera_of(viewer).events.center.connect(self._view_changed)
+        camera_of(viewer).events.zoom.connect(self._view_changed)
         viewer.dims.events.point.connect(self._view_changed)
         session().changed.connect(self._session_changed)
         viewer.bind_key(KEY, lambda _v: self.predict_view(), overwrite=True)

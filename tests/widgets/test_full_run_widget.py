@@ -1,0 +1,116 @@
+"""The full-run widget in a real viewer (Xvfb): start, cancel, start again = the CLI's output.
+
+The built-in model on the phantom without mirroring, over a box drawn as a Shapes
+rectangle (every slice under it), chunks of 32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_scrollseg.engine.builtin import builtin_model
+from napari_scrollseg.engine.phantom import SPACING
+from napari_scrollseg.widgets.full_run import FullRunWidget
+from tests.widgets.test_live_widget import STALL_S, StallMeter
+
+PLUGIN = "napari-scrollseg"
+S = SPACING[0]
+
+
+@pytest.fixture
+def full(make_napari_viewer, phantom_zarr: Path):
+    import torch
+
+    torch.set_num_threads(1)
+    viewer = make_napari_viewer()
+    viewer.open(phantom_zarr, plugin=PLUGIN)
+    widget = FullRunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model.value = str(builtin_model())
+    widget.device.value = "cpu"
+    widget.mirror.value = False
+    widget.chunk.value = 32
+    yield viewer, widget
+    if widget.worker is not None:
+        widget.worker.quit()
+
+
+def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    g = zarr.open_group(str(out), mode="r")
+    return np.asarray(g["0"][:]), np.asarray(g["labels/prediction/0"][:])
+
+
+def test_start_cancel_start_equals_scrollseg_predict(full, qtbot, tmp_path: Path) -> None:
+    from napari_scrollseg.cli import main
+
+    viewer, widget = full
+    # a rectangle over y, x 0..64 drawn on one slice: the region is every slice under it
+    corners = np.array([[10, 0, 0], [10, 0, 63.5], [10, 63.5, 63.5], [10, 63.5, 0]])
+    viewer.add_shapes([corners * S], shape_type="rectangle")
+    widget.roi.value = "shapes: Shapes"
+    assert widget.region() == [(0, 64), (0, 64), (0, 64)]
+    out = tmp_path / "widget.zarr"
+    widget.output.value = out
+
+    meter = StallMeter()
+    worker = widget.start()
+    assert worker is not None
+    qtbot.waitUntil(
+        lambda: widget.last_event is not None and widget.last_event.chunks_done >= 1,
+        timeout=300_000,
+    )
+    widget.cancel()  # the Cancel button of the progress row
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    done_first = len(list((out / ".scrollseg" / "done").iterdir()))
+    assert 0 < done_first < 8, done_first  # cancelled part-way
+    assert widget.result is None
+    assert any(layer.name.startswith("widget: ") for layer in viewer.layers)  # opened lazily
+
+    widget.start()  # the same settings: resumes
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    stall = meter.stop()
+    print(f"full run: longest GUI gap {stall * 1000:.0f} ms")
+    assert widget.result == out
+    assert widget.last_event.chunks_resumed == done_first
+    assert widget.last_event.stage == "done"
+
+    ref = tmp_path / "cli.zarr"
+    volume = viewer.layers["phantom"].metadata["source"]
+    args = ["predict", str(builtin_model()), volume, str(ref), "--roi", "0:64,0:64,0:64"]
+    assert main([*args, "--no-mirror", "--chunk", "32", "--device", "cpu"]) == 0
+    probs, labels = _read(out)
+    ref_probs, ref_labels = _read(ref)
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_array_equal(probs, ref_probs)
+    # the output layers show the finished run
+    shown = viewer.layers["widget: prediction"]
+    np.testing.assert_array_equal(np.asarray(shown.data[0]), ref_labels)
+    assert stall < 10 * STALL_S, stall  # see the report: first layers + pyramid
+
+
+def test_estimate_and_bad_inputs(full, qtbot, tmp_path: Path) -> None:
+    viewer, widget = full
+    widget.estimate()
+    qtbot.waitUntil(lambda: "tiles" in widget.estimate_label.value, timeout=120_000)
+    assert "27 tiles" in widget.estimate_label.value  # 3 x 3 x 3 tiles of (32, 64, 64)
+    # an output that exists and is not a scrollseg prediction: one message, nothing touched
+    other = tmp_path / "other.zarr"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    widget.output.value = other
+    errors = []
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.result is None
+    assert (other / "keep.txt").read_text() == "mine"
+    # a layer not backed by a file is told so
+    viewer.add_image(np.zeros((8, 8, 8), np.uint8), name="scratch")
+    widget.image.value = "scratch"
+    with pytest.raises(Exception, match="not backed by a file"):
+        widget._source()
+    assert widget.start() is None
+    assert not errors
