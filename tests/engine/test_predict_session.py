@@ -78,3 +78,73 @@ def test_predictor_given_to_predict_volume_refuses_its_own_options(tiny_model_3d
     with pytest.raises(ScrollsegError, match="to the Predictor"):
         predict_volume(session, blocky_volume((8, 16, 16)), tmp_path / "p.zarr", folds="1")
     assert not session.closed  # the caller's session stays open
+
+
+def test_volume_run_yields_before_its_whole_volume_passes(tiny_model_3d, tmp_path):
+    from dask.callbacks import Callback
+
+    from napari_scrollseg.engine.omezarr import write_image
+    from napari_scrollseg.engine.predict import iter_predict_volume
+
+    vol = tmp_path / "v.zarr"
+    image = blocky_volume((12, 30, 27), seed=23, zero_border=2)
+    write_image(vol, image, spacing=(1.0, 1.0, 1.0), chunks=(8, 8, 8))
+    out = tmp_path / "out.zarr"
+
+    class Count(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def _pretask(self, key, dsk, state):
+            self.n += 1
+
+    session = Predictor(tiny_model_3d, folds=(0,), device="cpu")
+    with Count() as count:
+        gen = iter_predict_volume(session, vol, out, chunk=16)
+        first = next(gen)
+        gen.close()  # cancelled at the first event
+    assert first.stage == "prepare"
+    assert first.fraction == 0
+    assert count.n == 0  # no pass over the volume ran, nothing was written
+    assert not out.exists()
+    assert session.forward_passes == 0
+    events = list(iter_predict_volume(session, vol, out, chunk=16))
+    assert events[0].stage == "prepare"
+    assert events[-1].stage == "done"
+    assert session.forward_passes == events[-1].tiles_computed > 0
+    assert not session.closed  # the caller's session stays open
+
+
+def test_a_whole_volume_pass_stops_when_its_generator_is_closed():
+    import threading
+
+    import dask.array as da
+
+    from napari_scrollseg.engine.predict.schedule import iter_in_thread
+    from napari_scrollseg.engine.progress import drive
+
+    ran = []
+    started = threading.Event()
+
+    def slow(block: np.ndarray) -> np.ndarray:
+        ran.append(1)
+        started.set()
+        threading.Event().wait(0.02)
+        return block
+
+    arr = da.zeros((200, 4), chunks=(1, 4)).map_blocks(slow, dtype=float)
+    gen = iter_in_thread(lambda: float(arr.sum().compute(scheduler="sync")), every=0.01)
+    assert next(gen) is None  # still running
+    started.wait(5)
+    gen.close()
+    n = len(ran)
+    assert 0 < n < 200  # stopped at the next task
+    threading.Event().wait(0.1)
+    assert len(ran) == n
+
+    # run to the end, the generator's value is the function's
+    def value() -> int:
+        return (yield from iter_in_thread(lambda: 42, every=0.01))
+
+    assert drive(value()) == 42

@@ -10,6 +10,7 @@ pans. :func:`predict_region` runs it to the end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -152,8 +153,7 @@ def iter_predict_region(
         def keep(tile: tuple[int, ...], weighted: Any) -> None:
             cache.put((*prefix, tile), weighted.cpu().numpy())  # type: ignore[union-attr]
 
-        out = None
-        for done, partial in iter_tiles(
+        batches = iter_tiles(
             predictor,
             read,
             tiles,
@@ -164,9 +164,11 @@ def iter_predict_region(
             tta=tta,
             blend=blend,
             on_tile=keep if cache is not None else None,
-        ):
-            out = partial
-            yield RegionProgress(box, done, len(touching), n_cached)
+        )
+        out = None
+        with contextlib.closing(batches):  # a close here stops the batches at once
+            for done, out in batches:  # noqa: B007 - the last sum is used below
+                yield RegionProgress(box, done, len(touching), n_cached)
         logit_sum += out.cpu().numpy()
     weights = weight_sum(grid, box, weight_map(patch, blend))
     log.debug("predicted box %s: %d tiles run", box, len(tiles))
