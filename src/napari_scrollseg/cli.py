@@ -9,9 +9,13 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from napari_scrollseg import __version__
 from napari_scrollseg.engine.errors import ScrollsegError
@@ -35,9 +39,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from napari_scrollseg.engine.volumes import describe, open_volume
+    from napari_scrollseg.engine.volumes import check_chunks, describe, open_volume
 
-    print(describe(open_volume(args.path)))
+    volume = open_volume(args.path)
+    check_chunks(volume)  # a damaged first or last chunk shows here, not in a long run
+    print(describe(volume))
     return 0
 
 
@@ -339,7 +345,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise ScrollsegError("--plans-overrides must be a JSON object")
     bar = None
     try:
-        for ev in train(
+        events = train(
             args.dataset,
             results_dir=args.out,
             configuration=args.config,
@@ -354,20 +360,22 @@ def _run_train(args: argparse.Namespace) -> int:
             plans_overrides=overrides,
             plans_name=args.plans_name,
             preprocessed_dir=args.preprocessed,
-        ):
-            if ev.kind == "epoch":
-                if bar is None:
-                    bar = tqdm(
-                        total=ev.epochs, initial=ev.epoch, unit="epoch", desc=f"fold {ev.fold}"
-                    )
-                bar.update(ev.epoch + 1 - bar.n)
-                bar.set_postfix(loss=f"{ev.train_loss:.3f}", val=f"{ev.val_loss:.3f}")
-                tqdm.write(str(ev))
-            else:
-                if bar is not None and ev.kind in ("fold_done", "done"):
-                    bar.close()
-                    bar = None
-                tqdm.write(str(ev))
+        )
+        with contextlib.closing(events):  # on Ctrl-C / SIGTERM: stop the worker first
+            for ev in events:
+                if ev.kind == "epoch":
+                    if bar is None:
+                        bar = tqdm(
+                            total=ev.epochs, initial=ev.epoch, unit="epoch", desc=f"fold {ev.fold}"
+                        )
+                    bar.update(ev.epoch + 1 - bar.n)
+                    bar.set_postfix(loss=f"{ev.train_loss:.3f}", val=f"{ev.val_loss:.3f}")
+                    tqdm.write(str(ev))
+                else:
+                    if bar is not None and ev.kind in ("fold_done", "done"):
+                        bar.close()
+                        bar = None
+                    tqdm.write(str(ev))
     finally:
         if bar is not None:
             bar.close()
@@ -420,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     run = COMMANDS[args.command][1]
+    previous = _on_sigterm()
     try:
         return run(args)
     except ScrollsegError as exc:
@@ -427,9 +436,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that workers are stopped and outputs left whole."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` (main thread only); return the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

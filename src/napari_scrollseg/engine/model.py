@@ -154,14 +154,24 @@ def nonzero_bbox(volume: Any) -> Box:
 
     One dask reduction over the volume, cached per volume. An all-zero volume gives the
     whole volume. (nnU-Net fills holes in the mask first; that cannot change the box.)
+    Float volumes with NaN or infinite voxels are refused in the same pass.
     """
     import dask
+    import dask.array as da
 
     arr, _ = as_czyx(volume)
     key = _key(arr)
     if key not in _BBOXES:
         nz = (arr != 0).any(axis=0)
         projections = [nz.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
+        if arr.dtype.kind in "fc":  # the same pass refuses NaN / inf, as nnU-Net does
+            from napari_scrollseg.engine.volumes import check_all_finite
+
+            bad = (~da.isfinite(arr)).any(axis=0)
+            spans = [bad.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
+            got = dask.compute(*projections, bad.sum(), *spans)
+            projections = list(got[:3])
+            check_all_finite(int(got[3]), got[4:], getattr(volume, "source", "the volume"))
         projections = dask.compute(*projections)
         box = []
         for p, n in zip(projections, arr.shape[1:]):
@@ -311,6 +321,10 @@ def _load_checkpoint(path: Path) -> dict:
 
     import torch
 
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+        raise ScrollsegError(
+            f"{path} is not a readable PyTorch checkpoint (not a torch.save archive): re-copy it"
+        )
     allowed = [np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
     try:
         allowed.append(np._core.multiarray.scalar)
@@ -512,7 +526,10 @@ class LoadedModel:
         compute per call. Pass ``bbox`` (``grid.data``) and ``normalizer`` computed once
         elsewhere (e.g. on a dask.distributed driver) to skip the whole-volume reductions.
         """
+        from napari_scrollseg.engine.volumes import check_finite, read_block
+
         arr, _ = as_czyx(volume)
+        source = getattr(volume, "source", "the volume")
         bbox = nonzero_bbox(volume) if bbox is None else tuple(bbox)
         norm = self.normalizer(volume, bbox=bbox) if normalizer is None else normalizer
 
@@ -521,7 +538,8 @@ class LoadedModel:
             inter = [slice(max(b.start, d.start), min(b.stop, d.stop)) for b, d in zip(box, bbox)]
             if any(i.start >= i.stop for i in inter):
                 return out
-            raw = np.asarray(arr[(slice(None), *inter)])
+            raw = read_block(arr, (slice(None), *inter), source)
+            check_finite(raw, [i.start for i in inter], source)
             dst = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))
             out[(slice(None), *dst)] = norm(raw)
             return out
