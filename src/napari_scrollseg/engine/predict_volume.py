@@ -53,6 +53,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.fingerprint import (
+    check_resume_fingerprints,
+    input_fingerprint,
+    loaded_model_fingerprint,
+)
 from napari_scrollseg.engine.safe_write import check_not_locked
 from napari_scrollseg.engine.safe_write import run_lock as _run_lock
 
@@ -838,6 +843,10 @@ def iter_predict_volume(
         "mask": None if mask_vol is None else _source(mask_vol),
     }
     config_hash = _config_hash(config)
+    fingerprints = {"input": input_fingerprint(vol), "model": loaded_model_fingerprint(loaded)}
+    if not overwrite:  # a resume on a changed input or model would mix both
+        recorded = (_scrollseg_info(out) or {}).get("fingerprints")
+        check_resume_fingerprints(out, recorded, fingerprints)
     resume = _check_resume(out, config_hash, overwrite)
     was_complete = resume and bool((_scrollseg_info(out) or {}).get("complete"))
     state = out / STATE_DIR
@@ -853,6 +862,7 @@ def iter_predict_volume(
         "complete": False,
         "labels": {str(k): v for k, v in loaded.label_names.items()},
         **config,
+        "fingerprints": fingerprints,
     }
     if not resume:
         _create_output(
