@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from napari_scrollseg import __version__
 from napari_scrollseg.engine.errors import ScrollsegError
@@ -35,9 +38,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from napari_scrollseg.engine.volumes import describe, open_volume
+    from napari_scrollseg.engine.volumes import check_chunks, describe, open_volume
 
-    print(describe(open_volume(args.path)))
+    volume = open_volume(args.path)
+    check_chunks(volume)  # a damaged first or last chunk shows here, not in a long run
+    print(describe(volume))
     return 0
 
 
@@ -310,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     run = COMMANDS[args.command][1]
+    previous = _on_sigterm()
     try:
         return run(args)
     except ScrollsegError as exc:
@@ -317,9 +323,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that workers are stopped and outputs left whole."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` (main thread only); return the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def test_unreachable_url():
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(ScrollsegError, match=r"cannot read http://127.0.0.1:\d+/s\.zarr .*network"):
+    with pytest.raises(ScrollsegError, match=r"cannot read http://127.0.0.1:\d+/s\.zarr.*network"):
         open_volume(f"http://127.0.0.1:{port}/s.zarr")
 
 

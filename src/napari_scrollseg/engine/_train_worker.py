@@ -15,6 +15,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -181,7 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--no-validate", action="store_false", dest="validate")
     args = parser.parse_args(argv)
+    _watch_parent()
     return _plan(args) if args.step == "plan" else _train(args)
+
+
+def _watch_parent(every_s: float = 2.0) -> None:
+    """SIGTERM ourselves when the calling process is gone (killed without asking us)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os.kill(os.getpid(), signal.SIGTERM)  # training saves a checkpoint and stops
+
+    threading.Thread(target=watch, daemon=True, name="scrollseg-parent-watch").start()
 
 
 if __name__ == "__main__":

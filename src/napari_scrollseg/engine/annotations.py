@@ -38,7 +38,7 @@ import numpy as np
 
 from napari_scrollseg.engine.colors import IGNORE_COLOR, TRANSPARENT, label_colormap, palette_color
 from napari_scrollseg.engine.errors import ScrollsegError
-from napari_scrollseg.engine.volumes import volume_parts
+from napari_scrollseg.engine.volumes import read_block, volume_parts
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -47,6 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNLABELED = 0
+
+
+class _BadIndex(ScrollsegError, IndexError):
+    """An index outside the annotation (an IndexError too, as numpy raises)."""
+
+
 ATTRS_KEY = "scrollseg"
 FORMAT_VERSION = 1
 
@@ -204,23 +210,23 @@ def _normalize_box(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...],
         i = next(i for i, k in enumerate(key) if k is Ellipsis)
         key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
     if len(key) > len(shape):
-        raise IndexError(f"too many indices for a {len(shape)}-d annotation")
+        raise _BadIndex(f"too many indices for a {len(shape)}-d annotation")
     key = key + (slice(None),) * (len(shape) - len(key))
     slices, int_axes = [], []
     for ax, (k, n) in enumerate(zip(key, shape)):
         if isinstance(k, slice):
             start, stop, step = k.indices(n)
             if step != 1:
-                raise IndexError("annotation boxes take slices with step 1 only")
+                raise _BadIndex("annotation boxes take slices with step 1 only")
             slices.append(slice(start, max(start, stop)))
         elif isinstance(k, (int, np.integer)):
             i = int(k) + n if k < 0 else int(k)
             if not 0 <= i < n:
-                raise IndexError(f"index {k} out of range for axis {ax} of size {n}")
+                raise _BadIndex(f"index {k} out of range for axis {ax} of size {n}")
             slices.append(slice(i, i + 1))
             int_axes.append(ax)
         else:
-            raise IndexError("annotation boxes take ints and slices only")
+            raise _BadIndex("annotation boxes take ints and slices only")
     return tuple(slices), tuple(int_axes)
 
 
@@ -308,6 +314,10 @@ class AnnotationStore:
                 f"{len(classes)} classes do not fit {np.dtype(dtype)} with ignore={ign}; use uint16"
             )
         origin = tuple(float(o) for o in (origin if origin is not None else (0.0,) * 3))
+        if spacing is None or len(spacing) != 3 or not all(float(v) > 0 for v in spacing):
+            raise ScrollsegError(f"annotation spacing must be three sizes > 0, got {spacing!r}")
+        if len(chunks) != 3 or min(int(c) for c in chunks) < 1:
+            raise ScrollsegError(f"annotation chunks must be three sizes >= 1, got {chunks!r}")
         meta = {
             "version": FORMAT_VERSION,
             "spacing": [float(s) for s in spacing],
@@ -450,7 +460,7 @@ class AnnotationStore:
     # -- reading and painting ----------------------------------------------------------
     def _read_box(self, box: tuple[slice, ...]) -> np.ndarray:
         with self._lock:
-            out = np.asarray(self._array[box])
+            out = read_block(self._array, box, str(self.path))
             for idx in self._chunks_in(box):
                 buf = self._dirty.get(idx)
                 if buf is None:
@@ -495,7 +505,7 @@ class AnnotationStore:
                 cbox = self._chunk_box(idx)
                 buf = self._dirty.get(idx)
                 if buf is None:
-                    buf = np.array(self._array[cbox], dtype=self.dtype)
+                    buf = read_block(self._array, cbox, str(self.path)).astype(self.dtype)
                 in_box, in_chunk = _overlap(box, cbox)
                 if self._voxels is not None:
                     self._count_change(buf[in_chunk], value[in_box], in_chunk, cbox)
@@ -558,7 +568,7 @@ class AnnotationStore:
                 cbox = self._chunk_box(idx)
                 block = self._dirty.get(idx)
                 if block is None:
-                    block = np.asarray(self._array[cbox])
+                    block = read_block(self._array, cbox, str(self.path))
                 mask = (
                     (block != UNLABELED) & (block != self.ignore_value)
                     if classes_only
@@ -599,7 +609,7 @@ class AnnotationStore:
             cbox = self._chunk_box(idx)
             block = self._dirty.get(idx)
             if block is None:
-                block = np.asarray(self._array[cbox])
+                block = read_block(self._array, cbox, str(self.path))
             empty = np.zeros_like(block)
             self._count_change(empty, block, tuple(slice(0, n) for n in block.shape), cbox)
 

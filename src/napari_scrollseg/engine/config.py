@@ -138,8 +138,13 @@ def parse_roi(text: str | None, shape: Sequence[int]) -> tuple[Span, ...]:
     for part, size in zip(parts, shape):
         try:
             sl = slice(*(int(v) if v.strip() else None for v in part.split(":")))
-        except ValueError:
+        except (ValueError, TypeError):
             raise ScrollsegError(f"--roi range {part!r} is not start:stop with integers") from None
+        if any(v is not None and not -size <= v <= size for v in (sl.start, sl.stop)):
+            raise ScrollsegError(
+                f"--roi range {part!r} reaches beyond the volume's axis of size {size}; "
+                "give a box inside the volume"
+            )
         start, stop, step = sl.indices(int(size))
         if step != 1 or stop <= start:
             raise ScrollsegError(

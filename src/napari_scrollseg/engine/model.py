@@ -92,7 +92,7 @@ def nonzero_bbox(volume: Any) -> Box:
     """nnU-Net's ``crop_to_nonzero`` bounding box of a volume (one pass over it; see
     :func:`~napari_scrollseg.engine.normalization.nonzero_bbox`)."""
     arr, _ = as_czyx(volume)
-    return _bbox_of(arr)
+    return _bbox_of(arr, getattr(volume, "source", "the volume"))
 
 
 # -- zip and folder ---------------------------------------------------------------------------
@@ -235,6 +235,10 @@ def _load_checkpoint(path: Path) -> dict:
 
     import torch
 
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+        raise ScrollsegError(
+            f"{path} is not a readable PyTorch checkpoint (not a torch.save archive): re-copy it"
+        )
     allowed = [np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
     try:
         allowed.append(np._core.multiarray.scalar)
@@ -343,7 +347,8 @@ class LoadedModel:
     def bbox(self, volume: Any) -> Box:
         """The volume's nonzero box (:func:`nonzero_bbox`), cached per volume."""
         arr, _ = as_czyx(volume)
-        return self.volumes.get(("bbox", arr.name), lambda: _bbox_of(arr))
+        source = getattr(volume, "source", "the volume")
+        return self.volumes.get(("bbox", arr.name), lambda: _bbox_of(arr, source))
 
     def _stats(self, volume: Any, bbox: Box | None) -> list[dict[str, float]]:
         arr, _ = as_czyx(volume)
@@ -387,7 +392,10 @@ class LoadedModel:
         compute per call. Pass ``bbox`` (``grid.data``) and ``normalizer`` computed once
         elsewhere (e.g. on a dask.distributed driver) to skip the whole-volume reductions.
         """
+        from napari_scrollseg.engine.volumes import check_finite, read_block
+
         arr, _ = as_czyx(volume)
+        source = getattr(volume, "source", "the volume")
         bbox = self.bbox(volume) if bbox is None else tuple(bbox)
         norm = self.normalizer(volume, bbox=bbox) if normalizer is None else normalizer
 
@@ -396,7 +404,8 @@ class LoadedModel:
             inter = [slice(max(b.start, d.start), min(b.stop, d.stop)) for b, d in zip(box, bbox)]
             if any(i.start >= i.stop for i in inter):
                 return out
-            raw = np.asarray(arr[(slice(None), *inter)])
+            raw = read_block(arr, (slice(None), *inter), source)
+            check_finite(raw, [i.start for i in inter], source)
             dst = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))
             out[(slice(None), *dst)] = norm(raw)
             return out

@@ -57,15 +57,26 @@ class VolumeCache:
             self._items.clear()
 
 
-def nonzero_bbox(arr: Any) -> Box:
+def nonzero_bbox(arr: Any, source: str = "the volume") -> Box:
     """nnU-Net's ``crop_to_nonzero`` bounding box of a ``(c, z, y, x)`` dask array: where
     any channel is nonzero. One dask reduction. An all-zero volume gives the whole volume.
-    (nnU-Net fills holes in the mask first; that cannot change the box.)"""
+    (nnU-Net fills holes in the mask first; that cannot change the box.) Float volumes
+    with NaN or infinite voxels are refused in the same pass, naming ``source``."""
     import dask
+    import dask.array as da
 
     nz = (arr != 0).any(axis=0)
     projections = [nz.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
-    projections = dask.compute(*projections)
+    if arr.dtype.kind in "fc":  # the same pass refuses NaN / inf, as nnU-Net does
+        from napari_scrollseg.engine.volumes import check_all_finite
+
+        bad = (~da.isfinite(arr)).any(axis=0)
+        spans = [bad.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
+        got = dask.compute(*projections, bad.sum(), *spans)
+        check_all_finite(int(got[3]), got[4:], source)
+        projections = got[:3]
+    else:
+        projections = dask.compute(*projections)
     box = []
     for p, n in zip(projections, arr.shape[1:]):
         idx = np.flatnonzero(p)

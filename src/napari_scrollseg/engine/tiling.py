@@ -26,6 +26,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from napari_scrollseg.engine.errors import ScrollsegError
+
 __all__ = [
     "BLEND_MODES",
     "TTA_MODES",
@@ -57,8 +59,10 @@ def steps_for_sliding_window(size: int, patch: int, step: float) -> tuple[int, .
     step
         Tile step as a fraction of the patch, in ``(0, 1]``.
     """
-    if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1], got {step}")
+    if not 0 < step <= 1:  # also NaN
+        raise ScrollsegError(
+            f"step must be in (0, 1] (a fraction of the patch; nnU-Net uses 0.5), got {step}"
+        )
     if size < patch:
         raise ValueError(f"axis of size {size} is smaller than the patch {patch}; pad it first")
     n = int(np.ceil((size - patch) / (patch * step))) + 1

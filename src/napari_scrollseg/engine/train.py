@@ -114,7 +114,18 @@ def _dataset(dataset_dir: str | os.PathLike) -> _Dataset:
         raise ScrollsegError(
             f"{raw} has no dataset.json: export the dataset with `scrollseg export`"
         )
-    info = json.loads(meta.read_text())
+    try:
+        info = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ScrollsegError(
+            f"{meta} is not valid JSON ({exc}); export the dataset again with `scrollseg export`"
+        ) from None
+    missing = [k for k in ("labels", "channel_names", "file_ending") if k not in info]
+    if not isinstance(info, dict) or missing:
+        raise ScrollsegError(
+            f"{meta} lacks {', '.join(missing) or 'its entries'}: not an nnU-Net dataset.json; "
+            "export the dataset again with `scrollseg export`"
+        )
     ending = info.get("file_ending", ".nii.gz")
     labels = raw / "labelsTr"
     cases = (

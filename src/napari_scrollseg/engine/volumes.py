@@ -23,6 +23,7 @@ import math
 import os
 import re
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -148,18 +149,36 @@ def open_volume(path: str | os.PathLike | Store, *, level: int | None = None) ->
     """
     from zarr.abc.store import Store
 
-    if isinstance(path, Store):
-        volume = _open_zarr(path, source=str(path))
-    else:
-        source = os.fspath(path)
-        if source.startswith("file://"):
-            source = source[len("file://") :]
-        if URL_PATTERN.match(source):
-            volume = _open_zarr(_url_store(source), source=source)
-        elif (match := H5_PATH_PATTERN.match(source)) and not Path(source).is_dir():
-            volume = _open_hdf5(match["file"], match["dataset"], source=source)
+    source = str(path) if isinstance(path, Store) else os.fspath(path)
+    try:
+        if isinstance(path, Store):
+            volume = _open_zarr(path, source=source)
         else:
-            volume = _open_local(Path(source).expanduser(), source=source)
+            if source.startswith("file://"):
+                source = source[len("file://") :]
+            if URL_PATTERN.match(source):
+                volume = _open_zarr(_url_store(source), source=source)
+            elif (match := H5_PATH_PATTERN.match(source)) and not Path(source).is_dir():
+                volume = _open_hdf5(match["file"], match["dataset"], source=source)
+            else:
+                volume = _open_local(Path(source).expanduser(), source=source)
+    except ScrollsegError:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OSError,
+        zipfile.BadZipFile,
+    ) as exc:
+        # garbage or inconsistent metadata: zarr, tifffile and h5py raise their own
+        raise ScrollsegError(
+            f"cannot read the metadata of {source} ({type(exc).__name__}: "
+            f"{_first_line(exc)}); it is damaged or not a volume scrollseg reads: {SUPPORTED}"
+        ) from None
+    check_geometry(volume)
     if level is not None:
         volume = _from_level(volume, level)
     log.info("opened %s (%s): shape %s %s", volume.source, volume.kind, volume.shape, volume.dtype)
@@ -201,6 +220,66 @@ def as_czyx(volume: Any) -> tuple[da.Array, tuple[float, ...] | None]:
             "nnU-Net models here run on 3D volumes; give a single 2D image as (1, y, x)"
         )
     return arr, spacing
+
+
+MAX_VOXELS = 2**50  # ~10^15: far beyond any scan (a whole scroll is ~10^12)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_geometry(volume: Volume) -> None:
+    """Refuse what no scan has: an empty axis, an absurd size, a zero chunk, a bad spacing."""
+    src = volume.source
+    for i, lv in enumerate(volume.levels):
+        shape = tuple(int(s) for s in lv.shape)
+        if min(shape, default=0) < 1:
+            raise ScrollsegError(
+                f"{src}: level {i} has shape {shape}, with an empty axis; a volume needs at "
+                "least one voxel along every axis"
+            )
+        if any(len(c) == 0 or min(c) < 1 for c in lv.chunks):
+            raise ScrollsegError(f"{src}: level {i} has chunks of size 0; rewrite the volume")
+    voxels = math.prod(volume.shape)
+    if voxels > MAX_VOXELS:
+        raise ScrollsegError(
+            f"{src} claims shape {volume.shape} ({voxels:.3g} voxels), far beyond any scan; "
+            "its metadata is wrong"
+        )
+    for name, values in (("spacing", volume.spacing), ("origin", volume.origin)):
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ScrollsegError(f"{src}: {name} {tuple(values)} is not three finite numbers")
+    if min(volume.spacing) <= 0:
+        raise ScrollsegError(
+            f"{src}: spacing {tuple(volume.spacing)} has zero or negative values; fix the "
+            "scale in its metadata"
+        )
+
+
+def read_block(arr: Any, index: tuple, source: str) -> np.ndarray:
+    """``np.asarray(arr[index])``, a damaged chunk or lost connection as one clear error."""
+    try:
+        return np.asarray(arr[index])
+    except ScrollsegError:
+        raise
+    except Exception as exc:  # codecs, zarr, tifffile, h5py, fsspec raise their own types
+        box = ", ".join(f"{s.start}:{s.stop}" if isinstance(s, slice) else str(s) for s in index)
+        raise ScrollsegError(
+            f"cannot read {source} at [{box}] ({type(exc).__name__}: {_first_line(exc)}); "
+            "a chunk there is damaged or unreachable: repair or re-copy the volume"
+        ) from None
+
+
+def check_chunks(volume: Volume) -> None:
+    """Read the first and the last chunk of level 0: a damaged or missing one is an error."""
+    data = volume.data
+    for block in {(0,) * data.ndim, tuple(n - 1 for n in data.numblocks)}:
+        index = tuple(
+            slice(int(sum(c[:b])), int(sum(c[: b + 1]))) for c, b in zip(data.chunks, block)
+        )
+        read_block(data, index, volume.source)
 
 
 def describe(volume: Volume) -> str:
@@ -264,6 +343,41 @@ def disk_size(path: str | os.PathLike, *, limit_s: float = 20.0) -> int | None:
     return total
 
 
+def check_all_finite(count: int, spans: Sequence[np.ndarray], source: str) -> None:
+    """Refuse a volume with ``count`` non-finite voxels; ``spans``: per-axis projections."""
+    if count == 0:
+        return
+    where = ", ".join(
+        f"{a} {int(np.flatnonzero(p)[0])}..{int(np.flatnonzero(p)[-1])}"
+        for a, p in zip("zyx", spans)
+    )
+    raise ScrollsegError(
+        f"{source} has {count} non-finite voxel(s) (NaN or inf) within {where}; nnU-Net "
+        "does not accept them: replace them (e.g. with 0 or the background value) and run again"
+    )
+
+
+def check_finite(block: np.ndarray, offset: Sequence[int], source: str) -> None:
+    """Refuse NaN / infinite voxels, as nnU-Net does, naming the first one found.
+
+    ``block`` is ``(c, z, y, x)`` read at ``offset`` (z, y, x) of the volume. Integer
+    blocks are skipped at no cost.
+    """
+    if block.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(block)
+    if not bad.any():
+        return
+    c, *zyx = (int(i) for i in np.argwhere(bad)[0])
+    where = tuple(int(o) + i for o, i in zip(offset, zyx))
+    raise ScrollsegError(
+        f"{source} has {int(bad.sum())} non-finite voxel(s) (NaN or inf) in the block read "
+        f"at {tuple(int(o) for o in offset)}, the first at (z, y, x) = {where}"
+        f"{f' channel {c}' if block.shape[0] > 1 else ''}; nnU-Net does not accept them: "
+        "replace them (e.g. with 0 or the background value) and run again"
+    )
+
+
 # -- local paths --------------------------------------------------------------------------
 def _open_local(path: Path, *, source: str) -> Volume:
     if not path.exists():
@@ -290,14 +404,12 @@ def _open_local(path: Path, *, source: str) -> Volume:
 def _url_store(url: str) -> Store:
     from zarr.storage import FsspecStore
 
-    options: dict[str, Any] = {}
-    if url.startswith(("http://", "https://")):
-        import aiohttp
-
-        # fail fast on unreachable hosts; large chunk reads keep no total limit
-        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(sock_connect=30)}
     try:
-        return FsspecStore.from_url(url, storage_options=options, read_only=True)
+        if url.startswith(("http://", "https://")):
+            from napari_scrollseg.engine.http_store import open_http_store
+
+            return open_http_store(url)  # read timeouts, bounded retries, one clear error
+        return FsspecStore.from_url(url, read_only=True)
     except ImportError as exc:
         protocol = url.split("://", 1)[0]
         raise ScrollsegError(
@@ -382,7 +494,6 @@ def _parse_multiscale(
     group: zarr.Group, ms: Mapping[str, Any], *, source: str
 ) -> tuple[tuple[da.Array, ...], str, tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]:
     """Levels, axes and per-level spatial spacing/origin of one NGFF multiscale."""
-    import dask.array as da
     import zarr
 
     datasets = ms.get("datasets") or []
@@ -416,7 +527,7 @@ def _parse_multiscale(
         scale, translation = scale * top_scale, translation * top_scale + top_translation
         spacings.append(tuple(float(scale[i]) for i in spatial))
         origins.append(tuple(float(translation[i]) for i in spatial))
-        levels.append(da.from_zarr(arr) if isinstance(arr, zarr.Array) else arr)
+        levels.append(_from_zarr(arr, source) if isinstance(arr, zarr.Array) else arr)
     arranged, axes = zip(
         *(_arrange(lv, names, spatial, source=source) for lv in levels), strict=True
     )
@@ -519,6 +630,43 @@ def _pick_array(group: zarr.Group, source: str) -> zarr.Array:
     return arrays[name]
 
 
+def _from_zarr(arr: zarr.Array, source: str) -> da.Array:
+    """``da.from_zarr`` after the checks it would hang or fail on (absurd shape, 0 chunk)."""
+    import dask.array as da
+
+    shape, chunks = tuple(int(s) for s in arr.shape), tuple(int(c) for c in arr.chunks)
+    if math.prod(shape) > MAX_VOXELS:
+        raise ScrollsegError(
+            f"{source} claims shape {shape} ({math.prod(shape):.3g} voxels), far beyond any "
+            "scan; its metadata is wrong"
+        )
+    if min(shape, default=0) < 1:
+        raise ScrollsegError(
+            f"{source}: an array has shape {shape}, with an empty axis; a volume needs at "
+            "least one voxel along every axis"
+        )
+    if min(chunks, default=0) < 1:
+        raise ScrollsegError(f"{source}: chunks {chunks} include 0; rewrite the volume")
+    token = _tokenize(source, str(arr.store), arr.path, shape, chunks, str(arr.dtype))
+    return da.from_array(
+        _CheckedZarr(arr, source),
+        chunks=chunks,
+        meta=np.empty((0,) * arr.ndim, arr.dtype),
+        name=f"zarr-{token}",
+    )
+
+
+class _CheckedZarr:
+    """A zarr array whose reads raise one clear error for a damaged or unreachable chunk."""
+
+    def __init__(self, array: zarr.Array, source: str) -> None:
+        self.array, self.source = array, source
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return read_block(self.array, key, self.source)
+
+
 def _attr_triplet(attrs: Mapping[str, Any], keys: Sequence[str]) -> tuple[float, ...] | None:
     for key in keys:
         value = attrs.get(key)
@@ -533,14 +681,13 @@ def _attr_triplet(attrs: Mapping[str, Any], keys: Sequence[str]) -> tuple[float,
 
 
 def _plain_zarr(arr: zarr.Array, root_attrs: Mapping[str, Any], *, source: str) -> Volume:
-    import dask.array as da
 
     attrs = {**root_attrs, **dict(arr.attrs)}
     names = [str(n).lower() for n in (getattr(arr.metadata, "dimension_names", None) or ())]
     if len(names) != arr.ndim or not set("zyx") <= set(names):
         names = list("tczyx"[-arr.ndim :]) if arr.ndim <= 5 else [str(i) for i in range(arr.ndim)]
     spatial = [i for i, n in enumerate(names) if n in _SPATIAL]
-    data, axes = _arrange(da.from_zarr(arr), names, spatial, source=source)
+    data, axes = _arrange(_from_zarr(arr, source), names, spatial, source=source)
     spacing = _attr_triplet(attrs, ("spacing", "voxel_size", "resolution")) or (1.0,) * 3
     origin = _attr_triplet(attrs, ("origin", "offset")) or (0.0,) * 3
     return Volume(

@@ -32,6 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from napari_scrollseg.engine.config import PredictConfig, parse_roi
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.fingerprint import (
+    check_resume_fingerprints,
+    input_fingerprint,
+    loaded_model_fingerprint,
+)
 from napari_scrollseg.engine.predict import store
 from napari_scrollseg.engine.predict.events import PredictProgress, Tally
 from napari_scrollseg.engine.predict.plan import Plan, plan
@@ -98,6 +103,10 @@ def _check(
         mask=None if mask is None else source_of(mask),
     )
     config_hash = store.config_hash(config)
+    fingerprints = {"input": input_fingerprint(vol), "model": loaded_model_fingerprint(loaded)}
+    if not cfg.overwrite:  # a resume on a changed input or model would mix both
+        recorded = (store.scrollseg_info(out) or {}).get("fingerprints")
+        check_resume_fingerprints(out, recorded, fingerprints)
     resume = store.check_resume(out, config_hash, cfg.overwrite)
     info = {
         "kind": "prediction",
@@ -106,6 +115,7 @@ def _check(
         "complete": False,
         "labels": {str(k): v for k, v in loaded.label_names.items()},
         **config,
+        "fingerprints": fingerprints,
     }
     was_complete = resume and bool((store.scrollseg_info(out) or {}).get("complete"))
     return _Run(out, vol, mask, shape, spans, info, resume, was_complete)
