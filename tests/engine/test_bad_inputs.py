@@ -778,7 +778,7 @@ def _(tmp, ctx):
 
 @case("export: --out where nothing can be written")
 def _(tmp, ctx):
-    return Bad("cannot write", argv=_export(ctx, UNWRITABLE / "raw"))
+    return Bad("cannot write|is not writable", argv=_export(ctx, UNWRITABLE / "raw"))
 
 
 @case("export: one class")
