@@ -118,7 +118,8 @@ def test_events_arrive_per_epoch(run):
     assert (ep.fold, ep.epoch, ep.epochs) == (0, 0, 2)
     assert np.isfinite([ep.train_loss, ep.val_loss]).all()
     assert ep.epoch_time > 0
-    assert set(ep.pseudo_dice) == {"papyrus", "ink"}
+    assert list(ep.pseudo_dice) == ["air", "papyrus", "ink"]  # class 1 (nnU-Net background) too
+    assert all(0 <= d <= 1 for d in ep.pseudo_dice.values())
     assert "epoch 1/2" in str(ep)
 
 
@@ -155,10 +156,12 @@ def test_model_folder_is_stock_with_curves_and_dice(run):
     assert ck["current_epoch"] == 2
     rows = (model / "progress.csv").read_text().splitlines()
     assert rows[0].startswith("fold,epoch,train_loss,val_loss")
+    assert rows[0].endswith("dice_air,dice_papyrus,dice_ink")
     assert [r.split(",")[1] for r in rows[1:]] == ["0", "1"]
     assert (model / "progress.png").stat().st_size > 1000
     summary = json.loads((model / "dice_summary.json").read_text())
-    assert set(summary["per_class"]) == {"papyrus", "ink"} == set(done.dice)
+    assert list(summary["per_class"]) == ["air", "papyrus", "ink"] == list(done.dice)
+    assert 0 < summary["per_class"]["air"] <= 1  # the background class is validated too
     assert (summary["folds"], summary["cases"]) == (["0"], 1)
     assert 0 <= summary["per_class"]["papyrus"] <= 1
 

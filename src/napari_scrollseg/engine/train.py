@@ -593,15 +593,22 @@ def dice_summary(model_folder: str | os.PathLike) -> dict:
     "mean": float, "folds": [...], "cases": n}``; empty ``per_class`` when no fold
     has been validated yet.
     """
+    from napari_scrollseg.engine.annotations import ClassTable
+
     model_folder = Path(model_folder)
     names = {}
     meta = model_folder / "dataset.json"
     if meta.is_file():
-        names = {str(v): k for k, v in json.loads(meta.read_text())["labels"].items()}
+        table = ClassTable.from_dataset_json(json.loads(meta.read_text()))
+        names = {str(c.id - 1): c.name for c in table.classes}
     totals: dict[str, list[float]] = {}
     folds, n_cases = [], 0
-    for summary in sorted(model_folder.glob("fold_*/validation/summary.json")):
-        folds.append(summary.parent.parent.name[len("fold_") :])
+    for fold in sorted(model_folder.glob("fold_*/validation")):
+        summary = fold / "summary_all_classes.json"  # background included (scrollseg's trainer)
+        summary = summary if summary.is_file() else fold / "summary.json"
+        if not summary.is_file():
+            continue
+        folds.append(fold.parent.name[len("fold_") :])
         for case in json.loads(summary.read_text())["metric_per_case"]:
             n_cases += 1
             for label, m in case["metrics"].items():
@@ -610,7 +617,7 @@ def dice_summary(model_folder: str | os.PathLike) -> dict:
                 t[1] += m["FP"]
                 t[2] += m["FN"]
     per_class = {}
-    for label, (tp, fp, fn) in sorted(totals.items()):
+    for label, (tp, fp, fn) in sorted(totals.items(), key=lambda kv: int(kv[0])):
         denom = 2 * tp + fp + fn
         per_class[names.get(label, label)] = 2 * tp / denom if denom else float("nan")
     valid = [v for v in per_class.values() if v == v]
