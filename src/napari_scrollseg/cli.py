@@ -92,7 +92,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description="Predict a whole volume with an nnU-Net v2 model into an OME-Zarr "
         "(uint8 probabilities + labels/prediction). Rerunning the same command resumes.",
     )
-    p.add_argument("model", help="nnU-Net trained-model folder or exported zip")
+    p.add_argument(
+        "model",
+        help="nnU-Net trained-model folder, exported zip, or a built-in model name (`scrollseg models`)",
+    )
     p.add_argument("volume", help="input volume (OME-Zarr, zarr, TIFF folder/file, file.h5:/ds)")
     p.add_argument("out", help="output .zarr path")
     p.add_argument("--step", type=float, default=0.5, help="tile step (fraction of the patch)")
@@ -221,6 +224,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--append", action="store_true", help="add cases to an existing dataset")
     p.add_argument("--folds", type=int, default=None, help="fail if fewer cases than folds")
     p.add_argument("--verify", action="store_true", help="run nnU-Net's integrity check after")
+    p.add_argument(
+        "--ignore-spacing",
+        action="store_true",
+        help="export even if an image's and its labels' spacings differ (the image's is used)",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -252,6 +260,7 @@ def _run_export(args: argparse.Namespace) -> int:
         append=args.append,
         folds=args.folds,
         on_case=lambda i, name: print(f"case {i + 1}/{len(args.image)}: {name}", flush=True),
+        ignore_spacing=args.ignore_spacing,
     )
     if args.verify:
         verify_dataset(out)
@@ -374,6 +383,32 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluate -----------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice, F0.5, precision, recall and confusion matrix per class of a prediction",
+        description="Score a prediction (a `scrollseg predict` output or a label volume) "
+        "against ground truth labels (ids 1..K; 0 = unlabeled and the dtype's maximum = "
+        "ignore are skipped). Streams block by block.",
+    )
+    p.add_argument("pred", help="`scrollseg predict` output (.zarr) or a label volume")
+    p.add_argument("truth", help="truth labels, e.g. PHANTOM.zarr/labels/truth or a label TIFF")
+    p.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1: score this box only")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the scores as JSON")
+    p.add_argument("--threads", type=_shape, default=None, help="reading threads")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from napari_scrollseg.engine.evaluate import evaluate, format_table, write_json
+
+    result = evaluate(args.pred, args.truth, roi=args.roi, num_workers=args.threads)
+    print(format_table(result))
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
+    return 0
+
+
 # -- models -------------------------------------------------------------------------------
 def _add_models(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("models", help="list the built-in models: NAME PATH")
@@ -395,6 +430,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "export": (_add_export, _run_export),
     "train": (_add_train, _run_train),
     "models": (_add_models, _run_models),
+    "evaluate": (_add_evaluate, _run_evaluate),
 }
 
 
