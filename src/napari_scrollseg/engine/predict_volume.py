@@ -409,7 +409,8 @@ def _finish_chunk(job: _Job, spec: _ChunkSpec, *_blocks: dict) -> dict:
     np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
     np.rint(probs, out=probs)
     probs_arr[(slice(None), *local)] = probs.astype(np.uint8)
-    labels_arr[local] = labels.astype(labels_arr.dtype, copy=False)
+    # stored in the annotation's class ids: nnU-Net label k-1 is class k
+    labels_arr[local] = np.add(labels, 1, dtype=labels_arr.dtype)
     marker = Path(spec.marker)
     _atomic_touch(marker)
     # free the partials that every reader has now consumed
@@ -503,9 +504,22 @@ def _create_output(
     origin: Sequence[float],
     attrs: dict,
 ) -> None:
+    from napari_scrollseg.engine.annotations import ClassTable
     from napari_scrollseg.engine.omezarr import create_image, create_labels
 
     n_levels = None
+    table = ClassTable.from_dataset_json(model.dataset_json)
+    omero = {  # names the probability channels (nnU-Net label k-1 = class k)
+        "channels": [
+            {
+                "label": c.name,
+                "color": "{:02X}{:02X}{:02X}".format(*c.color),
+                "window": {"min": 0, "max": 255, "start": 0, "end": 255},
+                "active": c.id == len(table),
+            }
+            for c in table.classes
+        ]
+    }
     create_image(
         out,
         shape=(model.n_classes, *shape),
@@ -516,15 +530,16 @@ def _create_output(
         axes="czyx",
         n_levels=n_levels,
         name="probabilities",
-        attrs={"scrollseg": attrs},
+        attrs={"scrollseg": attrs, "omero": omero},
         overwrite=True,
     )
     create_labels(
         out,
         LABELS_NAME,
-        names={int(k): str(v) for k, v in model.label_names.items()},
+        names={c.id: c.name for c in table.classes},
+        colors={c.id: (*c.color, 255) for c in table.classes},
         shape=shape,
-        dtype="uint8" if model.n_classes <= 255 else "uint16",
+        dtype="uint8" if model.n_classes < 255 else "uint16",
         chunks=chunks,
         spacing=spacing,
         origin=origin,
@@ -834,7 +849,11 @@ def iter_predict_volume(
 
     out = Path(out).absolute()
     _check_location(out)
-    model_ref = _ModelRef(str(Path(model).absolute()), parse_folds(folds), checkpoint, device)
+    from napari_scrollseg.engine.builtin import resolve_model
+
+    model_ref = _ModelRef(
+        str(resolve_model(model).absolute()), parse_folds(folds), checkpoint, device
+    )
     # in the driver, a distributed run only needs the model's metadata
     loaded = _ModelRef(
         model_ref.path, model_ref.folds, checkpoint, "cpu" if client is not None else device
