@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import pytest
 import tifffile
 
 from napari_scrollseg.cli import main
+from napari_scrollseg.engine import dataset as dataset_mod
 from napari_scrollseg.engine.annotations import AnnotationStore
 from napari_scrollseg.engine.dataset import (
     DEFAULT_MARGIN,
     _Case,
     _slabs,
+    _SlabWriter,
     export_dataset,
     iter_export_dataset,
     verify_dataset,
@@ -269,3 +274,97 @@ def test_error_while_writing_leaves_the_dataset_as_it_was(tmp_path: Path) -> Non
     with pytest.raises(Exception):  # noqa: B017, PT011
         export_dataset([(scan, labels)], **{**common, "dataset_id": 10})
     assert _leftovers(out) == ["Dataset009_Io"]
+
+
+# -- the slab writer thread (issue 13, item 0) ---------------------------------------------
+def _fake_writer(pages_wanted: int, finished: threading.Event, seen: list, fail_after=None):
+    """A stand-in for _write_volume that, like tifffile, stops reading after its last page."""
+
+    def write(path, pages, shape, dtype, **kwargs):
+        try:
+            for page in pages:
+                seen.append(int(page[0, 0]))
+                if fail_after is not None and len(seen) == fail_after:
+                    raise OSError("disk full")
+                if len(seen) == pages_wanted:
+                    return
+        finally:
+            finished.set()
+
+    return write
+
+
+def _slab(z0: int, z1: int) -> np.ndarray:
+    return np.arange(z0, z1, dtype=np.uint8)[:, None, None] * np.ones((1, 2, 2), np.uint8)
+
+
+def test_writer_that_finished_before_close_is_success(tmp_path: Path, monkeypatch) -> None:
+    finished, seen = threading.Event(), []
+    monkeypatch.setattr(dataset_mod, "_write_volume", _fake_writer(6, finished, seen))
+    writer = _SlabWriter(tmp_path / "a.tif", (6, 2, 2), np.uint8)
+    writer.write(_slab(0, 3))
+    writer.write(_slab(3, 6))
+    assert finished.wait(10)  # the file writer has every page and returned
+    writer._thread.join(timeout=0.5)  # give a thread that would end now the time to end
+    writer.close()  # the old code raised "the file writer stopped" here
+    assert seen == list(range(6))
+    assert not writer._thread.is_alive()
+
+
+def test_writer_error_propagates_and_extra_slabs_are_refused(tmp_path: Path, monkeypatch) -> None:
+    finished, seen = threading.Event(), []
+    monkeypatch.setattr(dataset_mod, "_write_volume", _fake_writer(6, finished, seen, 2))
+    writer = _SlabWriter(tmp_path / "a.tif", (6, 2, 2), np.uint8)
+    writer.write(_slab(0, 3))
+    assert finished.wait(10)
+    writer._thread.join(timeout=10)
+    with pytest.raises(OSError, match="disk full"):  # the writer's own error, not "stopped"
+        writer.write(_slab(3, 6))
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+
+    finished, seen = threading.Event(), []
+    monkeypatch.setattr(dataset_mod, "_write_volume", _fake_writer(3, finished, seen))
+    writer = _SlabWriter(tmp_path / "b.tif", (3, 2, 2), np.uint8)
+    writer.write(_slab(0, 3))
+    writer.write(_slab(3, 6))  # one slab too many: the file is already complete
+    with pytest.raises(ScrollsegError, match=r"more slices than b.tif holds \(3, 2, 2\)"):
+        writer.close()
+
+
+def test_export_with_a_consumer_that_pauses_between_progress_events(tmp_path: Path) -> None:
+    """The real TIFF export, driven like a GUI that is slow to ask for the next slab."""
+    image = np.arange(100 * 30 * 30, dtype=np.uint32).reshape(100, 30, 30).astype(np.uint8)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[10:90:20, 5:25:4, 5:25:3] = 2
+    labels[50, 10, 10] = 1
+    image = da.from_array(image, chunks=(25, 30, 30))  # 4 slabs per file
+    out = tmp_path / "raw"
+    gen = iter_export_dataset(
+        [(image, labels)], out_dir=out, dataset_id=3, name="Slow", classes=NAMES, margin=0
+    )
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            ds = stop.value
+            break
+        time.sleep(0.3)  # tifffile finishes the file meanwhile after the last slab
+    assert [e.done for e in events] == list(range(1, events[0].total + 1))
+    crop = json.loads((ds / "dataset.json").read_text())["scrollseg"]["cases"]["Slow_000"]["crop"]
+    z, y, x = (slice(a, b) for a, b in crop)
+    got = tifffile.imread(ds / "imagesTr" / "Slow_000_0000.tif")
+    np.testing.assert_array_equal(got, np.asarray(image[z, y, x]))
+    assert _leftovers(out) == ["Dataset003_Slow"]
+
+    # a consumer that pauses, then gives up: no thread left waiting, nothing left behind
+    gen = iter_export_dataset(
+        [(image, labels)], out_dir=out, dataset_id=4, name="Gone", classes=NAMES, margin=0
+    )
+    next(gen)
+    time.sleep(0.3)
+    before = threading.active_count()
+    gen.close()
+    assert threading.active_count() <= before - 1
+    assert _leftovers(out) == ["Dataset003_Slow"]

@@ -630,11 +630,17 @@ class _SlabWriter:
 
     The caller reads slab ``i + 1`` while slab ``i`` is compressed and written, and can
     yield progress between slabs (tifffile consumes a page iterator in one call).
+
+    The thread always runs until it receives the end marker from :meth:`close` (or
+    :meth:`abort`), even when the file writer stopped reading earlier: tifffile stops
+    once it has every page, and a thread that ended then would race ``close()``. A slab
+    arriving after the file is complete is an error.
     """
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any, **kwargs: Any) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        self._ended = False  # the end marker was received
         self._thread = threading.Thread(
             target=self._run, args=(path, shape, dtype), kwargs=kwargs, daemon=True
         )
@@ -644,6 +650,7 @@ class _SlabWriter:
         while True:
             slab = self._queue.get()
             if slab is None:
+                self._ended = True
                 return
             if slab is _Abort:
                 raise _Abort
@@ -652,12 +659,21 @@ class _SlabWriter:
     def _run(self, path: Path, shape: tuple[int, ...], dtype: Any, **kwargs: Any) -> None:
         try:
             _write_volume(path, self._pages(), shape, dtype, **kwargs)
+            if not self._ended:  # the file is complete: wait for the caller's end marker
+                item = self._queue.get()
+                if item is _Abort:
+                    raise _Abort
+                if item is not None:
+                    raise ScrollsegError(
+                        f"internal error: more slices than {path.name} holds {tuple(shape)}"
+                    )
         except BaseException as exc:  # handed to the caller's thread
             self._error = exc
 
     def _put(self, item: Any) -> None:
         while True:
-            if self._error is not None or not self._thread.is_alive():
+            alive = self._thread.is_alive()  # read before _error: a dead thread set it first
+            if self._error is not None or not alive:
                 self._thread.join()
                 raise self._error or ScrollsegError("internal error: the file writer stopped")
             try:
