@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -41,6 +42,43 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dask_progress():
+    """dask's progress bar on a terminal; on a log file, nothing (no \\r updates)."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(minimum=2, dt=0.5, out=sys.stderr)
+
+
+class _LineProgress:
+    """Plain progress lines, at most one every ``every`` seconds (for logs and pipes)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.every, self._last, self._t0 = every, -float("inf"), time.monotonic()
+
+    def __call__(self, ev) -> None:
+        now = self._clock()
+        if (
+            ev.stage == "predict"
+            and ev.chunks_done < ev.chunks_total
+            and now - self._last < self.every
+        ):
+            return
+        self._last = now
+        rate = ev.tiles_computed / ev.elapsed_s if ev.elapsed_s > 0 else 0.0
+        print(
+            f"predict {ev.stage}: {ev.chunks_done}/{ev.chunks_total} chunks, "
+            f"{ev.tiles_done}/{ev.tiles_total} tiles, {rate:.2f} tiles/s, {ev.elapsed_s:.0f} s",
+            flush=True,
+        )
+
+
 # -- phantom ------------------------------------------------------------------------------
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write the synthetic scroll phantom as OME-Zarr")
@@ -53,9 +91,10 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 def _run_phantom(args: argparse.Namespace) -> int:
     from napari_scrollseg.engine.phantom import DEFAULT_SHAPE, write_phantom
 
-    out = write_phantom(
-        args.out, args.shape or DEFAULT_SHAPE, seed=args.seed, overwrite=args.overwrite
-    )
+    shape = tuple(args.shape or DEFAULT_SHAPE)
+    print(f"writing phantom {shape} seed {args.seed}: image, then truth labels", flush=True)
+    with _dask_progress():
+        out = write_phantom(args.out, shape, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote phantom {tuple(args.shape or DEFAULT_SHAPE)} seed {args.seed}: {out}")
     return 0
 
@@ -153,6 +192,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     from napari_scrollseg.engine.predict_volume import open_client, predict_volume
 
     events = []
+    lines = None if sys.stderr.isatty() else _LineProgress()
+
+    def progress(ev) -> None:
+        events.append(ev)
+        if lines is not None:
+            lines(ev)
+
     with open_client(
         scheduler=args.scheduler,
         cluster=args.cluster,
@@ -168,8 +214,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             args.model,
             args.volume,
             args.out,
-            progress=events.append,
-            bar=True,
+            progress=progress,
+            bar=lines is None,
             folds=args.folds,
             checkpoint=args.checkpoint,
             device=args.device,
@@ -292,7 +338,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="results folder (nnUNet_results)")
     p.add_argument("--config", default="3d_fullres", help="nnU-Net configuration (%(default)s)")
     p.add_argument(
-        "--fold", nargs="+", type=_fold, default=[0], help="fold(s) to train, or 'all' (0)"
+        "--fold",
+        nargs="+",
+        type=_fold,
+        default=[0],
+        help="fold(s) to train, or 'all' (0; 'all' by itself when there is only one case)",
     )
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: best")
     p.add_argument("--epochs", type=_shape, default=None, help="epochs (nnU-Net: 1000)")
@@ -328,6 +378,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         '[4, 8, 16], "patch_size": [32, 64, 64]}\'',
     )
     p.add_argument("--plans-name", default=None, help="name of the overridden plans")
+    p.add_argument(
+        "--validate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run nnU-Net's validation of each fold at the end (default: on; --no-validate "
+        "skips it: faster, but no validation Dice)",
+    )
     p.add_argument("--preprocessed", default=None, help="nnUNet_preprocessed (default: OUT/...)")
 
 
@@ -360,11 +417,14 @@ def _run_train(args: argparse.Namespace) -> int:
             num_processes=args.num_processes,
             da_processes=args.da_processes,
             resume=args.resume,
+            validate=args.validate,
             plans_overrides=overrides,
             plans_name=args.plans_name,
             preprocessed_dir=args.preprocessed,
         ):
-            if ev.kind == "epoch":
+            if not sys.stderr.isatty():  # a log file: plain lines, no \r bar
+                print(ev, flush=True)
+            elif ev.kind == "epoch":
                 if bar is None:
                     bar = tqdm(
                         total=ev.epochs, initial=ev.epoch, unit="epoch", desc=f"fold {ev.fold}"
@@ -451,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not (args.verbose or args.debug):  # dask.distributed's INFO lines only with -v
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        if "dask" in sys.modules:
+            sys.modules["dask"].config.refresh()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

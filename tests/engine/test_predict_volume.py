@@ -24,8 +24,8 @@ def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:
 
     probs = zarr.open_array(str(out / "0"), mode="r")[:]
     labels = zarr.open_array(str(out / "labels" / "prediction" / "0"), mode="r")[:]
-    assert labels.min() >= 1  # stored as the annotation's class ids 1..K
-    return probs, labels - 1  # nnU-Net's ids (k-1), to compare with nnU-Net
+    # stored as the annotation's class ids 1..K (unwritten chunks: 0); nnU-Net's are k-1
+    return probs, labels - 1
 
 
 def _compare_with_nnunet(

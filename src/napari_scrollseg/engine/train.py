@@ -452,6 +452,9 @@ def train(
         raise ScrollsegError(f"unknown device {device!r}: use cpu, cuda or mps")
     folds = [f if f == "all" else int(f) for f in folds]
     ds = _dataset(dataset_dir)
+    folds, note = _check_folds(ds, folds)
+    if note:
+        yield TrainEvent("step", message=note)
     results = Path(results_dir).expanduser().resolve()
     pre_root = (
         Path(preprocessed_dir).expanduser().resolve()
@@ -497,6 +500,29 @@ def train(
     write_curves(model_folder)
     dice = dice_summary(model_folder)
     yield TrainEvent("done", model_folder=model_folder, dice=dice.get("per_class", {}))
+
+
+def _check_folds(ds: _Dataset, folds: list[int | str]) -> tuple[list[int | str], str]:
+    """Before any work: fold ``all`` when there are too few cases for folds; bad folds refused.
+
+    nnU-Net makes 5 folds from 5+ cases; scrollseg a leave-one-out split from 2..4.
+    """
+    n = len(ds.cases)
+    numeric = [int(f) for f in folds if f != "all"]
+    if not numeric:
+        return folds, ""
+    if n < 2:
+        return ["all"], (
+            f"only {n} training case: cross-validation folds need at least 2, so fold 'all' "
+            "is trained (on every case, without validation cases)"
+        )
+    n_folds = 5 if n >= 5 else n
+    if max(numeric) >= n_folds:
+        raise ScrollsegError(
+            f"{n} cases give folds 0..{n_folds - 1}; asked for folds {folds}: train one of "
+            "those, or 'all' (--fold all)"
+        )
+    return folds, ""
 
 
 def _fold_events(
