@@ -397,6 +397,6 @@ def test_folds_are_checked_before_any_work(tmp_path):
     assert first.kind == "step"
     assert "fold 'all'" in first.message
     assert not (tmp_path / "r").exists()  # nothing planned yet
-    with pytest.raises(ScrollsegError, match="3 cases give folds 0..2"):
+    with pytest.raises(ScrollsegError, match=r"3 cases give folds 0\.\.2"):
         next(train(_fake_raw(tmp_path / "b", 3), results_dir=tmp_path / "r", folds=(3,)))
     assert not (tmp_path / "r").exists()
