@@ -208,9 +208,14 @@ def _run_worker(
 
 
 def _preprocessed_ok(pre: Path, plans: str, configuration: str, cases: Sequence[str]) -> bool:
+    from napari_scrollseg.engine.intensity_stats import NNUNET_KEY
+
     plans_file = pre / f"{plans}.json"
-    if not plans_file.is_file():
+    fingerprint = pre / "dataset_fingerprint.json"
+    if not plans_file.is_file() or not fingerprint.is_file():
         return False
+    if NNUNET_KEY not in json.loads(fingerprint.read_text()):
+        return False  # planned before the statistics covered every annotated class: redo
     conf = json.loads(plans_file.read_text())["configurations"].get(configuration)
     if conf is None:
         return False
