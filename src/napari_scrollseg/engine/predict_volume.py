@@ -849,6 +849,7 @@ def iter_predict_volume(
 
     out = Path(out).absolute()
     _check_location(out)
+    from napari_scrollseg.engine.annotations import ClassTable
     from napari_scrollseg.engine.builtin import resolve_model
 
     model_ref = _ModelRef(
@@ -888,6 +889,7 @@ def iter_predict_volume(
         "chunk": list(chunks),
         "superchunk": superchunk,
         "mask": None if mask_vol is None else _source(mask_vol),
+        "label_ids": "class",  # labels/prediction holds class k for nnU-Net label k-1
     }
     config_hash = _config_hash(config)
     resume = _check_resume(out, config_hash, overwrite)
@@ -903,7 +905,9 @@ def iter_predict_volume(
         "version": __version__,
         "config_hash": config_hash,
         "complete": False,
-        "labels": {str(k): v for k, v in loaded.label_names.items()},
+        "labels": {  # class ids of labels/prediction (nnU-Net's label k-1 is class k)
+            str(c.id): c.name for c in ClassTable.from_dataset_json(loaded.dataset_json).classes
+        },
         **config,
     }
     if not resume:
