@@ -90,7 +90,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         bar=False,
         ignore_spacing=True,
     )
-    pred = zarr.open_array(str(pred_path / "labels" / "prediction" / "0"), mode="r")[...] + 1
+    pred = zarr.open_array(str(pred_path / "labels" / "prediction" / "0"), mode="r")[...]
     truth = zarr.open_array(str(test / "labels" / "truth" / "0"), mode="r")[...]
     dice = dice_per_class(np.asarray(pred), np.asarray(truth), CLASSES)
     result = {

@@ -100,6 +100,8 @@ def volume_layer_data(volume: Volume, *, name: str | None = None) -> list[LayerD
     layers: list[LayerData] = []
     if label_meta is not None and volume.axes == "zyx":
         layers.append(_labels_layer(volume.levels, volume, name, label_meta))
+    elif _is_prediction(volume):
+        layers.append(_probabilities_layer(volume, name))
     else:
         layers.append(_image_layer(volume, name))
     for label_name, levels in volume.labels.items():
@@ -208,6 +210,30 @@ def _image_layer(volume: Volume, name: str) -> LayerData:
         meta["blending"] = "additive"
     data = levels if len(levels) > 1 else levels[0]
     return data, meta, "image"
+
+
+def _is_prediction(volume: Volume) -> bool:
+    info = volume.attrs.get("scrollseg")
+    return volume.axes == "czyx" and isinstance(info, Mapping) and info.get("kind") == "prediction"
+
+
+def _probabilities_layer(volume: Volume, name: str) -> LayerData:
+    """A prediction's class probabilities: one layer per class, named after it; only the
+    last class (e.g. ink) visible, as a colormap whose 0 is black so that, added, it
+    overlays the scan."""
+    data, meta, kind = _image_layer(volume, name)
+    n = int(volume.levels[0].shape[0])
+    omero = volume.attrs.get("omero")
+    channels = omero.get("channels") if isinstance(omero, Mapping) else None
+    labels = [c.get("label") for c in channels] if isinstance(channels, list) else []
+    if len(labels) != n or not all(labels):
+        labels = [str(c) for c in range(n)]
+    meta["name"] = [f"{name} [{label}]" for label in labels]
+    meta["visible"] = [c == n - 1 for c in range(n)]
+    meta["colormap"] = "inferno"
+    meta["blending"] = "additive"
+    meta["contrast_limits"] = (0, 255)  # uint8 probabilities: round(p * 255)
+    return data, meta, kind
 
 
 def _labels_layer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -46,6 +47,43 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dask_progress():
+    """dask's progress bar on a terminal; on a log file, nothing (no \\r updates)."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(minimum=2, dt=0.5, out=sys.stderr)
+
+
+class _LineProgress:
+    """Plain progress lines, at most one every ``every`` seconds (for logs and pipes)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.every, self._last, self._t0 = every, -float("inf"), time.monotonic()
+
+    def __call__(self, ev) -> None:
+        now = self._clock()
+        if (
+            ev.stage == "predict"
+            and ev.chunks_done < ev.chunks_total
+            and now - self._last < self.every
+        ):
+            return
+        self._last = now
+        rate = ev.tiles_computed / ev.elapsed_s if ev.elapsed_s > 0 else 0.0
+        print(
+            f"predict {ev.stage}: {ev.chunks_done}/{ev.chunks_total} chunks, "
+            f"{ev.tiles_done}/{ev.tiles_total} tiles, {rate:.2f} tiles/s, {ev.elapsed_s:.0f} s",
+            flush=True,
+        )
+
+
 # -- phantom ------------------------------------------------------------------------------
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write the synthetic scroll phantom as OME-Zarr")
@@ -58,9 +96,10 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 def _run_phantom(args: argparse.Namespace) -> int:
     from napari_scrollseg.engine.phantom import DEFAULT_SHAPE, write_phantom
 
-    out = write_phantom(
-        args.out, args.shape or DEFAULT_SHAPE, seed=args.seed, overwrite=args.overwrite
-    )
+    shape = tuple(args.shape or DEFAULT_SHAPE)
+    print(f"writing phantom {shape} seed {args.seed}: image, then truth labels", flush=True)
+    with _dask_progress():
+        out = write_phantom(args.out, shape, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote phantom {tuple(args.shape or DEFAULT_SHAPE)} seed {args.seed}: {out}")
     return 0
 
@@ -130,7 +169,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description="Predict a whole volume with an nnU-Net v2 model into an OME-Zarr "
         "(uint8 probabilities + labels/prediction). Rerunning the same command resumes.",
     )
-    p.add_argument("model", help="nnU-Net trained-model folder or exported zip")
+    p.add_argument(
+        "model",
+        help="nnU-Net trained-model folder, exported zip, or a built-in model name (`scrollseg models`)",
+    )
     p.add_argument("volume", help="input volume (OME-Zarr, zarr, TIFF folder/file, file.h5:/ds)")
     p.add_argument("out", help="output .zarr path")
     add_options(p, PredictConfig)
@@ -163,6 +205,13 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     config = _config_from(args, PredictConfig)
     events = []
+    lines = None if sys.stderr.isatty() else _LineProgress()
+
+    def progress(ev) -> None:
+        events.append(ev)
+        if lines is not None:
+            lines(ev)
+
     with open_client(
         scheduler=args.scheduler,
         cluster=args.cluster,
@@ -179,8 +228,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             args.volume,
             args.out,
             config,
-            progress=events.append,
-            bar=True,
+            progress=progress,
+            bar=lines is None,
             client=client,
         )
     ev = events[-1]
@@ -254,6 +303,9 @@ def _run_train(args: argparse.Namespace) -> int:
     config = _config_from(args, TrainConfig)
 
     def bar(ev: object) -> dict | None:
+        if not sys.stderr.isatty():  # a log file: plain lines, no \r bar
+            print(ev, flush=True)
+            return None
         tqdm.write(str(ev))
         if ev.kind == "epoch":
             return {
@@ -266,6 +318,32 @@ def _run_train(args: argparse.Namespace) -> int:
         return {"close": True} if ev.kind in ("fold_done", "done") else None
 
     drive(train(args.dataset, results_dir=args.out, **config.kwargs()), bar=bar)
+    return 0
+
+
+# -- evaluate -----------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice, F0.5, precision, recall and confusion matrix per class of a prediction",
+        description="Score a prediction (a `scrollseg predict` output or a label volume) "
+        "against ground truth labels (ids 1..K; 0 = unlabeled and the dtype's maximum = "
+        "ignore are skipped). Streams block by block.",
+    )
+    p.add_argument("pred", help="`scrollseg predict` output (.zarr) or a label volume")
+    p.add_argument("truth", help="truth labels, e.g. PHANTOM.zarr/labels/truth or a label TIFF")
+    p.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1: score this box only")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the scores as JSON")
+    p.add_argument("--threads", type=_shape, default=None, help="reading threads")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from napari_scrollseg.engine.evaluate import evaluate, format_table, write_json
+
+    result = evaluate(args.pred, args.truth, roi=args.roi, num_workers=args.threads)
+    print(format_table(result))
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
     return 0
 
 
@@ -290,6 +368,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "export": (_add_export, _run_export),
     "train": (_add_train, _run_train),
     "models": (_add_models, _run_models),
+    "evaluate": (_add_evaluate, _run_evaluate),
 }
 
 
@@ -310,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not (args.verbose or args.debug):  # dask.distributed's INFO lines only with -v
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        if "dask" in sys.modules:
+            sys.modules["dask"].config.refresh()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

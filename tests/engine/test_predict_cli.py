@@ -58,7 +58,8 @@ def test_roi_run_equals_region_and_records_provenance(
     model = load_model(tiny_model_3d, folds=(1,), device="cpu")
     box = (slice(3, 15), slice(10, 30), slice(4, 24))
     probs, labels = predict_region(model, open_volume(volume), box, mirror=False)
-    np.testing.assert_array_equal(zarr.open_array(str(out / "labels/prediction/0"))[:], labels)
+    # stored in class ids 1..K; predict_region gives nnU-Net's k-1
+    np.testing.assert_array_equal(zarr.open_array(str(out / "labels/prediction/0"))[:], labels + 1)
     ours = zarr.open_array(str(out / "0"))[:]
     assert np.abs(ours.astype(int) - np.rint(probs * 255)).max() <= 1
     # placed where the roi is: origin shifted by the roi start, spacing copied

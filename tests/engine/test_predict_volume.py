@@ -24,7 +24,8 @@ def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:
 
     probs = zarr.open_array(str(out / "0"), mode="r")[:]
     labels = zarr.open_array(str(out / "labels" / "prediction" / "0"), mode="r")[:]
-    return probs, labels
+    # stored as the annotation's class ids 1..K (unwritten chunks: 0); nnU-Net's are k-1
+    return probs, labels - 1
 
 
 def _compare_with_nnunet(
@@ -323,7 +324,7 @@ def test_output_opens_with_ome_zarr_and_open_volume(case: dict) -> None:
     assert len(vol.levels) >= 1
     assert tuple(vol.spacing) == (1.0, 1.0, 1.0)
     assert "prediction" in vol.labels
-    np.testing.assert_array_equal(np.asarray(vol.labels["prediction"][0]), case["labels"])
+    np.testing.assert_array_equal(np.asarray(vol.labels["prediction"][0]), case["labels"] + 1)
     info = vol.attrs["scrollseg"]
     assert info["complete"] is True
     assert info["tta"] == "mirror"

@@ -114,7 +114,8 @@ def test_events_arrive_per_epoch(run):
     assert (ep.fold, ep.epoch, ep.epochs) == (0, 0, 2)
     assert np.isfinite([ep.train_loss, ep.val_loss]).all()
     assert ep.epoch_time > 0
-    assert set(ep.pseudo_dice) == {"papyrus", "ink"}
+    assert list(ep.pseudo_dice) == ["air", "papyrus", "ink"]  # class 1 (nnU-Net background) too
+    assert all(0 <= d <= 1 for d in ep.pseudo_dice.values())
     assert "epoch 1/2" in str(ep)
 
 
@@ -151,10 +152,12 @@ def test_model_folder_is_stock_with_curves_and_dice(run):
     assert ck["current_epoch"] == 2
     rows = (model / "progress.csv").read_text().splitlines()
     assert rows[0].startswith("fold,epoch,train_loss,val_loss")
+    assert rows[0].endswith("dice_air,dice_papyrus,dice_ink")
     assert [r.split(",")[1] for r in rows[1:]] == ["0", "1"]
     assert (model / "progress.png").stat().st_size > 1000
     summary = json.loads((model / "dice_summary.json").read_text())
-    assert set(summary["per_class"]) == {"papyrus", "ink"} == set(done.dice)
+    assert list(summary["per_class"]) == ["air", "papyrus", "ink"] == list(done.dice)
+    assert 0 < summary["per_class"]["air"] <= 1  # the background class is validated too
     assert (summary["folds"], summary["cases"]) == (["0"], 1)
     assert 0 <= summary["per_class"]["papyrus"] <= 1
 
@@ -347,7 +350,7 @@ def test_train_command_line(run, tmp_path):
     common = ["--out", str(tmp_path / "results"), "--device", "cpu", "-np", "1"]
     common += ["--epochs", "1", "--iterations", "2", "--da-processes", "0", "--fold", "all"]
     proc = subprocess.run(
-        [*cli, *common, "--plans-overrides", json.dumps(TINY)],
+        [*cli, *common, "--no-validate", "--plans-overrides", json.dumps(TINY)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -358,9 +361,38 @@ def test_train_command_line(run, tmp_path):
     assert len(models) == 1
     assert (models[0] / "fold_all" / "checkpoint_final.pth").is_file()
     assert str(models[0]) in proc.stdout + proc.stderr
+    assert not (models[0] / "fold_all" / "validation").exists()  # --no-validate
+    assert "\r" not in proc.stdout + proc.stderr  # a pipe gets plain lines, not a \r bar
     bad = subprocess.run(
         [*cli, *common, "--plans-overrides", "{n_stages: 3"], capture_output=True, text=True
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: --plans-overrides is not valid JSON")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def _fake_raw(tmp_path, n_cases: int):
+    raw = tmp_path / "Dataset905_Few"
+    (raw / "labelsTr").mkdir(parents=True)
+    (raw / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".tif"})
+    )
+    for i in range(n_cases):
+        (raw / "labelsTr" / f"Few_{i:03d}.tif").write_bytes(b"")
+    return raw
+
+
+def test_folds_are_checked_before_any_work(tmp_path):
+    """One case: fold 'all' is chosen and said first; a fold the cases cannot give is
+    refused before planning starts."""
+    from napari_scrollseg.engine.train import train
+
+    gen = train(_fake_raw(tmp_path, 1), results_dir=tmp_path / "r", folds=(0,))
+    first = next(gen)
+    gen.close()
+    assert first.kind == "step"
+    assert "fold 'all'" in first.message
+    assert not (tmp_path / "r").exists()  # nothing planned yet
+    with pytest.raises(ScrollsegError, match=r"3 cases give folds 0\.\.2"):
+        next(train(_fake_raw(tmp_path / "b", 3), results_dir=tmp_path / "r", folds=(3,)))
+    assert not (tmp_path / "r").exists()

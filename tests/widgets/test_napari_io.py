@@ -269,3 +269,32 @@ def test_write_labels_refuses_to_replace_other_data(phantom_zarr):
     assert sorted(p.name for p in phantom_zarr.iterdir()) == before
     with pytest.raises(ScrollsegError, match=r"\.zarr, \.tif or \.tiff"):
         write_labels(str(phantom_zarr.parent / "x.png"), np.zeros((4, 4, 4), np.uint8), {})
+
+
+@pytest.mark.slow
+def test_open_a_scrollseg_prediction(viewer, tmp_path):
+    """A `scrollseg predict` output opens as probability layers named by class (only the
+    last class shown, a black-based colormap added over the scan) and the labels layer
+    in the annotation's ids with class names and colours."""
+    from napari_scrollseg.engine.phantom import write_phantom
+    from napari_scrollseg.engine.predict_volume import predict_volume
+
+    ph = write_phantom(tmp_path / "ph.zarr", (16, 64, 64), seed=4)
+    out = predict_volume("phantom-tiny", ph, tmp_path / "pred.zarr", mirror=False, bar=False)
+    scan = viewer.open(ph, plugin=PLUGIN)[0]
+    layers = viewer.open(out, plugin=PLUGIN)
+    assert [layer._type_string for layer in layers] == ["image"] * 3 + ["labels"]
+    probs, labels = layers[:3], layers[3]
+    assert [p.name for p in probs] == ["pred [air]", "pred [papyrus]", "pred [ink]"]
+    assert [p.visible for p in probs] == [False, False, True]
+    ink = probs[2]
+    assert ink.blending == "additive"
+    assert tuple(ink.contrast_limits) == (0, 255)
+    np.testing.assert_allclose(
+        ink.colormap.map(np.array([0.0]))[0][:3], 0, atol=0.02
+    )  # 0 adds nothing
+    assert scan.visible
+    assert labels.name == "prediction"
+    assert list(labels.features["class"]) == ["unlabeled", "air", "papyrus", "ink"]
+    assert set(np.unique(np.asarray(labels.data[0]))) <= {1, 2, 3}
+    np.testing.assert_allclose(_rgba(labels, INK), np.array(COLORS[INK]) / 255, atol=1e-6)

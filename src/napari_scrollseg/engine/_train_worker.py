@@ -56,6 +56,21 @@ def _plan(args: argparse.Namespace) -> int:
         verbose=False,
         show_progress_bar=False,
     )
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+
+    from napari_scrollseg.engine.intensity_stats import clip_window, fix_fingerprint
+
+    stats = fix_fingerprint(
+        os.path.join(nnUNet_raw, args.dataset_name),
+        os.path.join(nnUNet_preprocessed, args.dataset_name, "dataset_fingerprint.json"),
+    )
+    lo, hi = clip_window(stats["annotated"])
+    lo0, hi0 = clip_window(stats["nnunet"])
+    emit(
+        "step",
+        message=f"intensity statistics over every annotated voxel: CT clip window "
+        f"[{lo:.4g}, {hi:.4g}] (nnU-Net's foreground-only window: [{lo0:.4g}, {hi0:.4g}])",
+    )
     planner = recursive_find_python_class(
         os.path.join(nnunetv2.__path__[0], "experiment_planning"),
         PLANNERS[args.planner],

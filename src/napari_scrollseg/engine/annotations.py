@@ -133,6 +133,29 @@ class ClassTable:
             data = data["classes"]
         return cls.from_dict(data)
 
+    @classmethod
+    def from_dataset_json(cls, meta: dict[str, Any]) -> ClassTable:
+        """The annotation classes of an nnU-Net ``dataset.json``: nnU-Net label ``v`` is class ``v+1``.
+
+        Names and colours come from the ``scrollseg`` section that export writes; for
+        another dataset, from its ``labels`` (ignore left out) with default colours.
+        """
+        own = meta.get("scrollseg", {})
+        if isinstance(own.get("classes"), dict):
+            colors = own.get("colors", {})
+            return cls.from_dict(
+                {
+                    name: {"id": cid, **({"color": colors[name]} if name in colors else {})}
+                    for name, cid in own["classes"].items()
+                }
+            )
+        labels = {
+            int(v): str(n)
+            for n, v in meta["labels"].items()
+            if n != "ignore" and isinstance(v, int)
+        }
+        return cls.from_dict({n: {"id": v + 1} for v, n in sorted(labels.items())})
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """``{name: {"id": id, "color": [r, g, b]}}`` in id order."""
         return {c.name: {"id": c.id, "color": list(c.color)} for c in self.classes}
@@ -829,3 +852,72 @@ def autosave_every(store: AnnotationStore, seconds: float) -> threading.Event:
 
     threading.Thread(target=loop, name=f"autosave-{store.path.name}", daemon=True).start()
     return stop
+
+
+def annotations_from_prediction(
+    prediction: str | Path,
+    store: AnnotationStore | str | Path,
+    *,
+    box: Any = None,
+    slab: int | None = None,
+) -> AnnotationStore:
+    """Copy a ``scrollseg predict`` output's labels (or a box of them) into an annotation store.
+
+    The prediction is in the annotation's class ids (``1..K``), so it becomes a starting
+    annotation to correct and train on again. ``store`` is an :class:`AnnotationStore`
+    or a path; a path that does not exist yet is created with the prediction's shape,
+    spacing, origin and classes. An existing store must have the same shape and class
+    names. ``box`` is a tuple of slices (default: everything). The copy goes slab by slab
+    of ``slab`` z-planes (default: the store's chunk depth), saved as it goes, so memory
+    stays bounded. Returns the store, saved.
+    """
+    from napari_scrollseg.engine.omezarr import read_label_metadata
+    from napari_scrollseg.engine.volumes import open_volume
+
+    vol = open_volume(prediction)
+    if "prediction" not in vol.labels:
+        raise ScrollsegError(
+            f"{prediction} has no labels/prediction: give a `scrollseg predict` output"
+        )
+    labels = vol.labels["prediction"][0]
+    names, colors = read_label_metadata(Path(prediction) / "labels" / "prediction")
+    if not names:
+        raise ScrollsegError(
+            f"{prediction} records no class names: predict it again with scrollseg"
+        )
+    classes = ClassTable(
+        [
+            LabelClass(v, n, tuple(colors.get(v, palette_color(v))[:3]))  # type: ignore[arg-type]
+            for v, n in sorted(names.items())
+        ]
+    )
+    if not isinstance(store, AnnotationStore):
+        if Path(store).exists():
+            store = AnnotationStore.open(store)
+        else:
+            store = AnnotationStore.create(
+                store,
+                shape=labels.shape,
+                spacing=vol.spacing,
+                origin=vol.origin,
+                classes=classes,
+                chunks=tuple(int(c[0]) for c in labels.chunks),
+                dtype="uint8" if len(classes) < 255 else "uint16",
+            )
+    if store.shape != tuple(labels.shape):
+        raise ScrollsegError(
+            f"the annotation has shape {store.shape} but the prediction {tuple(labels.shape)}; "
+            "predict the whole image the annotation belongs to"
+        )
+    if store.classes.names()[: len(classes)] != classes.names():
+        raise ScrollsegError(
+            f"the prediction's classes {classes.names()} are not the annotation's "
+            f"{store.classes.names()}: use a model trained on this annotation's classes"
+        )
+    box, _ = _normalize_box(box if box is not None else (), store.shape)
+    step = slab or store.chunks[0]
+    for z in range(box[0].start, box[0].stop, step):
+        part = (slice(z, min(z + step, box[0].stop)), *box[1:])
+        store[part] = np.asarray(labels[part])
+        store.save()
+    return store

@@ -9,6 +9,7 @@ Each is a complete nnU-Net v2 trained-model folder under
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from napari_scrollseg.engine.errors import ScrollsegError
@@ -43,3 +44,11 @@ def builtin_model(name: str = DEFAULT_MODEL) -> Path:
         known = ", ".join(models) or "none (reinstall napari-scrollseg)"
         raise ScrollsegError(f"no built-in model named {name!r}; built-in models: {known}")
     return models[name]
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """``path`` as a model path; a built-in model's name where no such path exists."""
+    p = Path(path).expanduser()
+    if not p.exists() and str(path) in builtin_models():
+        return builtin_models()[str(path)]
+    return p

@@ -288,6 +288,9 @@ class ExportConfig:
     ending: str = _opt(".tif", "file format of the images", choices=ENDINGS)
     append: bool = _opt(False, "add cases to an existing dataset")
     folds: int | None = _opt(None, "fail if fewer cases than folds", parse=int)
+    ignore_spacing: bool = _opt(
+        False, "export even if an image's and its labels' spacings differ (the image's is used)"
+    )
 
     def __post_init__(self) -> None:
         from napari_scrollseg.engine.annotations import ClassTable
@@ -344,7 +347,11 @@ class TrainConfig:
 
     configuration: str = _opt("3d_fullres", "nnU-Net configuration (%(default)s)", flag="--config")
     folds: tuple[int | str, ...] = _opt(
-        (0,), "fold(s) to train, or 'all' (0)", flag="--fold", parse=_fold, nargs="+"
+        (0,),
+        "fold(s) to train, or 'all' (0; 'all' by itself when there are fewer cases than folds)",
+        flag="--fold",
+        parse=_fold,
+        nargs="+",
     )
     device: str | None = _opt(None, "default: best", choices=TRAIN_DEVICES)
     epochs: int | None = _opt(None, "epochs (nnU-Net: 1000)", parse=positive_int)

@@ -166,6 +166,9 @@ def export_dataset(
         None, fewer than 5 cases only logs a warning (nnU-Net's default is 5 folds).
     on_case
         Called as ``on_case(index, case_name)`` after each case is written.
+    ignore_spacing
+        Export even when an image's and its labels' recorded spacings differ (the
+        image's is used). Default: refuse.
 
     Returns
     -------
@@ -199,6 +202,7 @@ def iter_export_dataset(
     ending: str = ".tif",
     append: bool = False,
     folds: int | None = None,
+    ignore_spacing: bool = False,
 ) -> Generator[ExportProgress, None, Path]:
     """:func:`export_dataset` as a generator yielding one :class:`ExportProgress` per slab.
 
@@ -216,7 +220,10 @@ def iter_export_dataset(
     if not cases:
         raise ScrollsegError("give at least one (image, labels) pair to export")
 
-    prepared = [_prepare(i, img, lab, table) for i, (img, lab) in enumerate(cases)]
+    prepared = [
+        _prepare(i, img, lab, table, ignore_spacing=ignore_spacing)
+        for i, (img, lab) in enumerate(cases)
+    ]
     n_channels = _check_channels(prepared, old_json)
     n_old = old_json["numTraining"] if old_json else 0
     n_total = n_old + len(prepared)
@@ -461,7 +468,9 @@ def _open_labels(labels: Any) -> tuple[Any, tuple | None]:
     return data, spacing
 
 
-def _prepare(index: int, image: Any, labels: Any, table: ClassTable) -> _Case:
+def _prepare(
+    index: int, image: Any, labels: Any, table: ClassTable, *, ignore_spacing: bool = False
+) -> _Case:
     from napari_scrollseg.engine.annotations import AnnotationStore
 
     data, spacing, origin = _open_image(image)
@@ -500,6 +509,7 @@ def _prepare(index: int, image: Any, labels: Any, table: ClassTable) -> _Case:
             f"{where}: no annotated voxel (only unlabeled/ignore); paint at least one "
             "class voxel before exporting"
         )
+    _check_spacing(where, spacing, lab_spacing, ignore_spacing)
     spacing = spacing or lab_spacing or (1.0, 1.0, 1.0)
     return _Case(
         image=data,
@@ -510,6 +520,25 @@ def _prepare(index: int, image: Any, labels: Any, table: ClassTable) -> _Case:
         labels_source=_source_name(labels),
         crop=bbox,
     )
+
+
+def _check_spacing(where: str, image: Any, labels: Any, ignore: bool) -> None:
+    """Refuse an image and labels whose recorded spacings differ (all ones = not recorded)."""
+    known = [
+        tuple(float(v) for v in s[-3:])
+        for s in (image, labels)
+        if s is not None and not np.allclose(s[-3:], 1.0)
+    ]
+    if len(known) < 2 or np.allclose(known[0], known[1], rtol=1e-3):
+        return
+    message = (
+        f"{where}: the image's spacing {known[0]} differs from its labels' {known[1]}; "
+        "pair each image with the labels made on it, fix the files' spacing, or export with "
+        "--ignore-spacing (ignore_spacing=True in Python) to use the image's"
+    )
+    if not ignore:
+        raise ScrollsegError(message)
+    log.warning(message)
 
 
 def _block_summary(block: np.ndarray, offset: tuple[int, ...], ign: int) -> tuple:

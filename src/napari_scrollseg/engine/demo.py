@@ -224,7 +224,7 @@ def run_demo(
     pred = np.asarray(
         zarr.open_array(str(pred_path / "labels" / "prediction" / "0"), mode="r")[...]
     )
-    pred = pred.astype(np.uint8) + 1  # nnU-Net labels 0..K-1 -> classes 1..K
+    # the prediction is stored in the annotation's class ids 1..K
 
     # 5. Dice against the full truth, and a montage
     dice = dice_per_class(pred, truth, CLASSES)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,13 @@ from typing import Any
 import numpy as np
 
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.engine.volumes import URL_PATTERN
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 SAMPLES = 16
 LISTING_LIMIT_S = 120.0
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def _sha(data: bytes | str) -> str:
@@ -40,7 +39,7 @@ def _sha(data: bytes | str) -> str:
 
 def _local_root(source: str) -> Path | None:
     """The file or folder a local source lives in (an HDF5 ``file.h5:/ds`` is its file)."""
-    if not source or _URL.match(source):
+    if not source or URL_PATTERN.match(source):
         return None
     p = Path(source).expanduser()
     if not p.exists() and ":" in source:

@@ -375,7 +375,7 @@ class LivePredictor:
 
     def shape(self, level: int | None = None) -> tuple[int, ...]:
         """Spatial shape of a level."""
-        from napari_scrollseg.engine.model import as_czyx
+        from napari_scrollseg.engine.volumes import as_czyx
 
         self.load()
         lv = self.level() if level is None else level
@@ -396,7 +396,7 @@ class LivePredictor:
         )
 
     def _prefix(self, lv: int) -> tuple:
-        from napari_scrollseg.engine.model import as_czyx
+        from napari_scrollseg.engine.volumes import as_czyx
 
         model = self.load()
         v, grid, _ = self._level(lv)

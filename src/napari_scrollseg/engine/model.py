@@ -327,7 +327,8 @@ class LoadedModel:
             raise ScrollsegError(
                 f"volume spacing {tuple(spacing)} differs from the model's spacing "
                 f"{self.spacing} and scrollseg does not resample: resample the volume to the "
-                "model's spacing, or pass ignore_spacing=True to predict at the volume's own spacing"
+                "model's spacing, or predict at the volume's own spacing with --ignore-spacing "
+                "(ignore_spacing=True in Python)"
             )
 
     def grid(self, volume: Any, step: float = 0.5, *, bbox: Box | None = None) -> Grid:
@@ -536,9 +537,14 @@ def load_model(
         The same object for the same arguments while one is held (a second call costs
         nothing); models nobody holds any more are freed.
     """
-    p = Path(path).expanduser()
+    from napari_scrollseg.engine.builtin import builtin_models, resolve_model
+
+    p = resolve_model(path)
     if not p.exists():
-        raise ScrollsegError(f"model {p} does not exist: give a trained-model folder or zip")
+        raise ScrollsegError(
+            f"model {p} does not exist: give a trained-model folder or zip, or a built-in "
+            f"model's name ({', '.join(builtin_models()) or 'none installed'})"
+        )
     dev = device if not isinstance(device, str) and device is not None else choose_device(device)
     key = (str(p.resolve()), repr(folds), checkpoint, str(dev), configuration)
     with _MODELS_LOCK:

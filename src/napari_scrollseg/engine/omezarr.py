@@ -282,3 +282,30 @@ def write_image(
     da.store(darr.rechunk(group["0"].chunks), group["0"], lock=False)
     write_pyramid(group, reduction=reduction)
     return group
+
+
+def read_label_metadata(
+    path: str | Path,
+) -> tuple[dict[int, str], dict[int, tuple[int, ...]]]:
+    """Class names and RGBA colours (0..255) from a label image's NGFF ``image-label``.
+
+    ``({value: name}, {value: rgba})``; both empty where the group records none.
+    """
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except (OSError, ValueError, zarr.errors.NodeNotFoundError):
+        return {}, {}
+    meta = attrs.get("image-label") or (attrs.get("ome") or {}).get("image-label") or {}
+    names = {
+        int(p["label-value"]): str(p["class"])
+        for p in meta.get("properties", [])
+        if "label-value" in p and "class" in p
+    }
+    colors = {
+        int(c["label-value"]): tuple(int(v) for v in c["rgba"])
+        for c in meta.get("colors", [])
+        if "label-value" in c and "rgba" in c
+    }
+    return names, colors

@@ -238,9 +238,14 @@ def _run_worker(
 
 
 def _preprocessed_ok(pre: Path, plans: str, configuration: str, cases: Sequence[str]) -> bool:
+    from napari_scrollseg.engine.intensity_stats import NNUNET_KEY
+
     plans_file = pre / f"{plans}.json"
-    if not plans_file.is_file():
+    fingerprint = pre / "dataset_fingerprint.json"
+    if not plans_file.is_file() or not fingerprint.is_file():
         return False
+    if NNUNET_KEY not in json.loads(fingerprint.read_text()):
+        return False  # planned before the statistics covered every annotated class: redo
     conf = json.loads(plans_file.read_text())["configurations"].get(configuration)
     if conf is None:
         return False
@@ -495,6 +500,9 @@ def train(
         raise ScrollsegError(f"unknown device {device!r}: use cpu, cuda or mps")
     folds = [f if f == "all" else int(f) for f in folds]
     ds = _dataset(dataset_dir)
+    folds, note = _check_folds(ds, folds)
+    if note:
+        yield TrainEvent("step", message=note)
     results = Path(results_dir).expanduser().resolve()
     pre_root = (
         Path(preprocessed_dir).expanduser().resolve()
@@ -555,6 +563,29 @@ def train(
     write_curves(model_folder)
     dice = dice_summary(model_folder)
     yield TrainEvent("done", model_folder=model_folder, dice=dice.get("per_class", {}))
+
+
+def _check_folds(ds: _Dataset, folds: list[int | str]) -> tuple[list[int | str], str]:
+    """Before any work: fold ``all`` when there are too few cases for folds; bad folds refused.
+
+    nnU-Net makes 5 folds from 5+ cases; scrollseg a leave-one-out split from 2..4.
+    """
+    n = len(ds.cases)
+    numeric = [int(f) for f in folds if f != "all"]
+    if not numeric:
+        return folds, ""
+    if n < 2:
+        return ["all"], (
+            f"only {n} training case: cross-validation folds need at least 2, so fold 'all' "
+            "is trained (on every case, without validation cases)"
+        )
+    n_folds = 5 if n >= 5 else n
+    if max(numeric) >= n_folds:
+        raise ScrollsegError(
+            f"{n} cases give folds 0..{n_folds - 1}; asked for folds {folds}: train one of "
+            "those, or 'all' (--fold all)"
+        )
+    return folds, ""
 
 
 def _fold_events(
@@ -659,19 +690,25 @@ def dice_summary(model_folder: str | os.PathLike, folds: Sequence[int | str] | N
     "mean": float, "folds": [...], "cases": n}``; empty ``per_class`` when no fold
     has been validated yet. ``folds``: only these folds (nothing is written then).
     """
+    from napari_scrollseg.engine.annotations import ClassTable
+
     model_folder = Path(model_folder)
     names = {}
     meta = model_folder / "dataset.json"
     if meta.is_file():
-        names = {str(v): k for k, v in json.loads(meta.read_text())["labels"].items()}
+        table = ClassTable.from_dataset_json(json.loads(meta.read_text()))
+        names = {str(c.id - 1): c.name for c in table.classes}
     totals: dict[str, list[float]] = {}
     n_cases = 0
     wanted = None if folds is None else {str(f) for f in folds}
     found: list[str] = []
-    for summary in sorted(model_folder.glob("fold_*/validation/summary.json")):
-        if wanted is not None and summary.parent.parent.name[len("fold_") :] not in wanted:
+    for fold in sorted(model_folder.glob("fold_*/validation")):
+        name = fold.parent.name[len("fold_") :]
+        summary = fold / "summary_all_classes.json"  # background included (scrollseg's trainer)
+        summary = summary if summary.is_file() else fold / "summary.json"
+        if (wanted is not None and name not in wanted) or not summary.is_file():
             continue
-        found.append(summary.parent.parent.name[len("fold_") :])
+        found.append(name)
         for case in json.loads(summary.read_text())["metric_per_case"]:
             n_cases += 1
             for label, m in case["metrics"].items():
@@ -680,7 +717,7 @@ def dice_summary(model_folder: str | os.PathLike, folds: Sequence[int | str] | N
                 t[1] += m["FP"]
                 t[2] += m["FN"]
     per_class = {}
-    for label, (tp, fp, fn) in sorted(totals.items()):
+    for label, (tp, fp, fn) in sorted(totals.items(), key=lambda kv: int(kv[0])):
         denom = 2 * tp + fp + fn
         per_class[names.get(label, label)] = 2 * tp / denom if denom else float("nan")
     valid = [v for v in per_class.values() if v == v]

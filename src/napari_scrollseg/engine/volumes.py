@@ -929,8 +929,17 @@ class _TiffLevel:
         return {**self.__dict__, "_array": None}
 
 
+_OME_UNITS_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
 def _tiff_spacing(path: Path, tf: Any) -> tuple[float, float, float]:
-    """Spacing from an nnU-Net ``<name>.json`` sidecar, else ImageJ metadata, else 1."""
+    """Voxel size from, in order: an nnU-Net ``<name>.json`` sidecar, OME-TIFF physical
+    sizes (in µm), ImageJ's ``spacing`` (z) with its x/y resolution (the ImageJ unit),
+    else 1 with a warning.
+
+    A TIFF resolution in inches or centimetres is a print resolution (e.g. 100 pixels per
+    inch, written by default), not a voxel size: it is never used as one.
+    """
     sidecar = path.with_name(path.name.split(".")[0] + ".json")
     if sidecar.is_file():
         try:
@@ -939,16 +948,61 @@ def _tiff_spacing(path: Path, tf: Any) -> tuple[float, float, float]:
                 return spacing
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.warning("ignored %s: no 3-value spacing in it (%s)", sidecar, exc)
-    if tf.is_imagej and tf.imagej_metadata:
-        z = float(tf.imagej_metadata.get("spacing", 1.0))
-        page = tf.pages.first
+    if tf.is_ome and tf.ome_metadata:
+        spacing = _ome_spacing(tf.ome_metadata)
+        if spacing is not None:
+            return spacing
+    page = tf.pages.first
+    unit = page.tags.get("ResolutionUnit")
+    unit = int(unit.value) if unit is not None else 2  # TIFF's default unit is the inch
+    if tf.is_imagej and tf.imagej_metadata is not None:
+        meta = tf.imagej_metadata
+        z = float(meta.get("spacing", 0) or 0)
         yx = []
-        for tag in ("YResolution", "XResolution"):
-            value = page.tags.get(tag)
-            num, den = value.value if value is not None else (1, 1)
-            yx.append(den / num if num else 1.0)
-        return (z, yx[0], yx[1])
+        if unit == 1:  # ImageJ writes calibrated sizes with no resolution unit
+            for tag in ("YResolution", "XResolution"):
+                value = page.tags.get(tag)
+                num, den = value.value if value is not None else (1, 1)
+                yx.append(den / num if num else 1.0)
+        if z or meta.get("unit") or any(abs(v - 1) > 1e-9 for v in yx):
+            yx = yx or [1.0, 1.0]
+            if not z:
+                log.warning("%s: ImageJ metadata has no z spacing; using %g", path.name, yx[1])
+            return (z or yx[1], yx[0], yx[1])
+    log.warning(
+        "%s records no voxel size (no ImageJ spacing/unit, OME physical size or %s); "
+        "spacing 1 is used",
+        path.name,
+        sidecar.name,
+    )
     return (1.0, 1.0, 1.0)
+
+
+def _ome_spacing(xml: str) -> tuple[float, float, float] | None:
+    """``(z, y, x)`` from the first OME ``Pixels`` element's physical sizes, in µm."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.endswith("}Pixels") or e.tag == "Pixels"), None)
+    if pixels is None:
+        return None
+    sizes = []
+    for axis in ("Z", "Y", "X"):
+        value = pixels.get(f"PhysicalSize{axis}")
+        if value is None:
+            sizes.append(None)
+            continue
+        factor = _OME_UNITS_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+        if factor is None:
+            return None
+        sizes.append(float(value) * factor)
+    if sizes[1] is None and sizes[2] is None:
+        return None
+    yx = [s if s is not None else (sizes[2] or sizes[1]) for s in sizes[1:]]
+    return (sizes[0] if sizes[0] is not None else yx[1], yx[0], yx[1])
 
 
 # -- HDF5 ---------------------------------------------------------------------------------

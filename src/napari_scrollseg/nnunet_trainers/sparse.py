@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+#: nnU-Net's validation summary with the background class too (stock ``summary.json`` has not)
+ALL_CLASSES_SUMMARY = "summary_all_classes.json"
 
 
 class TrainingCancelled(Exception):
@@ -160,18 +162,84 @@ class nnUNetTrainerSparse(nnUNetTrainer):
         if self.epoch_callback is not None and self.local_rank == 0:
             self.epoch_callback(self.epoch_record(epoch))
 
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's step, plus the background's TP/FP/FN (stock pseudo Dice leaves it out)."""
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        target = target.clone()  # the stock step overwrites ignore voxels in place
+        seen: dict = {}
+        hook = self.network.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
+        try:
+            result = super().validation_step(batch)
+        finally:
+            hook.remove()
+        if self.label_manager.has_regions or "out" not in seen:
+            return result
+        out = seen["out"][0] if isinstance(seen["out"], (list, tuple)) else seen["out"]
+        target = target.to(out.device)
+        pred_bg = out.argmax(1, keepdim=True) == 0
+        true_bg = target == 0
+        if self.label_manager.has_ignore_label:
+            valid = target != self.label_manager.ignore_label
+            pred_bg &= valid
+            true_bg &= valid
+        result["bg_hard"] = np.array(
+            [
+                int((pred_bg & true_bg).sum()),
+                int((pred_bg & ~true_bg).sum()),
+                int((~pred_bg & true_bg).sum()),
+            ]
+        )
+        return result
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        """Stock bookkeeping, and the background's pseudo Dice in ``background_dice``."""
+        parts = [o.pop("bg_hard") for o in val_outputs if "bg_hard" in o]
+        super().on_validation_epoch_end(val_outputs)
+        log_ = self.logger.local_logger.my_fantastic_logging
+        values = log_.setdefault("background_dice", [])
+        values.extend([float("nan")] * (self.current_epoch - len(values)))  # resumed old run
+        tp, fp, fn = np.sum(parts, axis=0) if parts else (0, 0, 0)
+        dice = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else float("nan")
+        self.logger.log("background_dice", float(dice), self.current_epoch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's validation, then ``validation/summary_all_classes.json``: background too."""
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank != 0 or self.label_manager.has_regions:
+            return
+        from nnunetv2.configuration import default_num_processes
+        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+
+        folder = join(self.output_folder, "validation")
+        compute_metrics_on_folder(
+            join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+            folder,
+            join(folder, ALL_CLASSES_SUMMARY),
+            self.plans_manager.image_reader_writer_class(),
+            self.dataset_json["file_ending"],
+            [0, *self.label_manager.foreground_labels],
+            self.label_manager.ignore_label,
+            chill=True,
+            num_processes=default_num_processes,
+        )
+
     def class_names(self) -> list[str]:
-        """Names of the foreground labels, in the order of nnU-Net's pseudo Dice."""
-        by_value = {}
-        for name, value in self.dataset_json["labels"].items():
-            if isinstance(value, int):
-                by_value[value] = name
-        return [by_value.get(v, str(v)) for v in self.label_manager.foreground_labels]
+        """Annotation class names, in the order of :meth:`epoch_record`'s pseudo Dice.
+
+        Class 1 (nnU-Net's background) first, then the foreground labels.
+        """
+        from napari_scrollseg.engine.annotations import ClassTable
+
+        names = ClassTable.from_dataset_json(self.dataset_json).names()
+        values = [0, *self.label_manager.foreground_labels]
+        return [names[v] if v < len(names) else str(v) for v in values]
 
     def epoch_record(self, epoch: int) -> dict:
-        """Train/val loss, pseudo Dice per class and time of one finished epoch."""
+        """Train/val loss, pseudo Dice per class (background included) and time of an epoch."""
         get = self.logger.get_value
-        dice = get("dice_per_class_or_region", step=epoch)
+        bg = self.logger.local_logger.my_fantastic_logging.get("background_dice", [])
+        dice = [bg[epoch] if epoch < len(bg) else float("nan")]
+        dice += list(get("dice_per_class_or_region", step=epoch))
         return {
             "fold": self.fold,
             "epoch": epoch,

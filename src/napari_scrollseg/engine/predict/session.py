@@ -6,7 +6,6 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_scrollseg.engine.errors import ScrollsegError
@@ -76,10 +75,12 @@ class Predictor:
             self._device_arg: str | None = str(model.device)
             self._model: LoadedModel | None = model
         else:
-            self.path = str(Path(model).expanduser().absolute())
+            from napari_scrollseg.engine.builtin import resolve_model
+
+            self.path = str(resolve_model(model).absolute())  # a built-in model's name too
             self._device_arg = None if device is None else str(device)
             self._model = load_model(
-                model,
+                self.path,
                 folds=folds,
                 checkpoint=checkpoint,
                 device=device,

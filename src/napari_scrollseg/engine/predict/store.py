@@ -126,9 +126,22 @@ def create_output(
     origin: Sequence[float],
     attrs: dict,
 ) -> None:
+    from napari_scrollseg.engine.annotations import ClassTable
     from napari_scrollseg.engine.omezarr import create_image, create_labels
 
     n_levels = None
+    table = ClassTable.from_dataset_json(model.dataset_json)
+    omero = {  # names the probability channels (nnU-Net label k-1 = class k)
+        "channels": [
+            {
+                "label": c.name,
+                "color": "{:02X}{:02X}{:02X}".format(*c.color),
+                "window": {"min": 0, "max": 255, "start": 0, "end": 255},
+                "active": c.id == len(table),
+            }
+            for c in table.classes
+        ]
+    }
     create_image(
         out,
         shape=(model.n_classes, *shape),
@@ -139,15 +152,16 @@ def create_output(
         axes="czyx",
         n_levels=n_levels,
         name="probabilities",
-        attrs={"scrollseg": attrs},
+        attrs={"scrollseg": attrs, "omero": omero},
         overwrite=True,
     )
     create_labels(
         out,
         LABELS_NAME,
-        names={int(k): str(v) for k, v in model.label_names.items()},
+        names={c.id: c.name for c in table.classes},
+        colors={c.id: (*c.color, 255) for c in table.classes},
         shape=shape,
-        dtype="uint8" if model.n_classes <= 255 else "uint16",
+        dtype="uint8" if model.n_classes < 255 else "uint16",
         chunks=chunks,
         spacing=spacing,
         origin=origin,

@@ -204,7 +204,8 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
     np.rint(probs, out=probs)
     probs_arr[(slice(None), *local)] = probs.astype(np.uint8)
-    labels_arr[local] = labels.astype(labels_arr.dtype, copy=False)
+    # stored in the annotation's class ids: nnU-Net label k-1 is class k
+    labels_arr[local] = np.add(labels, 1, dtype=labels_arr.dtype)
     marker = Path(spec.marker)
     atomic_touch(marker)
     # free the partials that every reader has now consumed

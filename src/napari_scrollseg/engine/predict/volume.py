@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from napari_scrollseg.engine.annotations import ClassTable
 from napari_scrollseg.engine.config import PredictConfig, parse_roi
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.fingerprint import (
@@ -101,6 +102,7 @@ def _check(
         volume_shape=list(shape),
         roi=[list(s) for s in spans],
         mask=None if mask is None else source_of(mask),
+        label_ids="class",  # labels/prediction holds class k for nnU-Net label k-1
     )
     config_hash = store.config_hash(config)
     fingerprints = {"input": input_fingerprint(vol), "model": loaded_model_fingerprint(loaded)}
@@ -113,7 +115,9 @@ def _check(
         "version": __version__,
         "config_hash": config_hash,
         "complete": False,
-        "labels": {str(k): v for k, v in loaded.label_names.items()},
+        "labels": {  # class ids of labels/prediction (nnU-Net's label k-1 is class k)
+            str(c.id): c.name for c in ClassTable.from_dataset_json(loaded.dataset_json).classes
+        },
         **config,
         "fingerprints": fingerprints,
     }
