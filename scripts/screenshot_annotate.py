@@ -55,8 +55,8 @@ def main() -> None:
     annotate.new_button.click()
     z = 32
     viewer.dims.set_point(0, viewer.layers["phantom"].data_to_world([z, 0, 0])[0])
-    annotate.above_combo.setCurrentIndex(2)  # papyrus above the threshold
-    annotate.below_combo.setCurrentIndex(1)  # air below
+    annotate.above_combo.setCurrentIndex(2)  # papyrus: the bright band
+    annotate.below_combo.setCurrentIndex(1)  # air: the dark band
     annotate.z_from.setValue(z)
     annotate.z_to.setValue(z)
     annotate.otsu_button.click()

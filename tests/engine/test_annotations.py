@@ -309,6 +309,23 @@ def test_otsu_start_fills_only_unlabeled_voxels_above_and_below(tmp_path: Path) 
         store.otsu_start(image, label=9)
 
 
+def test_multi_otsu_fills_three_bands(tmp_path: Path) -> None:
+    from napari_scrollseg.engine.annotations import volume_thresholds
+
+    rng = np.random.default_rng(0)
+    image = rng.choice([30, 120, 220], size=(8, 32, 32)).astype(np.uint8)
+    image = (image + rng.integers(-10, 10, image.shape)).astype(np.uint8)
+    store = AnnotationStore.create(tmp_path / "m.zarr", shape=image.shape, classes=NAMES)
+    t = store.threshold_fill(image, bands=(1, 2, 3), z=2, z_stop=4)
+    assert len(t) == 2
+    assert 39 <= t[0] < 110 <= t[1] < 210  # anywhere in the gaps between the grey levels
+    labels = store[2:4]
+    np.testing.assert_array_equal(labels, np.digitize(image[2:4], t, right=True) + 1)
+    assert volume_thresholds(image, 3) == t
+    with pytest.raises(ScrollsegError, match="at least one of two"):
+        store.threshold_fill(image, bands=(None, None))
+
+
 def test_bad_store_locations_say_what_to_do(tmp_path: Path) -> None:
     not_a_store = tmp_path / "notes.zarr"
     not_a_store.write_text("hello")

@@ -218,6 +218,18 @@ def test_otsu_start_fills_only_unlabeled_voxels(make_napari_viewer, qtbot, phant
     assert not labels[32:].any()
     assert "z = 31" in [widget.slice_list.item(i).text() for i in range(widget.slice_list.count())]
 
+    # multi-Otsu: a class in the middle band makes three bands
+    widget.middle_combo.setCurrentIndex(PAPYRUS)
+    widget.above_combo.setCurrentIndex(3)  # ink brightest
+    widget.z_from.setValue(40)
+    widget.z_to.setValue(40)
+    qtbot.mouseClick(widget.otsu_button, LEFT)
+    qtbot.waitUntil(lambda: widget.otsu_button.isEnabled(), timeout=20_000)
+    z40 = widget.store[40]
+    assert set(np.unique(z40)) == {1, 2, 3}
+    means = [image[40][z40 == c].mean() for c in (1, 2, 3)]
+    assert means == sorted(means)  # dark, middle, bright bands in order
+
 
 # -- bad input: one clear message, nothing half-done ---------------------------------------
 def test_store_of_another_shape_is_refused(make_napari_viewer, qtbot, phantom_copy, tmp_path):

@@ -727,11 +727,40 @@ class AnnotationStore:
     ) -> float:
         """Fill slices ``z..z_stop-1`` (default: the middle slice) from an Otsu threshold.
 
-        Voxels with ``threshold < image < upper`` get ``label`` (None: left as they are),
-        voxels at or below the threshold get ``below`` when given. Only unlabeled voxels are filled: painted
-        voxels (classes and ignore) are never overwritten. The threshold comes from
-        slice ``z`` or from the volume (a histogram over at most ``max_blocks`` evenly
-        spread dask blocks, so the volume is never loaded whole). Returns the threshold.
+        Voxels with ``threshold < image < upper`` get ``label`` (None: left as they
+        are), voxels at or below the threshold get ``below`` when given. Only unlabeled
+        voxels are filled: painted voxels (classes and ignore) are never overwritten.
+        The threshold comes from slice ``z`` or from the volume (a histogram over at most
+        ``max_blocks`` evenly spread dask blocks, so the volume is never loaded whole).
+        Returns the threshold. :meth:`threshold_fill` does the same with more bands.
+        """
+        return self.threshold_fill(
+            image,
+            bands=(below, label),
+            z=z,
+            z_stop=z_stop,
+            threshold_from=threshold_from,
+            upper=upper,
+            max_blocks=max_blocks,
+        )[0]
+
+    def threshold_fill(
+        self,
+        image: Any,
+        *,
+        bands: Sequence[int | None],
+        z: int | None = None,
+        z_stop: int | None = None,
+        threshold_from: Literal["slice", "volume"] = "volume",
+        upper: float | None = None,
+        max_blocks: int = 256,
+    ) -> list[float]:
+        """Fill unlabeled voxels of slices ``z..z_stop-1`` by Otsu / multi-Otsu bands.
+
+        ``bands`` gives the class of each grey-level band from dark to bright (None:
+        leave that band unlabeled); two bands use Otsu's threshold, more use multi-Otsu
+        (``len(bands) - 1`` thresholds). Voxels at or above ``upper`` stay unlabeled.
+        Painted voxels are never overwritten. Returns the thresholds.
         """
         data, _, _ = volume_parts(image)
         if tuple(data.shape) != self.shape:
@@ -744,13 +773,15 @@ class AnnotationStore:
             raise ScrollsegError(
                 f"slices {z}..{z_stop - 1} are outside the volume (0..{self.shape[0] - 1})"
             )
-        for cid in (label, below):
+        if len(bands) < 2 or all(b is None for b in bands):
+            raise ScrollsegError("give a class for at least one of two or more grey-level bands")
+        for cid in bands:
             if cid is not None and cid not in self.classes.ids():
                 raise ScrollsegError(f"class {cid} is not in the table {self.classes.ids()}")
         if threshold_from == "slice":
-            threshold = _otsu_of(np.asarray(data[z]))
+            thresholds = _otsu_of(np.asarray(data[z]), len(bands))
         elif threshold_from == "volume":
-            threshold = volume_otsu(data, max_blocks=max_blocks)
+            thresholds = volume_thresholds(data, len(bands), max_blocks=max_blocks)
         else:
             raise ScrollsegError(
                 f"threshold_from must be 'slice' or 'volume', not {threshold_from!r}"
@@ -758,25 +789,24 @@ class AnnotationStore:
         filled = 0
         for zi in range(z, z_stop):
             plane = np.asarray(data[zi])
-            above = plane > threshold
-            if upper is not None:
-                above &= plane < upper
+            band = np.digitize(plane, thresholds, right=True)  # 0 dark .. n-1 bright
             current = self[zi]
             free = current == UNLABELED
-            if label is not None:
-                current[above & free] = label
-            if below is not None:
-                current[(plane <= threshold) & free] = below
-            filled += int(free.sum() - (current == UNLABELED).sum())
+            if upper is not None:
+                free &= plane < upper
+            for i, cid in enumerate(bands):
+                if cid is not None:
+                    current[free & (band == i)] = cid
+            filled += int(free.sum() - (current[free] == UNLABELED).sum())
             self[zi] = current
         log.info(
-            "Otsu start: slices %d..%d, threshold %.4g, %d voxels filled",
+            "threshold fill: slices %d..%d, thresholds %s, %d voxels filled",
             z,
             z_stop - 1,
-            threshold,
+            [round(t, 4) for t in thresholds],
             filled,
         )
-        return float(threshold)
+        return thresholds
 
 
 def common_classes(stores: Sequence[AnnotationStore]) -> ClassTable:
@@ -800,19 +830,28 @@ def common_classes(stores: Sequence[AnnotationStore]) -> ClassTable:
     return first.classes
 
 
-def _otsu_of(values: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
+def _otsu_of(values: np.ndarray, n_bands: int = 2) -> list[float]:
+    from skimage.filters import threshold_multiotsu, threshold_otsu
 
     if values.size == 0 or np.all(values == values.flat[0]):
         raise ScrollsegError("the image region is uniform: Otsu needs at least two grey levels")
-    return float(threshold_otsu(values))
+    if n_bands == 2:
+        return [float(threshold_otsu(values))]
+    return [float(t) for t in threshold_multiotsu(values, classes=n_bands)]
 
 
 def volume_otsu(data: Any, *, max_blocks: int = 256, bins: int = 1024) -> float:
     """Otsu threshold of a (dask or numpy) volume from a histogram of sampled blocks."""
+    return volume_thresholds(data, 2, max_blocks=max_blocks, bins=bins)[0]
+
+
+def volume_thresholds(
+    data: Any, n_bands: int = 2, *, max_blocks: int = 256, bins: int = 1024
+) -> list[float]:
+    """Otsu (2 bands) or multi-Otsu thresholds of a volume from sampled blocks' histogram."""
     import dask
     import dask.array as da
-    from skimage.filters import threshold_otsu
+    from skimage.filters import threshold_multiotsu, threshold_otsu
 
     arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data))
     n_blocks = arr.numblocks
@@ -832,10 +871,15 @@ def volume_otsu(data: Any, *, max_blocks: int = 256, bins: int = 1024) -> float:
     edges = np.linspace(lo, hi, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     keep = counts > 0
-    if keep.sum() < 2:
-        raise ScrollsegError("the volume is uniform: Otsu needs at least two grey levels")
+    if keep.sum() < n_bands:
+        raise ScrollsegError(
+            f"the volume has fewer than {n_bands} grey levels: too few for {n_bands} bands"
+        )
     first, last = np.flatnonzero(keep)[[0, -1]]
-    return float(threshold_otsu(hist=(counts[first : last + 1], centres[first : last + 1])))
+    hist = (counts[first : last + 1], centres[first : last + 1])
+    if n_bands == 2:
+        return [float(threshold_otsu(hist=hist))]
+    return [float(t) for t in threshold_multiotsu(hist=hist, classes=n_bands)]
 
 
 def autosave_every(store: AnnotationStore, seconds: float) -> threading.Event:

@@ -121,6 +121,8 @@ class AnnotateWidget(QWidget):
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["id", "name", "colour"])
         self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setMinimumHeight(140)
         self.table.itemChanged.connect(self._item_changed)
         self.table.cellDoubleClicked.connect(self._cell_double_clicked)
         self.add_edit = QLineEdit()
@@ -153,6 +155,8 @@ class AnnotateWidget(QWidget):
 
         # -- Otsu start
         self.above_combo = QComboBox()
+        self.middle_combo = QComboBox()
+        self.middle_combo.setToolTip("a class here makes three bands (multi-Otsu)")
         self.below_combo = QComboBox()
         self.z_from = QSpinBox()
         self.z_to = QSpinBox()
@@ -161,8 +165,9 @@ class AnnotateWidget(QWidget):
         self.otsu_progress = ProgressRow()
         otsu = QGroupBox("Otsu start (threshold of the whole volume)")
         oform = QFormLayout(otsu)
-        oform.addRow("above threshold", self.above_combo)
-        oform.addRow("below threshold", self.below_combo)
+        oform.addRow("bright band", self.above_combo)
+        oform.addRow("middle band (multi-Otsu)", self.middle_combo)
+        oform.addRow("dark band", self.below_combo)
         zrow = QHBoxLayout()
         zrow.addWidget(self.z_from)
         zrow.addWidget(QLabel("to"))
@@ -183,7 +188,7 @@ class AnnotateWidget(QWidget):
         self.counts_label = QLabel("")
         self.counts_label.setWordWrap(True)
         self.slice_list = QListWidget()
-        self.slice_list.setMaximumHeight(120)
+        self.slice_list.setMaximumHeight(90)
         self.slice_list.itemClicked.connect(self._jump_to_slice)
         state = QGroupBox("Saving and counts")
         sform = QFormLayout(state)
@@ -447,7 +452,11 @@ class AnnotateWidget(QWidget):
         self.table.blockSignals(False)
         self._fill_brushes()
         choices = ["(leave unlabeled)", *(f"{c.id}: {c.name}" for c in store.classes.classes)]
-        for combo, default in ((self.above_combo, 1), (self.below_combo, 0)):
+        for combo, default in (
+            (self.above_combo, 1),
+            (self.middle_combo, 0),
+            (self.below_combo, 0),
+        ):
             old = combo.currentIndex()
             combo.clear()
             combo.addItems(choices)
@@ -649,28 +658,27 @@ class AnnotateWidget(QWidget):
         if self.store is None or self.image is None:
             return
         above = self.above_combo.currentIndex() or None
+        middle = self.middle_combo.currentIndex() or None
         below = self.below_combo.currentIndex() or None
-        if above is None and below is None:
-            notify_error(ScrollsegError("choose a class above or below the threshold"))
-            return
+        bands = (below, above) if middle is None else (below, middle, above)
         z0, z1 = sorted((self.z_from.value(), self.z_to.value()))
 
-        def done(threshold: float) -> None:
+        def done(thresholds: list[float]) -> None:
             self.otsu_button.setEnabled(True)
             if self.layer is not None:
                 self.layer.refresh()
             self._painted()
-            notify_info(f"Otsu threshold {threshold:.4g}: slices {z0}..{z1} filled")
+            shown = ", ".join(f"{t:.4g}" for t in thresholds)
+            notify_info(f"Otsu threshold(s) {shown}: slices {z0}..{z1} filled")
 
         self.otsu_button.setEnabled(False)
         self._otsu_worker = start_worker(
             _otsu_job,
             self.store,
             level0(self.image),
+            bands=bands,
             z=z0,
             z_stop=z1 + 1,
-            label=above,
-            below=below,
             on_done=done,
             on_error=lambda exc: self.otsu_button.setEnabled(True),
             progress=self.otsu_progress,
@@ -680,4 +688,4 @@ class AnnotateWidget(QWidget):
 def _otsu_job(store: AnnotationStore, data: Any, **kwargs: Any):
     """The Otsu start as a worker generator (one engine call, no intermediate events)."""
     yield {"done": 0, "total": 1}
-    return store.otsu_start(data, threshold_from="volume", **kwargs)
+    return store.threshold_fill(data, threshold_from="volume", **kwargs)
