@@ -12,6 +12,21 @@ from tests.engine.conftest import blocky_volume
 BOX = ((2, 12), (0, 30), (0, 27))
 
 
+def _dask_tasks():
+    """A dask callback counting the tasks run while it is active (``.n``)."""
+    from dask.callbacks import Callback
+
+    class Count(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def _pretask(self, key, dsk, state):
+            self.n += 1
+
+    return Count()
+
+
 def test_region_request_closed_after_its_first_batch_stops(tiny_model_3d):
     volume = blocky_volume((14, 30, 27), seed=21)
     with Predictor(tiny_model_3d, folds=(0,), device="cpu") as session:
@@ -45,24 +60,14 @@ def test_region_request_closed_after_its_first_batch_stops(tiny_model_3d):
 
 
 def test_volume_statistics_are_cached_with_the_session(tiny_model_3d_zscore):
-    from dask.callbacks import Callback
-
     from napari_scrollseg.engine.model import nonzero_bbox
 
     volume = blocky_volume((14, 30, 27), seed=22, zero_border=2).astype(np.float32)
 
-    class Count(Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.n = 0
-
-        def _pretask(self, key, dsk, state):
-            self.n += 1
-
     session = Predictor(tiny_model_3d_zscore, folds=(0,), device="cpu", cache=None)
-    with Count() as cold:
+    with _dask_tasks() as cold:
         session.predict_region(volume, BOX, mirror=False)
-    with Count() as warm:
+    with _dask_tasks() as warm:
         session.predict_region(volume, BOX, mirror=False)
     assert warm.n < cold.n  # no second pass for the nonzero box and the statistics
     assert session.bbox(volume) == nonzero_bbox(volume)
@@ -81,8 +86,6 @@ def test_predictor_given_to_predict_volume_refuses_its_own_options(tiny_model_3d
 
 
 def test_volume_run_yields_before_its_whole_volume_passes(tiny_model_3d, tmp_path):
-    from dask.callbacks import Callback
-
     from napari_scrollseg.engine.omezarr import write_image
     from napari_scrollseg.engine.predict import iter_predict_volume
 
@@ -91,16 +94,8 @@ def test_volume_run_yields_before_its_whole_volume_passes(tiny_model_3d, tmp_pat
     write_image(vol, image, spacing=(1.0, 1.0, 1.0), chunks=(8, 8, 8))
     out = tmp_path / "out.zarr"
 
-    class Count(Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.n = 0
-
-        def _pretask(self, key, dsk, state):
-            self.n += 1
-
     session = Predictor(tiny_model_3d, folds=(0,), device="cpu")
-    with Count() as count:
+    with _dask_tasks() as count:
         gen = iter_predict_volume(session, vol, out, chunk=16)
         first = next(gen)
         gen.close()  # cancelled at the first event

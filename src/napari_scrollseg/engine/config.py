@@ -183,8 +183,25 @@ def _check(ok: bool, message: str) -> None:
 @dataclass(frozen=True)
 class PredictConfig:
     """Options of a whole-volume prediction (:func:`~napari_scrollseg.engine.predict.
-    iter_predict_volume`). ``folds`` is normalised to a tuple (None: every fold found),
-    ``chunk`` to one size or three."""
+    iter_predict_volume`); each field's one-line help is its command-line help.
+
+    ``folds``, ``checkpoint``, ``device``, ``step``, ``mirror``, ``half`` and
+    ``batch_size`` are as nnU-Net's predictor (``folds`` normalised to a tuple; None:
+    every fold found; ``half`` None autocasts on CUDA devices only, as nnU-Net, each
+    worker deciding for its own device). ``chunk`` is the output chunk (one size or
+    three), also the size of the blocks of tiles. ``superchunk`` shares partial sums only
+    inside groups of that many chunks per axis: tiles straddling two groups run once for
+    each, which bounds the scratch disk held by partial sums (whole volume: about one
+    slab of blocks) at the cost of extra tiles (``tiles_total / grid_tiles``). ``roi``
+    (text or spans) predicts a box only, with tiles from the whole grid. ``mask`` (a
+    volume of the same shape or a coarser level of it) skips tiles under an all-zero
+    mask; voxels where it is zero get no prediction. ``overwrite`` replaces a scrollseg
+    prediction made with other options; ``ignore_spacing`` predicts although the
+    volume's spacing differs from the model's (no resampling). ``prob_reduction`` and
+    ``label_reduction`` make the pyramid (:func:`~napari_scrollseg.engine.omezarr.
+    write_pyramid`); ``num_workers`` are the threads of the local scheduler (reading and
+    writing overlap the forward pass).
+    """
 
     step: float = _opt(0.5, "tile step (fraction of the patch)", parse=float)
     mirror: bool = _opt(True, "nnU-Net's mirroring test-time augmentation (default: on)")
