@@ -150,7 +150,7 @@ def run_demo(
         SPACING,
         write_phantom,
     )
-    from napari_scrollseg.engine.predict_volume import iter_predict_volume
+    from napari_scrollseg.engine.predict import iter_predict_volume
     from napari_scrollseg.engine.train import train
     from napari_scrollseg.engine.volumes import describe, open_volume
 
