@@ -996,6 +996,16 @@ def _(tmp, ctx):
     return Bad("already exists", argv=["phantom", str(tmp / "p.zarr"), "--shape", "8", "8", "8"])
 
 
+# -- demo --------------------------------------------------------------------------------------
+@case("demo: --out a folder it did not make")
+def _(tmp, ctx):
+    (tmp / "work" / "nnUNet_raw").mkdir(parents=True)
+    (tmp / "work" / "nnUNet_raw" / "mine.txt").write_text("x")
+    bad = Bad("not made by the demo", argv=["demo", "--out", str(tmp / "work")])
+    bad.absent.append(tmp / "work" / "phantom.zarr")
+    return bad
+
+
 # -- engine API --------------------------------------------------------------------------------
 def _store(tmp: Path, **kw: Any):
     from napari_scrollseg.engine.annotations import AnnotationStore
