@@ -38,6 +38,7 @@ class Bad:
     argv: list[str] | None = None
     call: Callable[[], Any] | None = None
     absent: list[Path] = field(default_factory=list)
+    present: list[Path] = field(default_factory=list)  # left as they were
     usage: bool = False  # an argparse usage error
 
 
@@ -726,6 +727,20 @@ def _(tmp, ctx):
     return Bad("is a file, not a folder", argv=_predict(ctx, tmp / "f" / "out.zarr"))
 
 
+@case("predict: --overwrite while a live run holds the output")
+def _(tmp, ctx):
+    import os
+
+    out = tmp / "out.zarr"
+    (out / ".scrollseg").mkdir(parents=True)
+    (out / ".zattrs").write_text(json.dumps({"scrollseg": {"kind": "prediction"}}))
+    live = os.getppid()  # a process that runs on this machine and is not this one
+    (out / ".scrollseg" / "lock").write_text(f"{socket.gethostname()} {live}")
+    bad = Bad(rf"another scrollseg run \(pid {live}\)", argv=_predict(ctx, out, "--overwrite"))
+    bad.present = [out / ".zattrs", out / ".scrollseg" / "lock"]
+    return bad
+
+
 @case("predict: mask missing")
 def _(tmp, ctx):
     return _bad_predict(ctx, tmp, "does not exist", "--mask", str(tmp / "nomask.zarr"))
@@ -987,13 +1002,26 @@ def _(tmp, ctx):
     (tmp / "mine").mkdir()
     (tmp / "mine" / "keep.txt").write_text("x")
     argv = ["phantom", str(tmp / "mine"), "--shape", "8", "8", "8", "--overwrite"]
-    return Bad("is not a phantom written by scrollseg", argv=argv)
+    return Bad(
+        "is not a phantom written by scrollseg", argv=argv, present=[tmp / "mine" / "keep.txt"]
+    )
 
 
 @case("phantom: output exists")
 def _(tmp, ctx):
     (tmp / "p.zarr").write_text("x")
     return Bad("already exists", argv=["phantom", str(tmp / "p.zarr"), "--shape", "8", "8", "8"])
+
+
+# -- demo --------------------------------------------------------------------------------------
+@case("demo: --out a folder it did not make")
+def _(tmp, ctx):
+    (tmp / "work" / "nnUNet_raw").mkdir(parents=True)
+    (tmp / "work" / "nnUNet_raw" / "mine.txt").write_text("x")
+    bad = Bad("not made by the demo", argv=["demo", "--out", str(tmp / "work")])
+    bad.absent.append(tmp / "work" / "phantom.zarr")
+    bad.present.append(tmp / "work" / "nnUNet_raw" / "mine.txt")
+    return bad
 
 
 # -- engine API --------------------------------------------------------------------------------
@@ -1158,6 +1186,8 @@ def test_bad_input(name: str, tmp_path: Path, ctx: dict, capsys) -> None:
             bad.call()
     for path in bad.absent:
         assert not path.exists(), f"{path} was left behind"
+    for path in bad.present:
+        assert path.exists(), f"{path} was removed"
     assert _leftovers(tmp_path) == []
 
 

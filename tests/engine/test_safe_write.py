@@ -173,7 +173,7 @@ def _dataset_state(ds: Path) -> tuple[int, list[str]]:
 
 
 @pytest.mark.slow
-def test_export_append_killed_at_random_moments_leaves_old_or_new(tmp_path):
+def test_export_new_or_append_killed_at_random_moments_leaves_old_or_new(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (60, 90, 90), dtype=np.uint8)
     labels = np.zeros(image.shape, np.uint8)
@@ -185,10 +185,23 @@ def test_export_append_killed_at_random_moments_leaves_old_or_new(tmp_path):
     base += ["--classes", "air,papyrus", "--dataset-id", "1", "--name", "K"]
     ref = tmp_path / "ref"
     assert main([*base, "--out", str(ref)]) == 0
+    first = _dataset_state(ref / "Dataset001_K")
     assert main([*base, "--out", str(ref), "--append"]) == 0
     new = _dataset_state(ref / "Dataset001_K")
     pick = random.Random(5)
     killed = 0
+    for i in range(2):  # a new export: nothing or the whole dataset
+        raw = tmp_path / f"new{i}"
+        raw.mkdir()
+        killed += _run_and_kill([*base, "--out", str(raw)], raw, pick.uniform(0, 1.5))
+        ds = raw / "Dataset001_K"
+        tidy(ds)
+        if ds.exists():
+            assert _dataset_state(ds) == first
+        else:
+            assert main([*base, "--out", str(raw)]) == 0
+        assert _dataset_state(ds) == first
+        assert _hidden(raw) == []
     for i in range(3):
         raw = tmp_path / f"raw{i}"
         assert main([*base, "--out", str(raw)]) == 0

@@ -155,7 +155,14 @@ def run_demo(
     from napari_scrollseg.engine.volumes import describe, open_volume
 
     out = Path(out)
+    mark = out / ".scrollseg-demo"  # the demo replaces its own outputs, nothing else
+    if out.is_dir() and any(out.iterdir()) and not mark.exists():
+        raise ScrollsegError(
+            f"{out} is not empty and was not made by the demo (which replaces its nnUNet_raw, "
+            "nnUNet_results and outputs there); give a new or empty --out folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    mark.touch()
     scan = out / "phantom.zarr"
     if scan.exists():
         yield f"phantom: reusing {scan}"
