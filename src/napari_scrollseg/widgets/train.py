@@ -325,7 +325,7 @@ class TrainCurves(QObject):
         self.events: list[TrainEvent] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-curves")
         self._lock = threading.Lock()
-        self._pending: list[TrainEvent] | None = None
+        self._pending: tuple[list[TrainEvent], tuple[int, int]] | None = None
         self._future: Any = None
         self._schedule()
 
@@ -371,24 +371,27 @@ class TrainCurves(QObject):
 
     # -- drawing (background thread) --------------------------------------------------------
     def _schedule(self) -> None:
+        size = (max(self.canvas.width(), 300), max(self.canvas.height(), 270))
         with self._lock:
             idle = self._pending is None
-            self._pending = list(self.events)
+            self._pending = (list(self.events), size)
             if idle:
                 self._future = self._pool.submit(self._render_pending)
 
     def _render_pending(self) -> None:
         while True:
             with self._lock:
-                events, self._pending = self._pending, None
-            if events is None:
+                pending, self._pending = self._pending, None
+            if pending is None:
                 return
-            image = self._render(events)
+            image = self._render(*pending)
             self.rendered.emit(image)
 
-    def _render(self, events: list[TrainEvent]) -> QImage:
+    def _render(self, events: list[TrainEvent], size: tuple[int, int]) -> QImage:
+        """Draw ``events`` at ``size`` (width, height) pixels; runs off the GUI thread."""
         from matplotlib.ticker import MaxNLocator
 
+        self.figure.set_size_inches(size[0] / self.figure.dpi, size[1] / self.figure.dpi)
         for ax in (self.ax_loss, self.ax_dice, self.ax_time):
             ax.clear()
             ax.tick_params(labelsize=7)
