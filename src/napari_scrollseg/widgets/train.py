@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+NICE = 10  # the training runs at a lower CPU priority than napari: the GUI stays fluid
 
 
 def parse_folds(text: str) -> list[int | str]:
@@ -174,6 +175,7 @@ class TrainWidget(QWidget):
             "plans_overrides": dict(CPU_PLANS_OVERRIDES) if small else None,
             "num_processes": 1 if small else 2,
             "da_processes": 0 if small else None,
+            "nice": NICE,
         }
 
     # -- running ---------------------------------------------------------------------------
