@@ -2,7 +2,7 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot_view.py
 
-Writes docs/images/view-widget.png (2D: curved scan, ink/papyrus composite boosted),
+Writes docs/images/view-widget.png (2D: curved scan, papyrus/ink composite boosted),
 docs/images/view-3d.png (the reader's 3D defaults) and docs/images/view-export.png
 (the widget's "Save view as PNG" of the composite). The phantom and its prediction
 by the built-in model are made once under --work.
@@ -54,14 +54,21 @@ def main() -> None:
     widget.apply_scan.clicked()
     probs = [layer for layer in pred_layers if layer._type_string == "image"]
     print("probability layers:", [layer.name for layer in probs])
-    widget.maps.value = probs[-1:]  # the last class: ink
+    widget.maps.value = probs[1:]  # papyrus and ink (the phantom's ink is a few patches)
     widget.mode.value = "max"
-    widget.boost.value = 3.0
-    widget.colormap.value = "inferno"
-    widget.opacity.value = 0.8
+    widget.boost.value = 1.5
+    widget.colormap.value = "magma"
+    widget.opacity.value = 0.6
     widget.apply_overlay.clicked()
-    viewer.dims.set_current_step(0, image.data[0].shape[0] // 2 if image.multiscale else 32)
+    # the slice with the most ink
+    import numpy as np
+
+    ink = probs[-1].data[0] if probs[-1].multiscale else probs[-1].data
+    z = int(np.asarray((ink >= 128).sum(axis=(1, 2))).argmax())
+    print("slice with the most ink:", z)
+    viewer.dims.set_current_step(0, z)
     viewer.reset_view()
+    viewer.scene.camera.zoom *= 1.3
     for _ in range(20):
         QApplication.processEvents()
     viewer.screenshot(args.out / "view-widget.png", canvas_only=False)
@@ -76,8 +83,9 @@ def main() -> None:
         truth.visible = True
         truth.opacity = 0.6
     viewer.dims.ndisplay = 3
-    viewer.scene.camera.angles = (10, -30, 60)
     viewer.reset_view()
+    viewer.scene.camera.angles = (0, 35, 60)
+    viewer.scene.camera.zoom *= 0.9
     for _ in range(20):
         QApplication.processEvents()
     viewer.screenshot(args.out / "view-3d.png", canvas_only=True)

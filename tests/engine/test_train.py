@@ -134,6 +134,10 @@ def test_resume_continues_from_latest(run):
     assert resumed.epoch == 1  # the cancelled epoch 1 is redone, epoch 0 is not
     assert [e.epoch for e in second if e.kind == "epoch"] == [1]
     assert kinds[-2:] == ["fold_done", "done"]
+    fold_done = second[-2]  # carries the fold's validation Dice per class
+    assert fold_done.model_folder == run["model"]
+    assert set(fold_done.dice) == {"papyrus", "ink"}
+    assert all(0 <= v <= 1 for v in fold_done.dice.values())
 
 
 @pytest.mark.slow

@@ -65,6 +65,7 @@ def test_scan_curve_window_gamma_on_a_dask_pyramid(viewer, qtbot):
     z = int(viewer.dims.current_step[0])
     shown = np.asarray(layer.data[0][z, 40:70, 10:50])
     np.testing.assert_array_equal(shown, lut[raw[z, 40:70, 10:50]])
+    print(f"\nscan: {len(source.reads)} of {N_CHUNKS} level-0 chunks read")
     assert len(source.reads) < N_CHUNKS  # the sample + what is on screen, never all 64
     # napari's contrast limits and gamma = the engine's window and gamma, exactly
     values = view_module.display_values(layer, 0)[z].compute()
@@ -122,6 +123,7 @@ def test_composite_flip_boost_invert_follow_the_controls(viewer, qtbot):
     got = np.asarray(out.data[0][z, 0:32, 96:128])
     np.testing.assert_allclose(got, expected[z, 0:32, 96:128], rtol=1e-5, atol=1e-6)
     # napari's slice and our region, not the volume
+    print(f"\ncomposite: {len(src_a.reads)}, {len(src_b.reads)} of {N_CHUNKS} chunks read")
     assert len(src_a.reads) < N_CHUNKS
     assert len(src_b.reads) < N_CHUNKS
     widget.colormap.value = "viridis"

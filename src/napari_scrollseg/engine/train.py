@@ -174,11 +174,13 @@ def _run_worker(
     what: str,
     grace: float = 120.0,
     stop: threading.Event | None = None,
+    nice: int = 0,
 ) -> Iterator[dict]:
     """Run the worker, yield its events as dicts; raise ScrollsegError if it fails.
 
     When ``stop`` is set (from any thread) the worker is stopped as on close (it saves
-    a checkpoint) and this returns quietly.
+    a checkpoint) and this returns quietly. ``nice`` lowers the worker's CPU priority
+    (POSIX; its data-augmentation processes inherit it).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "napari_scrollseg.engine._train_worker", *args]
@@ -193,6 +195,9 @@ def _run_worker(
         errors="replace",
         start_new_session=os.name == "posix",
     )
+    if nice > 0 and hasattr(os, "setpriority"):
+        with suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -357,6 +362,7 @@ def plan_and_preprocess(
     preprocessed_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     stop: threading.Event | None = None,
+    nice: int = 0,
 ) -> Iterator[TrainEvent]:
     """Check the dataset, plan and preprocess it with nnU-Net (skipped when already done).
 
@@ -381,8 +387,8 @@ def plan_and_preprocess(
         ``nnUNet_preprocessed`` folder.
     overwrite
         Plan and preprocess again even if done.
-    stop
-        Set it from another thread to stop (see :func:`train`).
+    stop, nice
+        See :func:`train`.
 
     Yields
     ------
@@ -413,7 +419,9 @@ def plan_and_preprocess(
         t0 = time.perf_counter()
         log_path = results / "logs" / f"{ds.name}_plan.log"
         with closing(
-            _run_worker(args, env=env, log_path=log_path, what="nnU-Net planning", stop=stop)
+            _run_worker(
+                args, env=env, log_path=log_path, what="nnU-Net planning", stop=stop, nice=nice
+            )
         ) as events:
             for ev in events:
                 if ev["kind"] == "step":
@@ -453,6 +461,7 @@ def train(
     plans_name: str | None = None,
     preprocessed_dir: str | os.PathLike | None = None,
     stop: threading.Event | None = None,
+    nice: int = 0,
 ) -> Iterator[TrainEvent]:
     """Plan/preprocess if needed, then train ``folds`` with the sparse-aware trainer.
 
@@ -485,6 +494,9 @@ def train(
         without waiting for the next event; as on closing the generator the worker
         stops after its current iteration and saves ``checkpoint_latest.pth``, then a
         last ``stopped`` event is yielded instead of ``done``.
+    nice
+        Lower the training processes' CPU priority by this much (POSIX ``nice``), e.g.
+        so that a GUI in the calling process stays responsive on a small machine.
 
     Yields
     ------
@@ -520,6 +532,7 @@ def train(
         plans_name=plans_name,
         preprocessed_dir=pre_root,
         stop=stop,
+        nice=nice,
     ):
         if ev.kind == "planned":
             identifier = ev.plans
@@ -546,7 +559,7 @@ def train(
         args += [] if validate else ["--no-validate"]
         log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
         events = _run_worker(
-            args, env=env, log_path=log_path, what=f"training fold {fold}", stop=stop
+            args, env=env, log_path=log_path, what=f"training fold {fold}", stop=stop, nice=nice
         )
         with closing(events):
             yield from _fold_events(events, fold, model_folder)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+NICE = 10  # the training runs at a lower CPU priority than napari: the GUI stays fluid
 
 
 def parse_folds(text: str) -> list[int | str]:
@@ -175,6 +176,7 @@ class TrainWidget(QWidget):
             "plans_overrides": tiny_network() if small else None,
             "num_processes": 1 if small else 2,
             "da_processes": 0 if small else None,
+            "nice": NICE,
         }
 
     # -- running ---------------------------------------------------------------------------
@@ -326,7 +328,7 @@ class TrainCurves(QObject):
         self.events: list[TrainEvent] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-curves")
         self._lock = threading.Lock()
-        self._pending: list[TrainEvent] | None = None
+        self._pending: tuple[list[TrainEvent], tuple[int, int]] | None = None
         self._future: Any = None
         self._schedule()
 
@@ -372,24 +374,27 @@ class TrainCurves(QObject):
 
     # -- drawing (background thread) --------------------------------------------------------
     def _schedule(self) -> None:
+        size = (max(self.canvas.width(), 300), max(self.canvas.height(), 270))
         with self._lock:
             idle = self._pending is None
-            self._pending = list(self.events)
+            self._pending = (list(self.events), size)
             if idle:
                 self._future = self._pool.submit(self._render_pending)
 
     def _render_pending(self) -> None:
         while True:
             with self._lock:
-                events, self._pending = self._pending, None
-            if events is None:
+                pending, self._pending = self._pending, None
+            if pending is None:
                 return
-            image = self._render(events)
+            image = self._render(*pending)
             self.rendered.emit(image)
 
-    def _render(self, events: list[TrainEvent]) -> QImage:
+    def _render(self, events: list[TrainEvent], size: tuple[int, int]) -> QImage:
+        """Draw ``events`` at ``size`` (width, height) pixels; runs off the GUI thread."""
         from matplotlib.ticker import MaxNLocator
 
+        self.figure.set_size_inches(size[0] / self.figure.dpi, size[1] / self.figure.dpi)
         for ax in (self.ax_loss, self.ax_dice, self.ax_time):
             ax.clear()
             ax.tick_params(labelsize=7)
