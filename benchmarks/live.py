@@ -124,8 +124,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--workdir", default=None, help="where the phantom is written (reused)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/reference/)")
+    p.add_argument("--note", default="", help="a remark stored in the JSON (e.g. machine load)")
     args = p.parse_args()
     report = run(args)
+    report["note"] = args.note
     kind = "cpu" if args.device == "cpu" else args.device.replace(":", "")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "reference" / f"live-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

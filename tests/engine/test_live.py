@@ -190,3 +190,35 @@ def test_choose_level_and_blocks() -> None:
         covered[tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(b, box))] += 1
     assert (covered == 1).all()
     assert blocks[0] == (slice(3, 4), slice(32, 64), slice(32, 64))
+
+
+def test_out_of_memory_retries_smaller_batches_then_says_what_to_do(tiny_model_3d: Path):
+    import torch
+
+    volume = blocky_volume((12, 40, 40), seed=3)
+    box = (slice(5, 6), slice(0, 40), slice(0, 40))
+    opts = LiveOptions(device="cpu", mirror=False, batch_size=4, max_tiles=None)
+    with LivePredictor(tiny_model_3d, volume, opts) as p:
+        reference = p.predict(box, timeout=120)
+        p.cache.clear()
+        session = p.session
+        real = session.forward
+        sizes = []
+
+        def forward(batch, **kw):  # a device that holds one tile at a time
+            sizes.append(int(batch.shape[0]))
+            if batch.shape[0] > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(batch, **kw)
+
+        session.forward = forward
+        again = p.predict(box, timeout=120)
+        np.testing.assert_array_equal(again.labels, reference.labels)
+        assert max(sizes) == 4
+        assert sizes[-1] == 1
+        p.cache.clear()
+        session.forward = lambda batch, **kw: (_ for _ in ()).throw(
+            torch.OutOfMemoryError("CUDA out of memory (injected)")
+        )
+        with pytest.raises(ScrollsegError, match="ran out of memory on a single tile"):
+            p.predict(box, timeout=120)

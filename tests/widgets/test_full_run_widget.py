@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from napari_scrollseg.engine.builtin import builtin_model
+from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.phantom import SPACING
 from napari_scrollseg.widgets.full_run import FullRunWidget
 from tests.widgets.test_live_widget import STALL_S, StallMeter
@@ -102,7 +103,6 @@ def test_estimate_and_bad_inputs(full, qtbot, tmp_path: Path) -> None:
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     widget.output.value = other
-    errors = []
     widget.start()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     assert widget.result is None
@@ -110,7 +110,7 @@ def test_estimate_and_bad_inputs(full, qtbot, tmp_path: Path) -> None:
     # a layer not backed by a file is told so
     viewer.add_image(np.zeros((8, 8, 8), np.uint8), name="scratch")
     widget.image.value = "scratch"
-    with pytest.raises(Exception, match="not backed by a file"):
+    with pytest.raises(ScrollsegError, match="not backed by a file"):
         widget._source()
-    assert widget.start() is None
-    assert not errors
+    assert widget.start() is None  # refused before any thread starts
+    assert widget.worker is None

@@ -10,9 +10,9 @@ the volume (the view: one slice of a 2D view, or the visible box of a 3D view):
   probabilities and labels) as soon as every tile touching it has run;
 * the tiles are those of nnU-Net's global grid over the whole volume that touch the
   box, so the answer there equals the full run's (:mod:`.predict_volume`);
-* finished tiles are kept in the cache, keyed by model, checkpoint, folds, device,
-  volume level, step, TTA and precision: panning back, or stepping a slice within the
-  same tiles, runs no forward pass;
+* finished tiles (and each block's answer) are kept in the cache, keyed by model,
+  checkpoint, folds, device, volume level, step, TTA and precision: panning back, or
+  stepping a slice within the same tiles, runs no forward pass;
 * a new request cancels the running one (its queued batches are dropped; the batch on
   the device finishes and its tiles are cached); :meth:`LivePredictor.view_moved`
   drops only the blocks the view has left;
@@ -599,8 +599,21 @@ class LivePredictor:
         cap = self.options.max_tiles
         pending: list[int] = []  # blocks still to land, in priority order (indices)
         planned: set[tuple[int, ...]] = set()
+        served: set[tuple[int, ...]] = set()  # tiles of blocks whose answer is cached whole
+        whole: list[tuple[int, np.ndarray]] = []
         n_run = 0
+
+        def block_key(i: int) -> tuple:
+            return (*prefix, "block", tuple((s.start, s.stop) for s in blocks[i]))
+
         for i, tiles in enumerate(tiles_of):
+            answer = self.cache.get(block_key(i))
+            if answer is not None:  # panning back: the block's answer, no tile needed
+                whole.append((i, answer))
+                new = [t for t in tiles if t not in have and t not in planned and t not in served]
+                served.update(new)
+                req.tiles_cached += len(new)
+                continue
             miss = []
             for t in tiles:
                 if t in have or t in planned:
@@ -608,7 +621,7 @@ class LivePredictor:
                 hit = self.cache.get((*prefix, t))
                 if hit is not None:
                     have[t] = hit
-                    req.tiles_cached += 1
+                    req.tiles_cached += t not in served
                 else:
                     miss.append(t)
             if cap is not None and n_run + len(miss) > cap and n_run:
@@ -617,7 +630,7 @@ class LivePredictor:
             planned.update(miss)
             n_run += len(miss)
             pending.append(i)
-        req.tiles_dropped = len(users) - len(have) - n_run
+        req.tiles_dropped = len(set(users) - set(have) - served - planned)
         gmap_t = torch.from_numpy(gmap.copy()).to(model.device)
         mode = "mirror" if self.options.mirror else "none"
         batch_size = self.options.batch_size
@@ -636,6 +649,11 @@ class LivePredictor:
                 if users[t] == 0:
                     have.pop(t, None)
             probs, labels = _finish(acc, weights, grid.data, b)
+            self.cache.put(block_key(i), np.concatenate([probs, labels[None].astype(np.float32)]))
+            show(i, probs, labels, t0)
+
+        def show(i: int, probs: np.ndarray, labels: np.ndarray, t0: float) -> None:
+            b = blocks[i]
             local = tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(b, req.box))
             req.probs[(slice(None), *local)] = probs  # type: ignore[index]
             req.labels[local] = labels  # type: ignore[index]
@@ -649,7 +667,9 @@ class LivePredictor:
                     pending.remove(i)
                     land(i)
 
-        land_ready()  # blocks served wholly from the cache
+        for i, answer in whole:
+            show(i, answer[:-1], answer[-1].astype(req.labels.dtype), time.perf_counter())
+        land_ready()  # blocks whose tiles are all cached
         t_run = time.perf_counter()
         n_done = 0
         while pending:

@@ -334,8 +334,16 @@ class FullRunWidget(Container):
         self._refreshed = time.perf_counter()
 
     def _refresh_output(self, out: Path) -> None:
-        """Point the output layers at freshly opened arrays (new chunks show)."""
+        """Point the output layers at freshly opened arrays (new chunks show).
+
+        napari caches dask chunks by task key, and a reopened zarr array has the same
+        keys: the cache is cleared so the chunks written since are read again.
+        """
+        from napari.utils import resize_dask_cache
+
         from napari_scrollseg._reader import read_volume
+
+        resize_dask_cache().cache.clear()
 
         fresh = {}
         for data, meta, _ in read_volume(str(out)):

@@ -105,6 +105,7 @@ class LiveWidget(Container):
         self._cache: Any = None
         self._request: LiveRequest | None = None
         self.finished: LiveRequest | None = None  # the last request shown to the end
+        self._updating = False
         self._t_submit = 0.0
         self._display_s = 0.0
         self._relay = _Relay()
@@ -256,6 +257,8 @@ class LiveWidget(Container):
         return self._request
 
     def _view_changed(self, _event: Any = None) -> None:
+        if self._updating:
+            return
         req = self._request
         if req is not None and not req.done and self.predictor is not None:
             low, high, plane = view_box(self.viewer)
@@ -284,34 +287,40 @@ class LiveWidget(Container):
 
     def _layers(self, req: LiveRequest) -> tuple[Any, Any]:
         """The two result layers, created once; re-pointed at this request's box."""
-
-        low = [t + s * b.start for t, s, b in zip(req.translate, req.scale, req.box)]
+        low = tuple(t + s * b.start for t, s, b in zip(req.translate, req.scale, req.box))
         model = self.predictor.model  # type: ignore[union-attr]
         names = [model.label_names[k] for k in sorted(model.label_names)]
         shown = self.show_class.value if self.show_class.value in names else names[-1]
-        c = names.index(shown)
-        prob = req.probs[c]  # type: ignore[index]
-        if PROB_LAYER in self.viewer.layers:
-            pl = self.viewer.layers[PROB_LAYER]
-            pl.data = prob
-        else:
-            pl = self.viewer.add_image(
-                prob,
-                name=PROB_LAYER,
-                colormap="inferno",
-                blending="additive",
-                opacity=0.6,
-                contrast_limits=(0.0, 1.0),
-            )
-        pl.scale, pl.translate = req.scale, low
-        pl.metadata["class"] = shown
-        if LABELS_LAYER in self.viewer.layers:
-            ll = self.viewer.layers[LABELS_LAYER]
-            ll.data = req.labels
-        else:
-            ll = self.viewer.add_labels(req.labels, name=LABELS_LAYER, opacity=0.5)
-            self._style_labels(ll, model)
-        ll.scale, ll.translate = req.scale, low
+        prob = req.probs[names.index(shown)]  # type: ignore[index]
+        point = self.viewer.dims.point
+        self._updating = True  # moving layers is not the user moving the view
+        try:
+            if PROB_LAYER in self.viewer.layers:
+                pl = self.viewer.layers[PROB_LAYER]
+                pl.scale, pl.translate, pl.data = req.scale, low, prob
+            else:
+                pl = self.viewer.add_image(
+                    prob,
+                    name=PROB_LAYER,
+                    scale=req.scale,
+                    translate=low,
+                    colormap="inferno",
+                    blending="additive",
+                    opacity=0.6,
+                    contrast_limits=(0.0, 1.0),
+                )
+            pl.metadata["class"] = shown
+            if LABELS_LAYER in self.viewer.layers:
+                ll = self.viewer.layers[LABELS_LAYER]
+                ll.scale, ll.translate, ll.data = req.scale, low, req.labels
+            else:
+                ll = self.viewer.add_labels(
+                    req.labels, name=LABELS_LAYER, scale=req.scale, translate=low, opacity=0.5
+                )
+                self._style_labels(ll, model)
+            self.viewer.dims.point = point  # adding layers must not move the slice
+        finally:
+            self._updating = False
         return pl, ll
 
     def _style_labels(self, layer: Any, model: Any) -> None:
