@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,19 +136,34 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     from napari_scrollseg.engine.tiling import tile_overlap
 
     session = _session(job)
+    stats = session.stats
     model = session.model
     volume = _resolve(job.volume)
     patch = tuple(job.grid.patch)
     tiles = spec.tiles
+
+    spent = [0.0]  # this task's normalisation time (other tasks' runs concurrently)
+
+    def normalize(raw: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            return job.normalizer(raw)
+        finally:
+            spent[0] += time.perf_counter() - t
+
     # prefetch: read + normalise the union of the tiles outside the device lock, with the
     # driver's bbox and normaliser (workers do no whole-volume reductions); the read runs
     # in this task's thread (parallelism comes from tasks, not nested thread pools)
-    read_all = model.reader(volume, bbox=job.grid.data, normalizer=job.normalizer)
+    read_all = model.reader(volume, bbox=job.grid.data, normalizer=normalize)
+    t0 = time.perf_counter()
     with dask.config.set(scheduler="synchronous"):
         read = prefetch(read_all, tiles, patch)
+    stats.add("read", time.perf_counter() - t0 - spent[0])
+    stats.add("normalize", spent[0])
 
     out_box = tuple(slice(a, b) for a, b in spec.ext)
     with session.lock:  # one block on the device at a time: bounded device memory
+        t0, net0 = time.perf_counter(), stats.seconds["network"]
         logits = run_tiles(
             session,
             read,
@@ -157,18 +173,24 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
             batch_size=job.batch_size,
             half=job.half,
         )
-    parts = [np.asarray(logits, dtype=np.float32)]
-    if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
-        weights = np.zeros(logits.shape[1:], dtype=np.float32)
-        gmap = _weights(patch)
-        for t in tiles:  # the extended box holds every tile of the block whole
-            src, dst = tile_overlap(t, patch, out_box)
-            weights[dst] += gmap[src]
-        parts.append(weights[None])
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial.with_name(f".{partial.stem}.{uuid.uuid4().hex}.tmp.npy")
-    np.save(tmp, np.concatenate(parts) if len(parts) > 1 else parts[0])
-    os.replace(tmp, partial)
+        # the session's lock keeps other blocks' network time out of this difference
+        stats.add("accumulate", time.perf_counter() - t0 - (stats.seconds["network"] - net0))
+    with stats.time("accumulate"):
+        parts = [np.asarray(logits, dtype=np.float32)]
+        if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
+            weights = np.zeros(logits.shape[1:], dtype=np.float32)
+            gmap = _weights(patch)
+            for t in tiles:  # the extended box holds every tile of the block whole
+                src, dst = tile_overlap(t, patch, out_box)
+                weights[dst] += gmap[src]
+            parts.append(weights[None])
+        part = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    with stats.time("partial_write"):
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        tmp = partial.with_name(f".{partial.stem}.{uuid.uuid4().hex}.tmp.npy")
+        np.save(tmp, part)
+        os.replace(tmp, partial)
+    stats.count("partial_bytes_written", part.nbytes)
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
 
 
@@ -177,35 +199,44 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     from napari_scrollseg.engine.predict.tiles import data_mask, finalize
     from napari_scrollseg.engine.tiling import weight_sum
 
+    stats = _session(job).stats
     shape = tuple(b - a for a, b in spec.box)
     acc = np.zeros((job.n_classes, *shape), dtype=np.float32)
     weights = np.zeros(shape, dtype=np.float32) if job.mask is not None else None
-    for block in spec.blocks:
-        part = np.load(block.partial, mmap_mode="r")
-        src, dst = [], []
-        for (c0, c1), (e0, e1) in zip(spec.box, block.ext):
-            a0, a1 = max(c0, e0), min(c1, e1)
-            src.append(slice(a0 - e0, a1 - e0))
-            dst.append(slice(a0 - c0, a1 - c0))
-        acc[(slice(None), *dst)] += part[(slice(0, job.n_classes), *src)]
-        if weights is not None:
-            weights[tuple(dst)] += part[(job.n_classes, *src)]
-    if weights is None:
-        box = tuple(slice(a, b) for a, b in spec.box)
-        weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
-    inside = data_mask(job.grid.data, tuple(slice(a, b) for a, b in spec.box))
-    if job.mask is not None:
-        inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
-    probs, labels = finalize(acc, weights, data=inside)
+    with stats.time("partial_read"):
+        for block in spec.blocks:
+            part = np.load(block.partial, mmap_mode="r")
+            src, dst = [], []
+            for (c0, c1), (e0, e1) in zip(spec.box, block.ext):
+                a0, a1 = max(c0, e0), min(c1, e1)
+                src.append(slice(a0 - e0, a1 - e0))
+                dst.append(slice(a0 - c0, a1 - c0))
+            acc[(slice(None), *dst)] += part[(slice(0, job.n_classes), *src)]
+            if weights is not None:
+                weights[tuple(dst)] += part[(job.n_classes, *src)]
+            stats.count(
+                "partial_bytes_read", part.shape[0] * 4 * np.prod([s.stop - s.start for s in src])
+            )
+    with stats.time("finalize"):
+        if weights is None:
+            box = tuple(slice(a, b) for a, b in spec.box)
+            weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
+        inside = data_mask(job.grid.data, tuple(slice(a, b) for a, b in spec.box))
+        if job.mask is not None:
+            inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
+        probs, labels = finalize(acc, weights, data=inside)
+        np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
+        np.rint(probs, out=probs)
+        probs8 = probs.astype(np.uint8)
+        del probs
     local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(spec.box, job.roi))
-    # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero
-    probs_arr = output_array(job.probs_path, job.run, True)
-    labels_arr = output_array(job.labels_path, job.run, False)
-    np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
-    np.rint(probs, out=probs)
-    probs_arr[(slice(None), *local)] = probs.astype(np.uint8)
-    # stored in the annotation's class ids: nnU-Net label k-1 is class k
-    labels_arr[local] = np.add(labels, 1, dtype=labels_arr.dtype)
+    with stats.time("write"):
+        # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero
+        probs_arr = output_array(job.probs_path, job.run, True)
+        labels_arr = output_array(job.labels_path, job.run, False)
+        probs_arr[(slice(None), *local)] = probs8
+        # stored in the annotation's class ids: nnU-Net label k-1 is class k
+        labels_arr[local] = np.add(labels, 1, dtype=labels_arr.dtype)
     marker = Path(spec.marker)
     atomic_touch(marker)
     # free the partials that every reader has now consumed
