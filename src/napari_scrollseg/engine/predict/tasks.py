@@ -1,22 +1,19 @@
 """The tasks of a whole-volume run (picklable: they travel to dask.distributed workers).
 
-A block task runs its tiles once and saves their gaussian-weighted logit sum over its
-extended box as a partial file (temporary name, then renamed); a chunk task adds the
-partial sums overlapping it, divides by the weight sum (analytic; with a mask, the
-weights of the tiles that ran), writes the uint8 probabilities and the argmax labels as
-whole zarr chunks, then its done marker, and deletes the partials all their readers have
-consumed. Partial sums travel through files, so a task's memory is set by the chunk and
+A block task runs its tiles once and leaves their gaussian-weighted logit sum over its
+extended box in the run's :class:`~.partials.PartialSums` (memory within a budget on one
+machine, else a file); a chunk task adds the partial sums overlapping it, divides by the
+weight sum (analytic; with a mask, the weights of the tiles that ran), writes the uint8
+probabilities and the argmax labels as whole zarr chunks, then its done marker, and drops
+the partials all their readers have consumed. A task's memory is set by the chunk and
 patch sizes whatever the volume size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_scrollseg.engine.predict.mask import mask_region
+from napari_scrollseg.engine.predict.partials import PartialSums
 from napari_scrollseg.engine.predict.store import (
     atomic_touch,
     marker_path,
@@ -60,6 +58,7 @@ class Job:
     mask: Any = None  # a Volume / path of the mask, or None
     volume_shape: tuple[int, ...] = ()
     run: str = ""  # unique per run: keys the output arrays opened once per process
+    partials: PartialSums = field(default_factory=PartialSums)  # disk only unless budgeted
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,7 @@ def _weights(patch: Sequence[int]) -> np.ndarray:
 
 def run_block(job: Job, spec: BlockSpec) -> dict:
     """Run a block's tiles once; save their weighted logit sum over its extended box."""
-    partial = Path(spec.partial)
-    if partial.exists():  # computed by an interrupted earlier run
+    if job.partials.has(spec.partial):  # computed earlier (an interrupted run's file)
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
     import dask
 
@@ -186,11 +184,9 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
             parts.append(weights[None])
         part = np.concatenate(parts) if len(parts) > 1 else parts[0]
     with stats.time("partial_write"):
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial.with_name(f".{partial.stem}.{uuid.uuid4().hex}.tmp.npy")
-        np.save(tmp, part)
-        os.replace(tmp, partial)
-    stats.count("partial_bytes_written", part.nbytes)
+        if job.partials.put(spec.partial, part):
+            stats.count("partial_bytes_written", part.nbytes)
+        stats.peak(job.partials.held_bytes)
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
 
 
@@ -205,7 +201,7 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     weights = np.zeros(shape, dtype=np.float32) if job.mask is not None else None
     with stats.time("partial_read"):
         for block in spec.blocks:
-            part = np.load(block.partial, mmap_mode="r")
+            part, from_disk = job.partials.get(block.partial)
             src, dst = [], []
             for (c0, c1), (e0, e1) in zip(spec.box, block.ext):
                 a0, a1 = max(c0, e0), min(c1, e1)
@@ -214,9 +210,9 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
             acc[(slice(None), *dst)] += part[(slice(0, job.n_classes), *src)]
             if weights is not None:
                 weights[tuple(dst)] += part[(job.n_classes, *src)]
-            stats.count(
-                "partial_bytes_read", part.shape[0] * 4 * np.prod([s.stop - s.start for s in src])
-            )
+            if from_disk:
+                read = part.shape[0] * 4 * np.prod([s.stop - s.start for s in src])
+                stats.count("partial_bytes_read", read)
     with stats.time("finalize"):
         if weights is None:
             box = tuple(slice(a, b) for a, b in spec.box)
@@ -242,8 +238,7 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     # free the partials that every reader has now consumed
     for block, consumers in zip(spec.blocks, spec.consumers):
         if all(Path(c).exists() for c in consumers):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(block.partial)
+            job.partials.drop(block.partial)
     return {"chunk": spec.index, "voxels": int(np.prod(shape))}
 
 
