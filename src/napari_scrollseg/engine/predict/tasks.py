@@ -129,8 +129,9 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     if job.partials.has(spec.partial):  # computed earlier (an interrupted run's file)
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
     import dask
+    import torch
 
-    from napari_scrollseg.engine.predict.tiles import prefetch, run_tiles
+    from napari_scrollseg.engine.predict.tiles import iter_tiles, prefetch
     from napari_scrollseg.engine.tiling import tile_overlap
 
     session = _session(job)
@@ -162,7 +163,8 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     out_box = tuple(slice(a, b) for a, b in spec.ext)
     with session.lock:  # one block on the device at a time: bounded device memory
         t0, net0 = time.perf_counter(), stats.seconds["network"]
-        logits = run_tiles(
+        logits = None
+        for _, running in iter_tiles(  # the sum stays on the device
             session,
             read,
             [tuple(t) for t in tiles],
@@ -170,35 +172,41 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
             mirror=job.mirror,
             batch_size=job.batch_size,
             half=job.half,
-        )
+        ):
+            logits = running
         # the session's lock keeps other blocks' network time out of this difference
         stats.add("accumulate", time.perf_counter() - t0 - (stats.seconds["network"] - net0))
     with stats.time("accumulate"):
-        parts = [np.asarray(logits, dtype=np.float32)]
+        part = logits
         if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
-            weights = np.zeros(logits.shape[1:], dtype=np.float32)
+            weights = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
             gmap = _weights(patch)
             for t in tiles:  # the extended box holds every tile of the block whole
                 src, dst = tile_overlap(t, patch, out_box)
                 weights[dst] += gmap[src]
-            parts.append(weights[None])
-        part = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            part = torch.cat([logits, torch.from_numpy(weights[None]).to(logits.device)])
     with stats.time("partial_write"):
         if job.partials.put(spec.partial, part):
-            stats.count("partial_bytes_written", part.nbytes)
+            stats.count("partial_bytes_written", part.numel() * part.element_size())
         stats.peak(job.partials.held_bytes)
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
 
 
 def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
-    """Sum the partials over a chunk, normalise, write it, then mark it done."""
-    from napari_scrollseg.engine.predict.tiles import data_mask, finalize
+    """Sum the partials over a chunk and finalise it where they are (the session's device),
+    write it, then mark it done. Only the uint8 probabilities and labels reach the host."""
+    import torch
+
+    from napari_scrollseg.engine.predict.tiles import data_mask, finalize_uint8
     from napari_scrollseg.engine.tiling import weight_sum
 
-    stats = _session(job).stats
+    session = _session(job)
+    stats, device = session.stats, session.device
     shape = tuple(b - a for a, b in spec.box)
-    acc = np.zeros((job.n_classes, *shape), dtype=np.float32)
-    weights = np.zeros(shape, dtype=np.float32) if job.mask is not None else None
+    acc = torch.zeros((job.n_classes, *shape), dtype=torch.float32, device=device)
+    weights = (
+        torch.zeros(shape, dtype=torch.float32, device=device) if job.mask is not None else None
+    )
     with stats.time("partial_read"):
         for block in spec.blocks:
             part, from_disk = job.partials.get(block.partial)
@@ -207,24 +215,24 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
                 a0, a1 = max(c0, e0), min(c1, e1)
                 src.append(slice(a0 - e0, a1 - e0))
                 dst.append(slice(a0 - c0, a1 - c0))
-            acc[(slice(None), *dst)] += part[(slice(0, job.n_classes), *src)]
-            if weights is not None:
-                weights[tuple(dst)] += part[(job.n_classes, *src)]
+            piece = part[(slice(None), *src)]
             if from_disk:
-                read = part.shape[0] * 4 * np.prod([s.stop - s.start for s in src])
-                stats.count("partial_bytes_read", read)
+                piece = torch.from_numpy(np.ascontiguousarray(piece))
+                stats.count("partial_bytes_read", piece.numel() * 4)
+            piece = piece.to(device)
+            acc[(slice(None), *dst)] += piece[: job.n_classes]
+            if weights is not None:
+                weights[tuple(dst)] += piece[job.n_classes]
     with stats.time("finalize"):
         if weights is None:
             box = tuple(slice(a, b) for a, b in spec.box)
             weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
+            weights = torch.from_numpy(weights).to(device)
         inside = data_mask(job.grid.data, tuple(slice(a, b) for a, b in spec.box))
         if job.mask is not None:
             inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
-        probs, labels = finalize(acc, weights, data=inside)
-        np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
-        np.rint(probs, out=probs)
-        probs8 = probs.astype(np.uint8)
-        del probs
+        probs8, labels = finalize_uint8(acc, weights, data=torch.from_numpy(inside).to(device))
+        del acc, weights
     local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(spec.box, job.roi))
     with stats.time("write"):
         # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero

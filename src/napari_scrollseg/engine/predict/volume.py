@@ -40,7 +40,7 @@ from napari_scrollseg.engine.fingerprint import (
 )
 from napari_scrollseg.engine.predict import store
 from napari_scrollseg.engine.predict.events import PredictProgress, Tally
-from napari_scrollseg.engine.predict.partials import PartialSums, budget
+from napari_scrollseg.engine.predict.partials import PartialSums, budget, place
 from napari_scrollseg.engine.predict.plan import Plan, plan
 from napari_scrollseg.engine.predict.schedule import iter_in_thread, run_distributed, run_threaded
 from napari_scrollseg.engine.predict.session import ModelRef, Predictor
@@ -194,7 +194,7 @@ def _iter_run(
             mask=None if run.mask is None else (source_of(run.mask) if client else run.mask),
             volume_shape=run.shape,
             run=uuid.uuid4().hex,
-            partials=PartialSums(held),
+            partials=PartialSums(held, place(session.device, held)),
         )
         done = {c.index for c in the_plan.chunks if store.marker_path(run.state, c.index).exists()}
         pending = [c.index for c in the_plan.chunks if c.index not in done]
