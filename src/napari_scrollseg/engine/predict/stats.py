@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 STAGES = (
+    "prepare",  # input and output checks, fingerprints, creating the output
+    "passes",  # whole-volume passes: nonzero box, normalization statistics, mask index
     "read",
     "normalize",
     "network",
@@ -24,6 +26,7 @@ STAGES = (
     "partial_read",
     "finalize",
     "write",
+    "pyramid",
 )
 
 

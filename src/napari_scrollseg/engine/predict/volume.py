@@ -166,13 +166,18 @@ def _iter_run(
     cfg: PredictConfig,
     client: Any,
 ) -> Iterator[PredictProgress]:
+    t0 = time.perf_counter()
     run = _check(session, model_ref, volume, out, cfg)
     tally = Tally(run.out)
     yield tally.event("prepare")
+    t1 = time.perf_counter()
     grid, normalizer, the_plan = yield from iter_in_thread(
         lambda: _passes(session, run, cfg), beat=lambda: tally.event("prepare")
     )
+    t2 = time.perf_counter()
     _open_output(session, run, cfg)
+    session.stats.add("prepare", (t1 - t0) + (time.perf_counter() - t2))
+    session.stats.add("passes", t2 - t1)
     with run_lock(run.state):
         # one machine keeps partial sums in memory; a cluster exchanges them through files
         channels = session.model.n_classes + (run.mask is not None)
@@ -231,9 +236,10 @@ def _iter_run(
             yield tally.event("done")
             return run.out
         yield tally.event("pyramid")
-        store.write_pyramids(
-            run.out, prob_reduction=cfg.prob_reduction, label_reduction=cfg.label_reduction
-        )
+        with session.stats.time("pyramid"):
+            store.write_pyramids(
+                run.out, prob_reduction=cfg.prob_reduction, label_reduction=cfg.label_reduction
+            )
         shutil.rmtree(run.state / "partial", ignore_errors=True)
         store.write_attrs(run.out, {**run.info, "complete": True})
         yield tally.event("done")
