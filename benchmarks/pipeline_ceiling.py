@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=[128, 256, 256])
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (sums and finalize there)")
     ap.add_argument("--threads", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--torch-threads", type=int, default=1)
@@ -71,9 +72,9 @@ def main() -> None:
     volume = work / f"volume-{'x'.join(map(str, a.shape))}.zarr"
     if not volume.exists():
         make_volume(volume, tuple(a.shape), a.chunk)
-    session = Predictor(model, folds="0", device="cpu", cache=None)
+    session = Predictor(model, folds="0", device=a.device, cache=None)
     lm = session.model
-    lm._networks[:] = [trivial_network(1, lm.n_classes)]
+    lm._networks[:] = [trivial_network(1, lm.n_classes).to(lm.device)]
     options = {
         "mirror": False,
         "chunk": a.chunk,
@@ -100,6 +101,7 @@ def main() -> None:
         "chunk": a.chunk,
         "patch": list(lm.patch_size),
         "n_classes": lm.n_classes,
+        "device": str(lm.device),
         "threads": a.threads,
         "batch_size": a.batch_size,
         "tiles": session.forward_passes,
