@@ -369,3 +369,32 @@ def test_cuda_matches_cpu_and_nnunet(tiny_model_3d, ct_case):
     print("cuda half vs nnU-Net cuda:", half)  # reported figure, not a bar
     assert half["label_agree_decided_sound"] >= 0.999
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_finalize_on_the_device_equals_finalize(device: str) -> None:
+    """Division, softmax, argmax and uint8 where the sums are: the labels of the numpy
+    finalize, probabilities within one uint8 step (exp differs in the last bits)."""
+    import torch
+
+    from napari_scrollseg.engine.predict.tiles import finalize, finalize_torch, finalize_uint8
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(3)
+    acc = (rng.normal(size=(3, 20, 24, 28)) * 5).astype(np.float32)
+    weights = rng.uniform(0, 2, size=(20, 24, 28)).astype(np.float32)
+    weights[:3] = 0  # no tile there
+    data = np.ones(weights.shape, bool)
+    data[:, :2] = False  # outside the nonzero box
+    probs, labels = finalize(acc.copy(), weights, data=data)
+    probs8 = np.rint(probs * 255).astype(np.uint8)
+    t = [torch.from_numpy(a).to(device) for a in (acc, weights, data)]
+    for fn in (finalize_torch, finalize_uint8):
+        p8, lab = fn(*t[:2], data=t[2])
+        assert p8.dtype == np.uint8
+        assert lab.dtype == np.uint8
+        np.testing.assert_array_equal(lab, labels)
+        assert np.abs(p8.astype(int) - probs8).max() <= 1
+        assert (p8[0, :3] == 255).all()  # background where nothing was predicted
+        assert (p8[1:, :, :2] == 0).all()

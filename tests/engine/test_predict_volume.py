@@ -78,6 +78,7 @@ def case(tmp_path_factory: pytest.TempPathFactory, tiny_model_3d: Path) -> dict:
         "labels": labels,
         "events": events,
         "forward": session.forward_passes,
+        "stats": session.stats.as_dict(),
     }
 
 
@@ -229,10 +230,35 @@ def test_kill_9_then_rerun_resumes_to_identical_output(case: dict, tmp_path: Pat
     last = events[-1]
     assert last.chunks_resumed == len(done)
     assert last.chunks_computed == total - len(done) < total
-    assert last.tiles_computed < case["events"][-1].tiles_computed
+    # partial sums lived in the killed process's memory: the rerun recomputes the blocks
+    # that the unfinished chunks read, never more than the whole run
+    assert last.tiles_computed <= case["events"][-1].tiles_computed
     _assert_same_as(case, out)
     # and the CLI, rerun on the finished output, has nothing left to do
     assert cli.main(argv) == 0
+    _assert_same_as(case, out)
+
+
+def test_partial_sums_stay_in_memory_and_spill_past_the_budget(
+    case: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from napari_scrollseg.engine.predict import Predictor, partials
+    from napari_scrollseg.engine.predict_volume import predict_volume
+
+    ref = case["stats"]  # the reference run: everything within the budget, no disk
+    assert ref["partial_bytes_written"] == ref["partial_bytes_read"] == 0
+    assert 0 < ref["partial_peak_memory"] <= ref["partial_budget"]
+
+    monkeypatch.setattr(partials, "BUDGET_BLOCKS", 1)  # room for one block sum only
+    session = Predictor(case["model"], folds=FOLDS, device="cpu", cache=None)
+    out = tmp_path / "spilled.zarr"
+    predict_volume(session, case["volume"], out, chunk=CHUNK)
+    stats = session.stats.as_dict()
+    assert stats["partial_budget"] < ref["partial_peak_memory"]
+    assert stats["partial_peak_memory"] <= stats["partial_budget"]
+    assert stats["partial_bytes_written"] > 0
+    assert stats["partial_bytes_read"] > 0
+    assert not (out / ".scrollseg" / "partial").exists()  # spilled files removed at the end
     _assert_same_as(case, out)
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.predict.cache import TileCache
+from napari_scrollseg.engine.predict.stats import PipelineStats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -92,6 +93,7 @@ class Predictor:
             cache if isinstance(cache, TileCache) else TileCache(cache) if cache else None
         )
         self.forward_passes = 0
+        self.stats = PipelineStats()  # time per stage of the whole-volume runs (benchmarks)
 
     # -- the model --------------------------------------------------------------------------
     @property
@@ -112,7 +114,7 @@ class Predictor:
 
     def forward(self, batch: torch.Tensor, **options: Any) -> torch.Tensor:
         """:meth:`LoadedModel.forward` (same options) under the session's lock, counted."""
-        with self.lock:
+        with self.lock, self.stats.time("network"):
             out = self.model.forward(batch, **options)
             self.forward_passes += int(batch.shape[0])
         return out

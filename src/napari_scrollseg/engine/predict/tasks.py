@@ -1,21 +1,19 @@
 """The tasks of a whole-volume run (picklable: they travel to dask.distributed workers).
 
-A block task runs its tiles once and saves their gaussian-weighted logit sum over its
-extended box as a partial file (temporary name, then renamed); a chunk task adds the
-partial sums overlapping it, divides by the weight sum (analytic; with a mask, the
-weights of the tiles that ran), writes the uint8 probabilities and the argmax labels as
-whole zarr chunks, then its done marker, and deletes the partials all their readers have
-consumed. Partial sums travel through files, so a task's memory is set by the chunk and
+A block task runs its tiles once and leaves their gaussian-weighted logit sum over its
+extended box in the run's :class:`~.partials.PartialSums` (memory within a budget on one
+machine, else a file); a chunk task adds the partial sums overlapping it, divides by the
+weight sum (analytic; with a mask, the weights of the tiles that ran), writes the uint8
+probabilities and the argmax labels as whole zarr chunks, then its done marker, and drops
+the partials all their readers have consumed. A task's memory is set by the chunk and
 patch sizes whatever the volume size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import threading
-import uuid
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_scrollseg.engine.predict.mask import mask_region
+from napari_scrollseg.engine.predict.partials import PartialSums
 from napari_scrollseg.engine.predict.store import (
     atomic_touch,
     marker_path,
@@ -59,6 +58,7 @@ class Job:
     mask: Any = None  # a Volume / path of the mask, or None
     volume_shape: tuple[int, ...] = ()
     run: str = ""  # unique per run: keys the output arrays opened once per process
+    partials: PartialSums = field(default_factory=PartialSums)  # disk only unless budgeted
 
 
 @dataclass(frozen=True)
@@ -126,29 +126,45 @@ def _weights(patch: Sequence[int]) -> np.ndarray:
 
 def run_block(job: Job, spec: BlockSpec) -> dict:
     """Run a block's tiles once; save their weighted logit sum over its extended box."""
-    partial = Path(spec.partial)
-    if partial.exists():  # computed by an interrupted earlier run
+    if job.partials.has(spec.partial):  # computed earlier (an interrupted run's file)
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
     import dask
+    import torch
 
-    from napari_scrollseg.engine.predict.tiles import prefetch, run_tiles
+    from napari_scrollseg.engine.predict.tiles import iter_tiles, prefetch
     from napari_scrollseg.engine.tiling import tile_overlap
 
     session = _session(job)
+    stats = session.stats
     model = session.model
     volume = _resolve(job.volume)
     patch = tuple(job.grid.patch)
     tiles = spec.tiles
+
+    spent = [0.0]  # this task's normalisation time (other tasks' runs concurrently)
+
+    def normalize(raw: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            return job.normalizer(raw)
+        finally:
+            spent[0] += time.perf_counter() - t
+
     # prefetch: read + normalise the union of the tiles outside the device lock, with the
     # driver's bbox and normaliser (workers do no whole-volume reductions); the read runs
     # in this task's thread (parallelism comes from tasks, not nested thread pools)
-    read_all = model.reader(volume, bbox=job.grid.data, normalizer=job.normalizer)
+    read_all = model.reader(volume, bbox=job.grid.data, normalizer=normalize)
+    t0 = time.perf_counter()
     with dask.config.set(scheduler="synchronous"):
         read = prefetch(read_all, tiles, patch)
+    stats.add("read", time.perf_counter() - t0 - spent[0])
+    stats.add("normalize", spent[0])
 
     out_box = tuple(slice(a, b) for a, b in spec.ext)
     with session.lock:  # one block on the device at a time: bounded device memory
-        logits = run_tiles(
+        t0, net0 = time.perf_counter(), stats.seconds["network"]
+        logits = None
+        for _, running in iter_tiles(  # the sum stays on the device
             session,
             read,
             [tuple(t) for t in tiles],
@@ -156,63 +172,81 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
             mirror=job.mirror,
             batch_size=job.batch_size,
             half=job.half,
-        )
-    parts = [np.asarray(logits, dtype=np.float32)]
-    if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
-        weights = np.zeros(logits.shape[1:], dtype=np.float32)
-        gmap = _weights(patch)
-        for t in tiles:  # the extended box holds every tile of the block whole
-            src, dst = tile_overlap(t, patch, out_box)
-            weights[dst] += gmap[src]
-        parts.append(weights[None])
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial.with_name(f".{partial.stem}.{uuid.uuid4().hex}.tmp.npy")
-    np.save(tmp, np.concatenate(parts) if len(parts) > 1 else parts[0])
-    os.replace(tmp, partial)
+        ):
+            logits = running
+        # the session's lock keeps other blocks' network time out of this difference
+        stats.add("accumulate", time.perf_counter() - t0 - (stats.seconds["network"] - net0))
+    with stats.time("accumulate"):
+        part = logits
+        if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
+            weights = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
+            gmap = _weights(patch)
+            for t in tiles:  # the extended box holds every tile of the block whole
+                src, dst = tile_overlap(t, patch, out_box)
+                weights[dst] += gmap[src]
+            part = torch.cat([logits, torch.from_numpy(weights[None]).to(logits.device)])
+    with stats.time("partial_write"):
+        if job.partials.put(spec.partial, part):
+            stats.count("partial_bytes_written", part.numel() * part.element_size())
+        stats.peak(job.partials.held_bytes)
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
 
 
 def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
-    """Sum the partials over a chunk, normalise, write it, then mark it done."""
-    from napari_scrollseg.engine.predict.tiles import data_mask, finalize
+    """Sum the partials over a chunk and finalise it where they are (the session's device),
+    write it, then mark it done. Only the uint8 probabilities and labels reach the host."""
+    import torch
+
+    from napari_scrollseg.engine.predict.tiles import data_mask, finalize_uint8
     from napari_scrollseg.engine.tiling import weight_sum
 
+    session = _session(job)
+    stats, device = session.stats, session.device
     shape = tuple(b - a for a, b in spec.box)
-    acc = np.zeros((job.n_classes, *shape), dtype=np.float32)
-    weights = np.zeros(shape, dtype=np.float32) if job.mask is not None else None
-    for block in spec.blocks:
-        part = np.load(block.partial, mmap_mode="r")
-        src, dst = [], []
-        for (c0, c1), (e0, e1) in zip(spec.box, block.ext):
-            a0, a1 = max(c0, e0), min(c1, e1)
-            src.append(slice(a0 - e0, a1 - e0))
-            dst.append(slice(a0 - c0, a1 - c0))
-        acc[(slice(None), *dst)] += part[(slice(0, job.n_classes), *src)]
-        if weights is not None:
-            weights[tuple(dst)] += part[(job.n_classes, *src)]
-    if weights is None:
-        box = tuple(slice(a, b) for a, b in spec.box)
-        weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
-    inside = data_mask(job.grid.data, tuple(slice(a, b) for a, b in spec.box))
-    if job.mask is not None:
-        inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
-    probs, labels = finalize(acc, weights, data=inside)
+    acc = torch.zeros((job.n_classes, *shape), dtype=torch.float32, device=device)
+    weights = (
+        torch.zeros(shape, dtype=torch.float32, device=device) if job.mask is not None else None
+    )
+    with stats.time("partial_read"):
+        for block in spec.blocks:
+            part, from_disk = job.partials.get(block.partial)
+            src, dst = [], []
+            for (c0, c1), (e0, e1) in zip(spec.box, block.ext):
+                a0, a1 = max(c0, e0), min(c1, e1)
+                src.append(slice(a0 - e0, a1 - e0))
+                dst.append(slice(a0 - c0, a1 - c0))
+            piece = part[(slice(None), *src)]
+            if from_disk:
+                piece = torch.from_numpy(np.ascontiguousarray(piece))
+                stats.count("partial_bytes_read", piece.numel() * 4)
+            piece = piece.to(device)
+            acc[(slice(None), *dst)] += piece[: job.n_classes]
+            if weights is not None:
+                weights[tuple(dst)] += piece[job.n_classes]
+    with stats.time("finalize"):
+        if weights is None:
+            box = tuple(slice(a, b) for a, b in spec.box)
+            weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
+            weights = torch.from_numpy(weights).to(device)
+        inside = data_mask(job.grid.data, tuple(slice(a, b) for a, b in spec.box))
+        if job.mask is not None:
+            inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
+        probs8, labels = finalize_uint8(acc, weights, data=torch.from_numpy(inside).to(device))
+        del acc, weights
     local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(spec.box, job.roi))
-    # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero
-    probs_arr = output_array(job.probs_path, job.run, True)
-    labels_arr = output_array(job.labels_path, job.run, False)
-    np.multiply(probs, 255, out=probs)  # in place: the same float32 values, no temporaries
-    np.rint(probs, out=probs)
-    probs_arr[(slice(None), *local)] = probs.astype(np.uint8)
-    # stored in the annotation's class ids: nnU-Net label k-1 is class k
-    labels_arr[local] = np.add(labels, 1, dtype=labels_arr.dtype)
+    with stats.time("write"):
+        # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero
+        probs_arr = output_array(job.probs_path, job.run, True)
+        labels_arr = output_array(job.labels_path, job.run, False)
+        probs_arr[(slice(None), *local)] = probs8
+        # stored in the annotation's class ids: nnU-Net label k-1 is class k
+        labels_arr[local] = np.add(labels, 1, dtype=labels_arr.dtype)
     marker = Path(spec.marker)
     atomic_touch(marker)
     # free the partials that every reader has now consumed
     for block, consumers in zip(spec.blocks, spec.consumers):
         if all(Path(c).exists() for c in consumers):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(block.partial)
+            job.partials.drop(block.partial)
     return {"chunk": spec.index, "voxels": int(np.prod(shape))}
 
 

@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from napari_scrollseg.engine.model import LoadedModel
     from napari_scrollseg.engine.predict.session import Predictor
 
-__all__ = ["data_mask", "finalize", "grid_patch", "iter_tiles", "prefetch", "run_tiles"]
+__all__ = [
+    "data_mask",
+    "finalize",
+    "finalize_uint8",
+    "grid_patch",
+    "iter_tiles",
+    "prefetch",
+    "run_tiles",
+]
 
 Box = tuple[slice, ...]
 
@@ -208,3 +216,46 @@ def finalize(
     probs[0, ~valid] = 1
     labels = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 255 else np.uint16)
     return probs, labels
+
+
+def finalize_uint8(
+    logit_sum: Any, weights: Any, *, data: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`finalize` on torch tensors where they are (any device), then the probabilities
+    as ``rint(255 p)`` uint8: only uint8 probabilities and the labels cross to the host.
+
+    Returns numpy ``(n_classes, *shape)`` uint8 probabilities and the labels (uint8 for
+    up to 255 classes). On the CPU this is :func:`finalize` itself (numpy, faster there).
+    """
+
+    if logit_sum.device.type == "cpu":
+        probs, labels = finalize(
+            logit_sum.numpy(), weights.numpy(), data=None if data is None else data.numpy()
+        )
+        np.multiply(probs, 255, out=probs)  # in place: the same float32 values
+        np.rint(probs, out=probs)
+        return probs.astype(np.uint8), labels
+    return finalize_torch(logit_sum, weights, data=data)
+
+
+def finalize_torch(
+    logit_sum: Any, weights: Any, *, data: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`finalize_uint8` computed with torch on the tensors' device (any device)."""
+    import torch
+
+    valid = weights > 0
+    if data is not None:
+        valid &= data
+    logits = torch.where(valid, logit_sum / torch.where(valid, weights, 1.0), 0.0)
+    logits -= logits.amax(dim=0, keepdim=True)
+    probs = torch.exp(logits)
+    probs /= probs.sum(dim=0, keepdim=True)
+    background = torch.zeros((probs.shape[0],) + (1,) * valid.ndim, device=probs.device)
+    background[0] = 1
+    probs = torch.where(valid, probs, background)
+    labels = probs.argmax(dim=0)
+    probs.mul_(255).round_()  # round half to even, as numpy's rint
+    small = probs.shape[0] <= 255
+    labels = labels.to(torch.uint8 if small else torch.int32).cpu().numpy()
+    return probs.to(torch.uint8).cpu().numpy(), labels if small else labels.astype(np.uint16)

@@ -5,8 +5,8 @@ sliding-window grid (:meth:`~napari_scrollseg.engine.model.LoadedModel.grid`), t
 gaussian importance map, the division by the summed weights, softmax and argmax
 (:func:`~napari_scrollseg.engine.predict.finalize`, as for a region). Chunking only
 decides how that sum is organised (:mod:`.plan`: every tile runs once); the tasks
-(:mod:`.tasks`) pass partial sums through files, so the graph runs unchanged on dask's
-threaded scheduler or a dask.distributed cluster (:mod:`.schedule`; the output and the
+(:mod:`.tasks`) pass partial sums in memory within a budget on one machine (:mod:`.partials`),
+through files past it and on a dask.distributed cluster (:mod:`.schedule`; the output and the
 volume must then be on storage the workers share). A rerun of the same command resumes
 from the done markers and partial sums of the output store (:mod:`.store`).
 
@@ -40,6 +40,7 @@ from napari_scrollseg.engine.fingerprint import (
 )
 from napari_scrollseg.engine.predict import store
 from napari_scrollseg.engine.predict.events import PredictProgress, Tally
+from napari_scrollseg.engine.predict.partials import PartialSums, budget, place
 from napari_scrollseg.engine.predict.plan import Plan, plan
 from napari_scrollseg.engine.predict.schedule import iter_in_thread, run_distributed, run_threaded
 from napari_scrollseg.engine.predict.session import ModelRef, Predictor
@@ -165,14 +166,23 @@ def _iter_run(
     cfg: PredictConfig,
     client: Any,
 ) -> Iterator[PredictProgress]:
+    t0 = time.perf_counter()
     run = _check(session, model_ref, volume, out, cfg)
     tally = Tally(run.out)
     yield tally.event("prepare")
+    t1 = time.perf_counter()
     grid, normalizer, the_plan = yield from iter_in_thread(
         lambda: _passes(session, run, cfg), beat=lambda: tally.event("prepare")
     )
+    t2 = time.perf_counter()
     _open_output(session, run, cfg)
+    session.stats.add("prepare", (t1 - t0) + (time.perf_counter() - t2))
+    session.stats.add("passes", t2 - t1)
     with run_lock(run.state):
+        # one machine keeps partial sums in memory; a cluster exchanges them through files
+        channels = session.model.n_classes + (run.mask is not None)
+        held = budget(cfg.chunks, grid.patch, channels) if client is None else 0
+        session.stats.partial_budget = held
         job = Job(
             model=model_ref if client is not None else session,
             volume=source_of(run.vol) if client is not None else run.vol,
@@ -189,6 +199,7 @@ def _iter_run(
             mask=None if run.mask is None else (source_of(run.mask) if client else run.mask),
             volume_shape=run.shape,
             run=uuid.uuid4().hex,
+            partials=PartialSums(held, place(session.device, held)),
         )
         done = {c.index for c in the_plan.chunks if store.marker_path(run.state, c.index).exists()}
         pending = [c.index for c in the_plan.chunks if c.index not in done]
@@ -196,7 +207,7 @@ def _iter_run(
         _start(tally, the_plan, graph.block_keys, len(done))
         log.info(
             "predict %s -> %s: %d chunks (%d done before), %d tiles (%d skipped by the mask), "
-            "%d block tasks",
+            "%d block tasks, partial sums in memory up to %.0f MiB",
             run.info["volume"],
             run.out,
             tally.chunks_total,
@@ -204,6 +215,7 @@ def _iter_run(
             tally.tiles_total,
             tally.tiles_skipped,
             tally.blocks_total,
+            held / 2**20,
         )
         yield tally.event("predict")
         if graph.keys:
@@ -224,9 +236,10 @@ def _iter_run(
             yield tally.event("done")
             return run.out
         yield tally.event("pyramid")
-        store.write_pyramids(
-            run.out, prob_reduction=cfg.prob_reduction, label_reduction=cfg.label_reduction
-        )
+        with session.stats.time("pyramid"):
+            store.write_pyramids(
+                run.out, prob_reduction=cfg.prob_reduction, label_reduction=cfg.label_reduction
+            )
         shutil.rmtree(run.state / "partial", ignore_errors=True)
         store.write_attrs(run.out, {**run.info, "complete": True})
         yield tally.event("done")
