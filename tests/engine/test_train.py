@@ -379,7 +379,13 @@ def _fake_raw(tmp_path, n_cases: int):
     raw = tmp_path / "Dataset905_Few"
     (raw / "labelsTr").mkdir(parents=True)
     (raw / "dataset.json").write_text(
-        json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".tif"})
+        json.dumps(
+            {
+                "labels": {"background": 0, "a": 1},
+                "channel_names": {"0": "CT"},
+                "file_ending": ".tif",
+            }
+        )
     )
     for i in range(n_cases):
         (raw / "labelsTr" / f"Few_{i:03d}.tif").write_bytes(b"")

@@ -182,7 +182,7 @@ class LiveEvent:
     """One block of a request has landed (or the request ended: ``block`` is None).
 
     ``box``/``block`` are in the coordinates of level ``level``; ``probs`` float32
-    ``(n_classes, *block shape)`` and ``labels`` (model label ids) cover ``block``.
+    ``(n_classes, *block shape)`` and ``labels`` (class ids 1..K, as the full run writes) cover ``block``.
     ``error`` is set when the request failed (a :class:`ScrollsegError`).
     """
 
@@ -777,4 +777,5 @@ def _finish(acc: np.ndarray, weights: np.ndarray, data: Box, b: Box):
             for d, s in zip(data, b)
         )
     ] = True
-    return finalize(acc, weights, data=inside)
+    probs, labels = finalize(acc, weights, data=inside)
+    return probs, labels + 1  # the annotation's class ids, as the full run writes them

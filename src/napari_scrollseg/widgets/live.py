@@ -324,22 +324,17 @@ class LiveWidget(Container):
         return pl, ll
 
     def _style_labels(self, layer: Any, model: Any) -> None:
-        """The model's class names and colours (from the scrollseg export, if recorded)."""
+        """The annotation's class names and colours (labels hold class ids 1..K)."""
         from napari.utils.colormaps import DirectLabelColormap
 
-        meta = model.dataset_json.get("scrollseg", {})
-        colors = meta.get("colors", {})
-        colormap: dict[Any, Any] = {0: (0, 0, 0, 0), None: (0.6, 0.6, 0.6, 1.0)}
-        for k, name in model.label_names.items():
-            # the export names classes air/papyrus/ink (ids 1..K); the model's k is id k+1
-            by_id = {v: n for n, v in meta.get("classes", {}).items()}
-            rgb = colors.get(name) or colors.get(by_id.get(k + 1, ""), None)
-            if rgb and k:
-                colormap[k] = (*(c / 255 for c in rgb[:3]), 1.0)
-        if len(colormap) > 2:
-            layer.colormap = DirectLabelColormap(color_dict=colormap)
-        values = sorted(model.label_names)
-        layer.features = {"index": values, "class": [model.label_names[v] for v in values]}
+        from napari_scrollseg.engine.annotations import ClassTable
+
+        table = ClassTable.from_dataset_json(model.dataset_json)
+        layer.colormap = DirectLabelColormap(color_dict=table.as_napari_colors(ignore=None))
+        layer.features = {
+            "index": [0, *table.ids()],
+            "class": ["unlabeled", *(c.name for c in table.classes)],
+        }
 
     def _show_block(self, req: LiveRequest, event: LiveEvent) -> None:
         if getattr(req, "_shown", False) is False:

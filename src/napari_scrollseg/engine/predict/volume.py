@@ -106,10 +106,10 @@ def _check(
         label_ids="class",  # labels/prediction holds class k for nnU-Net label k-1
     )
     config_hash = store.config_hash(config)
-    fingerprints = {"input": input_fingerprint(vol), "model": loaded_model_fingerprint(loaded)}
-    if not cfg.overwrite:  # a resume on a changed input or model would mix both
+    model_fp = loaded_model_fingerprint(loaded)  # file hashes only: no pass over the volume
+    if not cfg.overwrite:  # a changed model is named as such, before the hash check
         recorded = (store.scrollseg_info(out) or {}).get("fingerprints")
-        check_resume_fingerprints(out, recorded, fingerprints)
+        check_resume_fingerprints(out, recorded, {"model": model_fp})
     resume = store.check_resume(out, config_hash, cfg.overwrite)
     info = {
         "kind": "prediction",
@@ -120,10 +120,20 @@ def _check(
             str(c.id): c.name for c in ClassTable.from_dataset_json(loaded.dataset_json).classes
         },
         **config,
-        "fingerprints": fingerprints,
+        "fingerprints": {"model": model_fp},  # the input's is added after the first event
     }
     was_complete = resume and bool((store.scrollseg_info(out) or {}).get("complete"))
     return _Run(out, vol, mask, shape, spans, info, resume, was_complete)
+
+
+def _fingerprints(run: _Run, cfg: PredictConfig) -> None:
+    """Add the input's fingerprint to the model's; a resume on a changed input would mix
+    both, so it is refused (a bounded sample of chunks is read)."""
+    fingerprints = {**run.info["fingerprints"], "input": input_fingerprint(run.vol)}
+    if not cfg.overwrite:
+        recorded = (store.scrollseg_info(run.out) or {}).get("fingerprints")
+        check_resume_fingerprints(run.out, recorded, fingerprints)
+    run.info["fingerprints"] = fingerprints
 
 
 def _passes(session: Predictor, run: _Run, cfg: PredictConfig) -> tuple[Grid, Any, Plan]:
@@ -170,6 +180,7 @@ def _iter_run(
     run = _check(session, model_ref, volume, out, cfg)
     tally = Tally(run.out)
     yield tally.event("prepare")
+    _fingerprints(run, cfg)
     t1 = time.perf_counter()
     grid, normalizer, the_plan = yield from iter_in_thread(
         lambda: _passes(session, run, cfg), beat=lambda: tally.event("prepare")
