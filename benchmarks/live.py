@@ -36,7 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
-    from napari.layers import Image
+
+    try:
+        from napari.layers import Image
+    except ImportError:  # a GPU box without napari: the same writes into a plain array
+        Image = None
 
     from napari_scrollseg.engine.builtin import builtin_model
     from napari_scrollseg.engine.live import LiveOptions, LivePredictor
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> dict:
     opts = LiveOptions(
         device=args.device, mirror=args.mirror, max_tiles=None, batch_size=args.batch_size
     )
-    layer = Image(np.zeros((1, args.view, args.view), np.float32))
+    target = np.zeros((1, args.view, args.view), np.float32)
+    layer = Image(target) if Image is not None else _ArrayLayer(target)
     landed = threading.Event()
 
     def on_event(ev) -> None:  # the worker thread: what the widget's relay receives
@@ -109,9 +114,20 @@ def run(args: argparse.Namespace) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
+        "layer": "napari Image" if Image is not None else "numpy array (napari not installed)",
         "results": results,
         "targets": {"warm_s": 0.05, "cold_gpu_s": 0.5},
     }
+
+
+class _ArrayLayer:
+    """Where napari is not installed: the layer's data array, and a refresh that does nothing."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def refresh(self) -> None:
+        pass
 
 
 def main() -> None:

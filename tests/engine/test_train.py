@@ -136,7 +136,7 @@ def test_resume_continues_from_latest(run):
     assert kinds[-2:] == ["fold_done", "done"]
     fold_done = second[-2]  # carries the fold's validation Dice per class
     assert fold_done.model_folder == run["model"]
-    assert set(fold_done.dice) == {"papyrus", "ink"}
+    assert set(fold_done.dice) == {"air", "papyrus", "ink"}  # every class, background too
     assert all(0 <= v <= 1 for v in fold_done.dice.values())
 
 

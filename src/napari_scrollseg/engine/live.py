@@ -766,16 +766,7 @@ def _cached(cache: TileCache, key: tuple) -> bool:
 def _finish(acc: np.ndarray, weights: np.ndarray, data: Box, b: Box):
     """Probabilities and labels of a block from its summed tiles (as the full run)."""
     from napari_scrollseg.engine.predict import finalize
+    from napari_scrollseg.engine.predict.tiles import data_mask
 
-    inside = np.zeros(weights.shape, bool)
-    inside[
-        tuple(
-            slice(
-                min(max(d.start, s.start), s.stop) - s.start,
-                max(min(d.stop, s.stop), s.start) - s.start,
-            )
-            for d, s in zip(data, b)
-        )
-    ] = True
-    probs, labels = finalize(acc, weights, data=inside)
+    probs, labels = finalize(acc, weights, data=data_mask(data, b))
     return probs, labels + 1  # the annotation's class ids, as the full run writes them

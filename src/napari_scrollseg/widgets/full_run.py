@@ -322,6 +322,9 @@ class FullRunWidget(Container):
             if isinstance(names, list):  # a probability per class: the last (e.g. ink)
                 data = data[-1] if not isinstance(data, list) else [d[-1] for d in data]
                 meta = {k: v for k, v in meta.items() if k != "channel_axis"}
+                for key in ("visible", "blending", "gamma", "metadata"):  # per class: the last
+                    if isinstance(meta.get(key), list):
+                        meta[key] = meta[key][-1]
                 meta["name"], meta["colormap"] = names[-1], "inferno"
                 meta["opacity"], meta["contrast_limits"] = 0.6, (0, 255)
             meta["name"] = f"{Path(out).stem}: {meta['name']}"
