@@ -32,6 +32,22 @@ def _tiny_dataset(root: Path) -> Path:
 
 
 @pytest.mark.slow
+def _train_workers(parent):
+    """The training worker among ``parent``'s children; a child that ends (or is a zombie)
+    between the listing and the look at its command line is not one."""
+    import psutil
+
+    found = []
+    for child in parent.children():
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "train" in cmd and "_train_worker" in " ".join(cmd):
+            found.append(child)
+    return found
+
+
 def test_sigterm_to_train_stops_its_worker(tmp_path: Path) -> None:
     import psutil
 
@@ -51,11 +67,7 @@ def test_sigterm_to_train_stops_its_worker(tmp_path: Path) -> None:
         deadline = time.monotonic() + 300
         workers: list = []
         while time.monotonic() < deadline and proc.poll() is None:  # wait for the training
-            workers = [
-                c
-                for c in psutil.Process(proc.pid).children()
-                if "train" in c.cmdline() and "_train_worker" in " ".join(c.cmdline())
-            ]
+            workers = _train_workers(psutil.Process(proc.pid))
             if workers:
                 break
             time.sleep(0.2)
