@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import pytest
 
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.fingerprint import (
+    check_resume_fingerprints,
     differences,
     input_fingerprint,
     model_fingerprint,
@@ -28,7 +29,7 @@ def _scan(path: Path, seed: int = 1) -> Path:
     return path
 
 
-def test_input_fingerprint_is_stable_and_sees_every_kind_of_change(tmp_path):
+def test_input_fingerprint_is_stable_and_sees_every_kind_of_change(tmp_path, caplog):
     scan = _scan(tmp_path / "a.zarr")
     first = input_fingerprint(open_volume(scan))
     assert first == input_fingerprint(open_volume(scan))  # deterministic, nothing changed
@@ -38,15 +39,25 @@ def test_input_fingerprint_is_stable_and_sees_every_kind_of_change(tmp_path):
     write_image(scan / "labels" / "x", np.zeros(SHAPE, np.uint8), spacing=(1, 1, 1), labels_of=scan)
     assert input_fingerprint(open_volume(scan)) == first
 
-    # one chunk rewritten with other bytes of the same size: listing (mtime) and samples
-    chunk = scan / "0" / "0" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    st = chunk.stat()
-    chunk.write_bytes(bytes(data))
-    os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert differences({"input": first}, {"input": input_fingerprint(open_volume(scan))}) == [
-        "the input's files (names, sizes or modification times)"
-    ]
+    # a copy of the scan (same bytes, new modification times) is the same input: a resume
+    # warns and goes on (issue 13 note: copying a scan to scratch storage must not refuse)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(scan, copy, copy_function=shutil.copy)  # shutil.copy: mtimes not kept
+    copied = input_fingerprint(open_volume(copy))
+    assert copied["mtimes"] != first["mtimes"]
+    assert differences({"input": first}, {"input": copied}) == []
+    with caplog.at_level(logging.WARNING, logger="napari_scrollseg.engine.fingerprint"):
+        check_resume_fingerprints(tmp_path / "out.zarr", {"input": first}, {"input": copied})
+    assert "new modification times" in caplog.text
+
+    # one file more (names or sizes differ): refused
+    (copy / "0" / "stray").write_bytes(b"x")
+    changed = differences({"input": first}, {"input": input_fingerprint(open_volume(copy))})
+    assert changed == ["the input's files (names or sizes)"]
+    with pytest.raises(ScrollsegError, match="names or sizes"):
+        check_resume_fingerprints(
+            tmp_path / "out.zarr", {"input": first}, {"input": input_fingerprint(open_volume(copy))}
+        )
 
     # the same path now holds another scan of the same shape
     shutil.rmtree(scan)

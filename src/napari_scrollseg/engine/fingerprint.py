@@ -4,9 +4,10 @@ A prediction records both in its provenance; resuming it refuses when either dif
 (:func:`check_resume_fingerprints`).
 
 - :func:`input_fingerprint` is cheap on a huge volume: the metadata (shape, dtype,
-  chunks, spacing, origin, attributes), the listing of the files that hold it (names,
-  sizes, modification times; local sources only, without ``labels/``) and the sha256
-  of a fixed sample of its chunks (spread over the volume, at most :data:`SAMPLES`).
+  chunks, spacing, origin, attributes), the listing of the files that hold it (names
+  and sizes; local sources only, without ``labels/``), their modification times (kept
+  apart: a copy of the scan changes only those) and the sha256 of a fixed sample of
+  its chunks (spread over the volume, at most :data:`SAMPLES`).
 - :func:`model_fingerprint`: the sha256 of each checkpoint file used, of plans.json
   and of dataset.json.
 """
@@ -28,7 +29,7 @@ from napari_scrollseg.engine.volumes import URL_PATTERN
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: modification times apart from the listing
 SAMPLES = 16
 LISTING_LIMIT_S = 120.0
 
@@ -47,12 +48,14 @@ def _local_root(source: str) -> Path | None:
     return p if p.exists() else None
 
 
-def _listing(root: Path, limit_s: float = LISTING_LIMIT_S) -> str | None:
-    """sha256 of ``relative path, size, mtime_ns`` of every file under ``root`` (sorted)."""
+def _listing(root: Path, limit_s: float = LISTING_LIMIT_S) -> tuple[str, str] | None:
+    """sha256 of ``relative path, size`` and of ``relative path, mtime_ns`` of every file
+    under ``root`` (sorted), or None when the listing takes over ``limit_s``."""
     if root.is_file():
         st = root.stat()
-        return _sha(f"{root.name}\t{st.st_size}\t{st.st_mtime_ns}")
-    rows: list[str] = []
+        return _sha(f"{root.name}\t{st.st_size}"), _sha(f"{root.name}\t{st.st_mtime_ns}")
+    sizes: list[str] = []
+    times: list[str] = []
     deadline = time.monotonic() + limit_s
     stack = [root]
     while stack:
@@ -69,8 +72,9 @@ def _listing(root: Path, limit_s: float = LISTING_LIMIT_S) -> str | None:
                 elif e.is_file(follow_symlinks=False):
                     st = e.stat(follow_symlinks=False)
                     rel = Path(e.path).relative_to(root).as_posix()
-                    rows.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}")
-    return _sha("\n".join(sorted(rows)))
+                    sizes.append(f"{rel}\t{st.st_size}")
+                    times.append(f"{rel}\t{st.st_mtime_ns}")
+    return _sha("\n".join(sorted(sizes))), _sha("\n".join(sorted(times)))
 
 
 def _samples(data: Any, n: int = SAMPLES) -> str:
@@ -98,10 +102,12 @@ def input_fingerprint(volume: Any) -> dict:
         "attrs": getattr(volume, "attrs", {}),
     }
     root = _local_root(str(getattr(volume, "source", "")))
+    listing = _listing(root) if root is not None else None
     return {
         "version": VERSION,
         "metadata": _sha(json.dumps(meta, sort_keys=True, default=str)),
-        "listing": _listing(root) if root is not None else None,
+        "listing": listing[0] if listing else None,
+        "mtimes": listing[1] if listing else None,
         "samples": _samples(data),
     }
 
@@ -141,7 +147,7 @@ def differences(old: dict, new: dict) -> list[str]:
     """What differs between two ``{"input": ..., "model": ...}`` records, in words."""
     words = {
         ("input", "metadata"): "the input's metadata (shape, dtype, chunks, spacing, attributes)",
-        ("input", "listing"): "the input's files (names, sizes or modification times)",
+        ("input", "listing"): "the input's files (names or sizes)",
         ("input", "samples"): "the input's voxels (sampled chunks)",
         ("model", "checkpoints"): "the model's checkpoints",
         ("model", "plans"): "the model's plans.json",
@@ -162,6 +168,18 @@ def check_resume_fingerprints(out: Path, recorded: dict | None, now: dict) -> No
     if not recorded:
         return  # a run of an older version: nothing to compare
     changed = differences(recorded, now)
+    old, new = recorded.get("input") or {}, now.get("input") or {}
+    if (
+        not changed
+        and old.get("version") == new.get("version")
+        and None not in (old.get("mtimes"), new.get("mtimes"))
+        and old["mtimes"] != new["mtimes"]
+    ):
+        log.warning(
+            "%s: the input's files have new modification times (copied or touched?) but the "
+            "same names, sizes, metadata and sampled voxels: resuming",
+            out,
+        )
     if changed:
         raise ScrollsegError(
             f"{out} was started on other data: {'; '.join(changed)} changed since; resuming "
