@@ -150,3 +150,34 @@ def test_resume_refuses_a_changed_input_or_model(tmp_path, tiny_model_3d):
     clear_cache()
     with pytest.raises(ScrollsegError, match="the model's checkpoints changed"):
         predict_volume(model, scan, out, chunk=8, folds="0", device="cpu", num_workers=1)
+
+
+def test_a_run_resumes_from_a_moved_and_copied_scan_and_model(tmp_path, tiny_model_3d):
+    """Scans move to scratch storage between sessions: the same bytes elsewhere resume."""
+    from napari_scrollseg.engine.predict_volume import predict_volume
+
+    scan = _scan(tmp_path / "scan.zarr")
+    model = tmp_path / "model" / tiny_model_3d.name
+    shutil.copytree(tiny_model_3d, model)
+    out = tmp_path / "out.zarr"
+    _interrupted(model, scan, out)
+    done_before = sorted(p.name for p in (out / ".scrollseg").rglob("*") if p.is_file())
+
+    moved_scan = tmp_path / "scratch" / "scan.zarr"
+    shutil.copytree(scan, moved_scan, copy_function=shutil.copy)  # new mtimes too
+    shutil.rmtree(scan)
+    moved_model = tmp_path / "elsewhere" / tiny_model_3d.name
+    shutil.move(model, moved_model)
+    predict_volume(moved_model, moved_scan, out, chunk=8, folds="0", device="cpu", num_workers=1)
+    info = json.loads((out / ".zattrs").read_text())["scrollseg"]
+    assert info["complete"] is True
+    assert info["volume"] == str(moved_scan)
+    assert done_before  # the first run had finished work that the resume kept
+
+    fresh = tmp_path / "fresh.zarr"
+    predict_volume(moved_model, moved_scan, fresh, chunk=8, folds="0", device="cpu", num_workers=1)
+    import zarr
+
+    for name in ("labels/prediction/0", "0"):
+        a, b = zarr.open(str(out / name), mode="r"), zarr.open(str(fresh / name), mode="r")
+        np.testing.assert_array_equal(a[:], b[:])

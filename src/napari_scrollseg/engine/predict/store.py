@@ -95,8 +95,11 @@ def check_location(out: Path) -> None:
                 out.rmdir()
 
 
-def check_resume(out: Path, config_hash: str, overwrite: bool) -> bool:
-    """True when ``out`` holds an unfinished or finished run of the same configuration."""
+def check_resume(
+    out: Path, config_hash: str, overwrite: bool, legacy_hashes: Sequence[str] = ()
+) -> bool:
+    """True when ``out`` holds an unfinished or finished run of the same configuration
+    (``legacy_hashes``: the same configuration as older versions hashed it)."""
     info = scrollseg_info(out)
     if info is None:
         return False
@@ -105,7 +108,7 @@ def check_resume(out: Path, config_hash: str, overwrite: bool) -> bool:
         log.info("replacing %s (--overwrite)", out)
         shutil.rmtree(out)
         return False
-    if info.get("config_hash") != config_hash:
+    if info.get("config_hash") not in (config_hash, *legacy_hashes):
         raise ScrollsegError(
             f"{out} holds a prediction made with another model or other arguments; "
             "pass --overwrite to replace it or choose another output path"

@@ -105,12 +105,16 @@ def _check(
         mask=None if mask is None else source_of(mask),
         label_ids="class",  # labels/prediction holds class k for nnU-Net label k-1
     )
-    config_hash = store.config_hash(config)
+    # the paths stay out of the hash: the fingerprints tell a moved scan or model from another
+    config_hash = store.config_hash(
+        {k: v for k, v in config.items() if k not in ("model", "volume")}
+    )
     model_fp = loaded_model_fingerprint(loaded)  # file hashes only: no pass over the volume
     if not cfg.overwrite:  # a changed model is named as such, before the hash check
         recorded = (store.scrollseg_info(out) or {}).get("fingerprints")
         check_resume_fingerprints(out, recorded, {"model": model_fp})
-    resume = store.check_resume(out, config_hash, cfg.overwrite)
+    # earlier versions hashed the paths too: their unfinished runs still resume
+    resume = store.check_resume(out, config_hash, cfg.overwrite, [store.config_hash(config)])
     info = {
         "kind": "prediction",
         "version": __version__,
