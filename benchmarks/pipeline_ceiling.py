@@ -89,7 +89,9 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1, help="timed runs; the fastest is kept")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
-    ap.add_argument("--out-json", default=None, help="file name under benchmarks/results/")
+    ap.add_argument(
+        "--out-json", default=None, help="file name under benchmarks/results/ (or a full path)"
+    )
     a = ap.parse_args()
 
     import torch
