@@ -192,14 +192,14 @@ def create_labels(
 def _pair_sum(block: np.ndarray, factors: tuple[int, ...], dtype: type) -> np.ndarray:
     """Sums over each window of ``factors`` (a power of 2 per axis; shape divisible by
     them) by repeated pairwise adds of strided views: no float pass, no reshaped reduce."""
-    out = block.astype(dtype, copy=False)
+    out = block  # the first add widens: no separate copy to ``dtype``
     for axis, f in enumerate(factors):
         while f > 1:
             lo = (slice(None),) * axis + (slice(0, None, 2),)
             hi = (slice(None),) * axis + (slice(1, None, 2),)
             out = np.add(out[lo], out[hi], dtype=dtype)
             f //= 2
-    return out
+    return out.astype(dtype, copy=False)
 
 
 def _powers_of_two(factors: tuple[int, ...]) -> bool:
