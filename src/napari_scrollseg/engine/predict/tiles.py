@@ -88,9 +88,12 @@ def iter_tiles(
     tiles = list(tiles)
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
 
-    def load(batch: list[tuple[int, ...]]) -> np.ndarray:
+    def load(batch: list[tuple[int, ...]]) -> torch.Tensor:
         x = np.stack([read(tuple(slice(s, s + p) for s, p in zip(t, patch))) for t in batch])
-        return x[:, :, 0] if lm.is_2d else x
+        x = torch.from_numpy(x[:, :, 0] if lm.is_2d else x)
+        if lm.device.type == "cuda":  # from pinned memory: the host never waits for the copy
+            x = x.pin_memory().to(lm.device, non_blocking=True)
+        return x
 
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrollseg-read") as pool:
@@ -98,7 +101,7 @@ def iter_tiles(
         for i, batch in enumerate(batches):
             x = pending.result()
             pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
-            logits = forward(torch.from_numpy(x), mirror=mirror, tta=tta, half=half)
+            logits = forward(x, mirror=mirror, tta=tta, half=half)
             if lm.is_2d:
                 logits = logits[:, :, None]
             for tile, tile_logits in zip(batch, logits):
