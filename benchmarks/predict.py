@@ -47,6 +47,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _peak_gpu_mb(device: str) -> float | None:
+    """Peak memory torch allocated on a CUDA device in this process (None elsewhere)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+
+
 def make_model(root: Path, preset: str) -> Path:
     """A freshly initialised nnU-Net trained-model folder for a preset."""
     from tests.engine.conftest import tiny_plans, write_tiny_model
@@ -130,6 +139,7 @@ def child_scrollseg(a: argparse.Namespace) -> dict:
         "tiles_grid": last.grid_tiles,
         "chunks": last.chunks_total,
         "peak_rss_mb": _peak_rss_mb(),
+        "peak_gpu_mb": _peak_gpu_mb(a.device),
     }
 
 
@@ -158,7 +168,12 @@ def child_nnunet(a: argparse.Namespace) -> dict:
     )
     wall = time.perf_counter() - t0
     passes = 2 ** len(predictor.allowed_mirroring_axes or ()) if a.mirror else 1
-    return {"wall_s": wall, "tiles": calls[0] // passes, "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "wall_s": wall,
+        "tiles": calls[0] // passes,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_gpu_mb": _peak_gpu_mb(a.device),
+    }
 
 
 def child_forward(a: argparse.Namespace) -> dict:
@@ -210,6 +225,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10.0, help="forward-throughput duration")
     p.add_argument("--workdir", default=None)
+    p.add_argument(
+        "--factors",
+        nargs="+",
+        type=int,
+        default=[1, 2],
+        help="volume sizes as multiples of --shape per axis (2: 8x the voxels)",
+    )
+    p.add_argument("--out-json", default=None, help="where to write the JSON (also partial)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--volume", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -227,32 +250,8 @@ def main() -> None:
     common += ["--threads", str(a.threads), "--seconds", str(a.seconds)]
     common += ["--mirror"] * a.mirror
     common += [] if a.half is None else ["--half" if a.half else "--no-half"]
-    rows = []
-    for factor in (1, 2):
-        shape = tuple(s * factor for s in a.shape)
-        vol = work / f"vol-{'x'.join(map(str, shape))}.zarr"
-        if not vol.exists():
-            make_volume(vol, shape, a.chunk)
-        io = ["--volume", str(vol), "--out", str(work / "pred.zarr")]
-        ours = _run_child("scrollseg", [*common, *io])
-        ref = _run_child("nnunet", [*common, *io])
-        n_vox = int(np.prod(shape))
-        rows.append(
-            {
-                "shape": list(shape),
-                "voxels": n_vox,
-                "scrollseg": {**ours, "voxels_per_s": n_vox / ours["wall_s"]},
-                "nnunet": {**ref, "voxels_per_s": n_vox / ref["wall_s"]},
-                "speed_ratio": ref["wall_s"] / ours["wall_s"],
-                "tile_ratio": ours["tiles"] / max(ref["tiles"], 1),
-            }
-        )
-    fwd = _run_child("forward", common)
-    patch_vox = int(np.prod(fwd["patch"]))
-    for r in rows:
-        # tiles/s the network could do, against tiles/s scrollseg did end to end
-        r["scrollseg"]["tiles_per_s"] = r["scrollseg"]["tiles"] / r["scrollseg"]["wall_s"]
-        r["scrollseg_share_of_forward"] = r["scrollseg"]["tiles_per_s"] / fwd["tiles_per_s"]
+    fwd = _run_child("forward", common)  # first: every row can say its share at once
+    print(f"pure forward: {fwd['tiles_per_s']:.2f} tiles/s, patch {fwd['patch']}", flush=True)
     result = {
         "device": a.device,
         "torch_device_name": _device_name(a.device),
@@ -267,15 +266,54 @@ def main() -> None:
         "chunk": a.chunk,
         "pure_forward_tiles_per_s": fwd["tiles_per_s"],
         "patch": fwd["patch"],
-        "patch_voxels": patch_vox,
-        "runs": rows,
+        "patch_voxels": int(np.prod(fwd["patch"])),
+        "runs": [],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _print_table(result)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"predict-{a.device.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = (
+        Path(a.out_json)
+        if a.out_json
+        else out / f"predict-{a.device.replace(':', '')}-{stamp}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for factor in a.factors:
+        shape = tuple(s * factor for s in a.shape)
+        vol = work / f"vol-{'x'.join(map(str, shape))}.zarr"
+        if not vol.exists():
+            make_volume(vol, shape, a.chunk)
+        io = ["--volume", str(vol), "--out", str(work / "pred.zarr")]
+        n_vox = int(np.prod(shape))
+        ours = _run_child("scrollseg", [*common, *io])
+        ours.update(voxels_per_s=n_vox / ours["wall_s"], tiles_per_s=ours["tiles"] / ours["wall_s"])
+        share = ours["tiles_per_s"] / fwd["tiles_per_s"]
+        print(
+            f"{'x'.join(map(str, shape))} scrollseg: {ours['wall_s']:.2f} s, "
+            f"{ours['voxels_per_s'] / 1e6:.3f} Mvox/s, {share:.0%} of pure forward, peak RSS "
+            f"{ours['peak_rss_mb']:.0f} MB, peak GPU {ours['peak_gpu_mb']} MB",
+            flush=True,
+        )
+        row = {"shape": list(shape), "voxels": n_vox, "scrollseg": ours}
+        row["scrollseg_share_of_forward"] = share
+        result["runs"].append(row)
+        path.write_text(json.dumps(result, indent=1))  # kept if the next child is cut off
+        ref = _run_child("nnunet", [*common, *io])
+        ref["voxels_per_s"] = n_vox / ref["wall_s"]
+        row.update(
+            nnunet=ref,
+            speed_ratio=ref["wall_s"] / ours["wall_s"],
+            tile_ratio=ours["tiles"] / max(ref["tiles"], 1),
+        )
+        print(
+            f"{'x'.join(map(str, shape))} nnU-Net: {ref['wall_s']:.2f} s, speed ratio "
+            f"{row['speed_ratio']:.2f}x, peak RSS {ref['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+        path.write_text(json.dumps(result, indent=1))
+    if len(result["runs"]) == 2:
+        _print_table(result)
     print(f"\nwrote {path}")
 
 

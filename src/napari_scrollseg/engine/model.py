@@ -393,19 +393,25 @@ class LoadedModel:
         compute per call. Pass ``bbox`` (``grid.data``) and ``normalizer`` computed once
         elsewhere (e.g. on a dask.distributed driver) to skip the whole-volume reductions.
         """
-        from napari_scrollseg.engine.volumes import check_finite, read_block
+        from napari_scrollseg.engine.volumes import check_finite, direct_array, read_block
 
         arr, _ = as_czyx(volume)
         source = getattr(volume, "source", "the volume")
         bbox = self.bbox(volume) if bbox is None else tuple(bbox)
         norm = self.normalizer(volume, bbox=bbox) if normalizer is None else normalizer
+        direct = direct_array(getattr(volume, "data", None))  # zarr without a dask graph
 
         def read(box: Box) -> np.ndarray:
             out = np.zeros((arr.shape[0], *(b.stop - b.start for b in box)), np.float32)
             inter = [slice(max(b.start, d.start), min(b.stop, d.stop)) for b, d in zip(box, bbox)]
             if any(i.start >= i.stop for i in inter):
                 return out
-            raw = read_block(arr, (slice(None), *inter), source)
+            if direct is None:
+                raw = read_block(arr, (slice(None), *inter), source)
+            elif direct.ndim == 3:
+                raw = direct[tuple(inter)][None]
+            else:
+                raw = direct[(slice(None), *inter)]
             check_finite(raw, [i.start for i in inter], source)
             dst = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))
             out[(slice(None), *dst)] = norm(raw)
@@ -487,16 +493,22 @@ class LoadedModel:
             step = max(n, self.max_network_batch)
             for net in self._networks:
                 with ctx:
-                    out = torch.cat([net(big[i : i + step]) for i in range(0, len(big), step)])
-                out = out.float()
+                    parts = [net(big[i : i + step]) for i in range(0, len(big), step)]
+                out = (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
                 for i, (k, axes) in enumerate(transforms):
                     o = out[i * n : (i + 1) * n]
                     if axes:
                         o = torch.flip(o, [a + 2 for a in axes])
                     if k:
                         o = torch.rot90(o, -k, dims=(-2, -1))
-                    total = o.clone() if total is None else total.add_(o)
-            total /= len(self._networks) * len(transforms)
+                    if total is None:  # the network's own output needs no copy when alone
+                        alone = len(transforms) == len(self._networks) == 1
+                        alone = alone and o.data_ptr() != x.data_ptr()
+                        total = o if alone else o.clone()
+                    else:
+                        total.add_(o)
+            if len(self._networks) * len(transforms) > 1:
+                total /= len(self._networks) * len(transforms)
         return total.permute(inv).contiguous()
 
 

@@ -667,6 +667,22 @@ class _CheckedZarr:
         return read_block(self.array, key, self.source)
 
 
+def direct_array(data: Any) -> Any:
+    """The checked zarr array under a dask array opened from zarr by this module, else
+    None: reading it directly (zarr fetches the chunks of a box at once) skips building
+    and running a dask graph per read."""
+    name = getattr(data, "name", None)
+    graph = getattr(data, "dask", None)
+    if name is None or graph is None:
+        return None
+    try:
+        source = graph[f"original-{name}"]
+    except (KeyError, TypeError):
+        return None
+    ok = isinstance(source, _CheckedZarr) and tuple(source.shape) == tuple(data.shape)
+    return source if ok else None
+
+
 def _attr_triplet(attrs: Mapping[str, Any], keys: Sequence[str]) -> tuple[float, ...] | None:
     for key in keys:
         value = attrs.get(key)

@@ -1,11 +1,11 @@
-"""Run a task graph: dask's threaded scheduler or a dask.distributed cluster, yielding each
+"""Run a task graph: a bounded window of threads on one machine (:func:`run_windowed`) or a
+dask.distributed cluster, yielding each
 finished task as it lands; closing the iterator cancels what has not started.
 :func:`iter_in_thread` runs a whole-volume pass off the caller's thread, cancellable."""
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
@@ -20,47 +20,88 @@ class _Cancelled(Exception):
     pass
 
 
-def run_threaded(
-    dsk: dict, keys: list, num_workers: int, cancel: threading.Event
+def run_windowed(
+    chunks: Sequence[tuple[Any, tuple]],
+    tasks: dict,
+    num_workers: int,
+    cancel: threading.Event,
+    *,
+    ahead: int | None = None,
 ) -> Iterator[tuple[Any, Any]]:
-    from concurrent.futures import ThreadPoolExecutor
+    """Run chunk tasks in their order, each after the block tasks it reads, on
+    ``num_workers`` threads, with a bounded amount of work in flight.
 
-    from dask.callbacks import Callback
-    from dask.threaded import get
+    ``chunks`` lists ``(chunk key, block keys it reads)`` in the order to finish them;
+    ``tasks`` maps every key to ``(function, *args)`` where an argument that is a block key
+    of that chunk stands for the block's result (the dask tuple form). At most
+    ``num_workers + 1`` tasks are submitted at once, a ready chunk before any block (it frees
+    the partial sums it read), and blocks are started only for the next ``ahead`` chunks
+    after the oldest unfinished one (default ``4 * num_workers``): reading and normalising
+    the next blocks, the network and writing finished chunks overlap, while what is held
+    stays set by the chunk and patch sizes, not by the volume's.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    events: queue.Queue = queue.Queue()
+    ahead = max(1, ahead if ahead is not None else 4 * num_workers)
+    limit = max(1, num_workers) + 1
+    results: dict = {}  # block key -> result, while a chunk still needs it
+    readers: dict = {}  # block key -> chunks not yet finished that read it
+    sources = dict(chunks)
+    for blocks in sources.values():
+        for b in blocks:
+            readers[b] = readers.get(b, 0) + 1
+    started: set = set()
+    finished_chunks: set = set()
+    oldest = 0  # index of the oldest unfinished chunk
+    admitted = 0  # chunks [0, admitted) may have their blocks started
+    running: dict = {}  # future -> key
+    pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="scrollseg-task")
 
-    class _Events(Callback):
-        def _pretask(self, key, dsk, state):
-            if cancel.is_set():
-                raise _Cancelled
+    def call(key: Any) -> Any:
+        fn, *args = tasks[key]
+        blocks = set(sources.get(key, ()))
+        return fn(*(results[a] if isinstance(a, tuple) and a in blocks else a for a in args))
 
-        def _posttask(self, key, result, dsk, state, worker_id):
-            events.put(("task", key, result))
+    def next_task() -> Any:
+        nonlocal admitted
+        while admitted < len(chunks) and admitted - oldest < ahead:
+            admitted += 1
+        for key, blocks in chunks[oldest:admitted]:  # a ready chunk first
+            if key not in started and all(b in results for b in blocks):
+                return key
+        for _key, blocks in chunks[oldest:admitted]:  # then the earliest missing block
+            for b in blocks:
+                if b not in started:
+                    return b
+        return None
 
-    pool = ThreadPoolExecutor(num_workers, thread_name_prefix="scrollseg-task")
-
-    def target() -> None:
-        try:
-            get(dsk, keys, num_workers=num_workers, pool=pool, callbacks=[_Events()._callback])
-            events.put(("end", None, None))
-        except BaseException as exc:  # handed to the consuming thread
-            events.put(("error", None, exc))
-
-    thread = threading.Thread(target=target, name="scrollseg-predict", daemon=True)
-    thread.start()
     try:
-        while True:
-            kind, key, value = events.get()
-            if kind == "task":
+        while oldest < len(chunks):
+            while not cancel.is_set() and len(running) < limit:
+                key = next_task()
+                if key is None:
+                    break
+                started.add(key)
+                running[pool.submit(call, key)] = key
+            if not running:
+                return  # cancelled (nothing left to wait for)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = running.pop(future)
+                value = future.result()  # an error ends the run (after the finally)
+                if key in readers:
+                    results[key] = value
+                else:
+                    finished_chunks.add(key)
+                    for b in sources[key]:
+                        readers[b] -= 1
+                        if not readers[b]:
+                            results.pop(b, None)
                 yield key, value
-            elif kind == "end" or isinstance(value, _Cancelled):
-                return
-            else:
-                raise value
+            while oldest < len(chunks) and chunks[oldest][0] in finished_chunks:
+                oldest += 1
     finally:
         cancel.set()
-        thread.join()
         pool.shutdown(wait=True)  # tasks already running finish; none is left behind
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from napari_scrollseg.engine.tiling import Grid
 
 __all__ = ["DEFAULT_CACHE_BYTES", "ModelRef", "Predictor"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 1 << 30
 Box = tuple[slice, ...]
@@ -93,6 +96,8 @@ class Predictor:
             cache if isinstance(cache, TileCache) else TileCache(cache) if cache else None
         )
         self.forward_passes = 0
+        self.batch_limit: int | None = None  # set by an out of memory (see forward)
+        self._tile_bytes: int | None = None  # CUDA memory one tile took (see batch_for)
         self.stats = PipelineStats()  # time per stage of the whole-volume runs (benchmarks)
 
     # -- the model --------------------------------------------------------------------------
@@ -113,11 +118,65 @@ class Predictor:
         return ModelRef(self.path, m.folds, m.checkpoint, self._device_arg)
 
     def forward(self, batch: torch.Tensor, **options: Any) -> torch.Tensor:
-        """:meth:`LoadedModel.forward` (same options) under the session's lock, counted."""
+        """:meth:`LoadedModel.forward` (same options) under the session's lock, counted.
+
+        A batch the device has no memory for is run in halves (down to one tile; then a
+        :class:`ScrollsegError` says what to do), and later batches are kept to the size
+        that fitted (:meth:`batch_for`)."""
         with self.lock, self.stats.time("network"):
-            out = self.model.forward(batch, **options)
-            self.forward_passes += int(batch.shape[0])
+            return self._forward_fitting(batch, options)
+
+    def _forward_fitting(self, batch: torch.Tensor, options: dict) -> torch.Tensor:
+        import torch
+
+        n = int(batch.shape[0])
+        if self.batch_limit is None or n <= self.batch_limit:
+            try:
+                return self._forward_counted(batch, options)
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if n == 1:
+                    raise ScrollsegError(
+                        f"the device {self.device} ran out of memory on a single tile "
+                        f"{tuple(batch.shape[2:])} of this model: free the device (close other "
+                        "programs), turn mirroring off, or choose the cpu device"
+                    ) from None
+                self.batch_limit = n // 2
+                log.warning("out of memory on %s: batches of %d tiles", self.device, n // 2)
+        parts, done = [], 0
+        while done < n:  # in pieces of what fits (smaller if a piece runs out too)
+            step = self.batch_limit
+            parts.append(self._forward_fitting(batch[done : done + step], options))
+            done += step
+        return torch.cat(parts)
+
+    def _forward_counted(self, batch: torch.Tensor, options: dict) -> torch.Tensor:
+        import torch
+
+        n = int(batch.shape[0])
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        out = self.model.forward(batch, **options)
+        if cuda:  # the device memory one tile of this run takes, at most
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+            self._tile_bytes = max(self._tile_bytes or 0, -(-peak // n))
+        self.forward_passes += n
         return out
+
+    def batch_for(self, requested: int) -> int:
+        """Tiles per network batch: ``requested``, at most what fitted after an out of
+        memory, and on CUDA at most what the free device memory holds (from the memory a
+        tile took so far; none measured yet: ``requested``). The CPU keeps ``requested``."""
+        n = requested if self.batch_limit is None else max(1, min(requested, self.batch_limit))
+        if self.device.type != "cuda" or not self._tile_bytes:
+            return n
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, min(n, int(0.8 * free) // self._tile_bytes))
 
     # -- volumes ----------------------------------------------------------------------------
     def bbox(self, volume: Any) -> Box:

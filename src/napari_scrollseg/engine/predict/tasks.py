@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,10 +119,47 @@ def _resolve(volume: Any) -> Volume:
     return _open_cached(volume) if isinstance(volume, str) else volume
 
 
-def _weights(patch: Sequence[int]) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _weights(patch: tuple[int, ...]) -> np.ndarray:
+    """The gaussian tile weights (read-only: shared by every task)."""
     from napari_scrollseg.engine.tiling import weight_map
 
-    return weight_map(tuple(int(p) for p in patch), "gaussian")
+    gmap = weight_map(tuple(int(p) for p in patch), "gaussian")
+    gmap.flags.writeable = False
+    return gmap
+
+
+_SUMS: OrderedDict = OrderedDict()  # a few chunks' weight sums, by the tiles' layout
+_SUMS_LOCK = threading.Lock()
+_SUMS_KEEP = 8
+
+
+def _weight_sum(grid: Grid, box: tuple[Span, ...]) -> np.ndarray:
+    """:func:`~napari_scrollseg.engine.tiling.weight_sum` of a chunk, remembered for the
+    next chunk with the same tiles at the same places relative to it (every inner chunk
+    when the chunk is a multiple of the grid's step). Read-only."""
+    from napari_scrollseg.engine.tiling import weight_sum
+
+    patch = tuple(int(p) for p in grid.patch)
+    key = (
+        patch,
+        tuple(
+            tuple(o + s - a for s in st if a - p < o + s < b)
+            for o, st, p, (a, b) in zip(grid.offset, grid.starts, patch, box)
+        ),
+        tuple(b - a for a, b in box),
+    )
+    with _SUMS_LOCK:
+        if key in _SUMS:
+            _SUMS.move_to_end(key)
+            return _SUMS[key]
+    sums = weight_sum(grid, tuple(slice(a, b) for a, b in box), _weights(patch))
+    sums.flags.writeable = False
+    with _SUMS_LOCK:
+        _SUMS[key] = sums
+        while len(_SUMS) > _SUMS_KEEP:
+            _SUMS.popitem(last=False)
+    return sums
 
 
 def run_block(job: Job, spec: BlockSpec) -> dict:
@@ -180,7 +218,7 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
         part = logits
         if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
             weights = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
-            gmap = _weights(patch)
+            gmap = _weights(tuple(patch))
             for t in tiles:  # the extended box holds every tile of the block whole
                 src, dst = tile_overlap(t, patch, out_box)
                 weights[dst] += gmap[src]
@@ -192,13 +230,23 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
 
 
+def _as_tensor(array: np.ndarray, device: Any) -> Any:
+    """A read-only numpy array as a tensor on ``device`` (shared memory on the CPU)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch warns that the array is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).to(device)
+
+
 def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     """Sum the partials over a chunk and finalise it where they are (the session's device),
     write it, then mark it done. Only the uint8 probabilities and labels reach the host."""
     import torch
 
     from napari_scrollseg.engine.predict.tiles import data_mask, finalize_uint8
-    from napari_scrollseg.engine.tiling import weight_sum
 
     session = _session(job)
     stats, device = session.stats, session.device
@@ -224,14 +272,17 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
             if weights is not None:
                 weights[tuple(dst)] += piece[job.n_classes]
     with stats.time("finalize"):
-        if weights is None:
-            box = tuple(slice(a, b) for a, b in spec.box)
-            weights = np.asarray(weight_sum(job.grid, box, _weights(job.grid.patch)))
-            weights = torch.from_numpy(weights).to(device)
-        inside = data_mask(job.grid.data, tuple(slice(a, b) for a, b in spec.box))
+        if weights is None:  # read-only, shared: never written to
+            weights = _as_tensor(_weight_sum(job.grid, spec.box), device)
+        box = tuple(slice(a, b) for a, b in spec.box)
+        inside = None  # None: the chunk lies wholly inside the data
+        if not all(d.start <= b.start and b.stop <= d.stop for d, b in zip(job.grid.data, box)):
+            inside = data_mask(job.grid.data, box)
         if job.mask is not None:
-            inside &= mask_region(_resolve(job.mask), spec.box, job.volume_shape)
-        probs8, labels = finalize_uint8(acc, weights, data=torch.from_numpy(inside).to(device))
+            region = mask_region(_resolve(job.mask), spec.box, job.volume_shape)
+            inside = region if inside is None else inside & region
+        data = None if inside is None else torch.from_numpy(inside).to(device)
+        probs8, labels = finalize_uint8(acc, weights, data=data)
         del acc, weights
     local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(spec.box, job.roi))
     with stats.time("write"):
@@ -261,6 +312,11 @@ class Graph:
     @property
     def keys(self) -> list[tuple]:
         return [*self.block_keys.values(), *self.chunk_keys]
+
+    @property
+    def chunk_order(self) -> list[tuple[tuple, tuple]]:
+        """``(chunk key, keys of the blocks it reads)`` in the plan's chunk order."""
+        return [(k, tuple(self.dsk[k][3:])) for k in self.chunk_keys]
 
 
 def build_graph(the_plan: Plan, job: Job, pending: Sequence[tuple[int, ...]], token: str) -> Graph:

@@ -76,6 +76,8 @@ def iter_tiles(
         raise ScrollsegError(f"batch size must be at least 1, got {batch_size}")
     lm = _model_of(model)
     forward = model.forward
+    if hasattr(model, "batch_for"):  # a session: what fits the device's free memory
+        batch_size = model.batch_for(batch_size)
     patch = grid_patch(lm)
     out = torch.zeros(
         (lm.n_classes, *(b.stop - b.start for b in out_box)),
@@ -86,9 +88,12 @@ def iter_tiles(
     tiles = list(tiles)
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
 
-    def load(batch: list[tuple[int, ...]]) -> np.ndarray:
+    def load(batch: list[tuple[int, ...]]) -> torch.Tensor:
         x = np.stack([read(tuple(slice(s, s + p) for s, p in zip(t, patch))) for t in batch])
-        return x[:, :, 0] if lm.is_2d else x
+        x = torch.from_numpy(x[:, :, 0] if lm.is_2d else x)
+        if lm.device.type == "cuda":  # from pinned memory: the host never waits for the copy
+            x = x.pin_memory().to(lm.device, non_blocking=True)
+        return x
 
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrollseg-read") as pool:
@@ -96,13 +101,19 @@ def iter_tiles(
         for i, batch in enumerate(batches):
             x = pending.result()
             pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
-            logits = forward(torch.from_numpy(x), mirror=mirror, tta=tta, half=half)
+            logits = forward(x, mirror=mirror, tta=tta, half=half)
             if lm.is_2d:
                 logits = logits[:, :, None]
-            for tile, weighted in zip(batch, logits * gmap_t):
-                _add_tile(out, tile, patch, weighted, out_box)
+            for tile, tile_logits in zip(batch, logits):
                 if on_tile is not None:
+                    weighted = tile_logits * gmap_t
+                    _add_tile(out, tile, patch, weighted, out_box)
                     on_tile(tile, weighted)
+                    continue
+                ov = tile_overlap(tile, patch, out_box)
+                if ov is not None:  # in place: no weighted temporary
+                    src, dst = ov
+                    out[(slice(None), *dst)].addcmul_(tile_logits[(slice(None), *src)], gmap_t[src])
             done += len(batch)
             yield done, out
 
@@ -203,19 +214,46 @@ def finalize(
 
     ``softmax(logit_sum / weights)`` and its argmax; voxels with no weight or outside
     ``data`` (a boolean mask: the nonzero box) are background (probability 1 for class 0,
-    label 0), as nnU-Net fills the region it cropped away.
+    label 0), as nnU-Net fills the region it cropped away. ``logit_sum`` is not changed.
     """
+    return _finalize_into(np.array(logit_sum, dtype=np.float32), np.asarray(weights), data)
+
+
+def _finalize_into(
+    logit_sum: np.ndarray, weights: np.ndarray, data: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`finalize` computed in ``logit_sum`` (float32, overwritten by the
+    probabilities, which are returned): no temporary of the class axis's size."""
     valid = weights > 0
     if data is not None:
         valid &= data
-    logits = np.divide(logit_sum, weights, out=np.zeros_like(logit_sum), where=valid)
-    logits -= logits.max(axis=0, keepdims=True)
-    probs = np.exp(logits, dtype=np.float32)
-    probs /= probs.sum(axis=0, keepdims=True)
-    probs[:, ~valid] = 0
-    probs[0, ~valid] = 1
-    labels = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 255 else np.uint16)
-    return probs, labels
+    everywhere = bool(valid.all())
+    # where nothing is valid the values stay as they are: they are replaced below
+    np.divide(logit_sum, weights, out=logit_sum, where=True if everywhere else valid)
+    logit_sum -= logit_sum.max(axis=0, keepdims=True)
+    np.exp(logit_sum, out=logit_sum)
+    logit_sum /= logit_sum.sum(axis=0, keepdims=True)
+    if not everywhere:
+        invalid = ~valid
+        logit_sum[:, invalid] = 0
+        logit_sum[0, invalid] = 1
+    return logit_sum, _argmax0(logit_sum)
+
+
+def _argmax0(probs: np.ndarray) -> np.ndarray:
+    """``argmax(probs, axis=0)`` (the first maximum) as uint8 (uint16 past 255 classes),
+    by one comparison per class: numpy's argmax over the outer axis is strided and slow."""
+    n = probs.shape[0]
+    dtype = np.uint8 if n <= 255 else np.uint16
+    if n > 16:
+        return np.argmax(probs, axis=0).astype(dtype)
+    labels = np.zeros(probs.shape[1:], dtype)
+    best = probs[0].copy()
+    for c in range(1, n):
+        better = probs[c] > best
+        labels[better] = c
+        np.maximum(best, probs[c], out=best)
+    return labels
 
 
 def finalize_uint8(
@@ -225,12 +263,13 @@ def finalize_uint8(
     as ``rint(255 p)`` uint8: only uint8 probabilities and the labels cross to the host.
 
     Returns numpy ``(n_classes, *shape)`` uint8 probabilities and the labels (uint8 for
-    up to 255 classes). On the CPU this is :func:`finalize` itself (numpy, faster there).
+    up to 255 classes). On the CPU this is :func:`finalize` (numpy, faster there) computed
+    in ``logit_sum``'s memory, which it overwrites.
     """
 
     if logit_sum.device.type == "cpu":
-        probs, labels = finalize(
-            logit_sum.numpy(), weights.numpy(), data=None if data is None else data.numpy()
+        probs, labels = _finalize_into(
+            logit_sum.numpy(), weights.numpy(), None if data is None else data.numpy()
         )
         np.multiply(probs, 255, out=probs)  # in place: the same float32 values
         np.rint(probs, out=probs)

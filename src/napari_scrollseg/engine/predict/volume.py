@@ -1,4 +1,4 @@
-"""Whole-volume prediction: a dask graph over output chunks, resumable, bounded memory.
+"""Whole-volume prediction: a task graph over output chunks, resumable, bounded memory.
 
 The answer equals nnU-Net's ``nnUNetPredictor`` on the whole volume: one global
 sliding-window grid (:meth:`~napari_scrollseg.engine.model.LoadedModel.grid`), the
@@ -42,7 +42,7 @@ from napari_scrollseg.engine.predict import store
 from napari_scrollseg.engine.predict.events import PredictProgress, Tally
 from napari_scrollseg.engine.predict.partials import PartialSums, budget, place
 from napari_scrollseg.engine.predict.plan import Plan, plan
-from napari_scrollseg.engine.predict.schedule import iter_in_thread, run_distributed, run_threaded
+from napari_scrollseg.engine.predict.schedule import iter_in_thread, run_distributed, run_windowed
 from napari_scrollseg.engine.predict.session import ModelRef, Predictor
 from napari_scrollseg.engine.predict.tasks import Job, build_graph, source_of
 from napari_scrollseg.engine.safe_write import run_lock
@@ -235,7 +235,7 @@ def _iter_run(
         yield tally.event("predict")
         if graph.keys:
             runner = (
-                run_threaded(graph.dsk, graph.keys, cfg.num_workers, threading.Event())
+                run_windowed(graph.chunk_order, graph.dsk, cfg.num_workers, threading.Event())
                 if client is None
                 else run_distributed(client, graph.dsk, graph.keys)
             )
