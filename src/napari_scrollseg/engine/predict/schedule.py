@@ -21,7 +21,7 @@ class _Cancelled(Exception):
 
 
 def run_threaded(
-    dsk: dict, keys: list, num_workers: int, cancel: threading.Event
+    dsk: dict, keys: list, num_workers: int, cancel: threading.Event, every: float | None = None
 ) -> Iterator[tuple[Any, Any]]:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -51,7 +51,11 @@ def run_threaded(
     thread.start()
     try:
         while True:
-            kind, key, value = events.get()
+            try:
+                kind, key, value = events.get(timeout=every)
+            except queue.Empty:  # nothing finished for ``every`` seconds: a beat
+                yield None, None
+                continue
             if kind == "task":
                 yield key, value
             elif kind == "end" or isinstance(value, _Cancelled):
