@@ -109,10 +109,14 @@ def _slice(p: _Params, z: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     # ink: blobs on the outer surface of a sheet (u near the thickness)
     surface = sheet & (u > 0.55 * p.thickness)
     for iz, itheta, iturn, irad in p.ink:
-        dtheta = np.angle(np.exp(1j * (theta - itheta)))
-        arc = dtheta * r
+        if abs(z - iz) > irad + 1:  # the blob does not reach this slice (dist >= |z - iz|)
+            continue
+        at = np.nonzero(surface & (turn == iturn))  # only where the blob can be
+        dtheta = np.angle(np.exp(1j * (theta[at] - itheta)))
+        arc = dtheta * r[at]
         dist = np.sqrt(arc**2 + (z - iz) ** 2)
-        truth[surface & (turn == iturn) & (dist < irad)] = INK
+        hit = dist < irad
+        truth[at[0][hit], at[1][hit]] = INK
     # intensities: air dark, papyrus bright with fibres, ink slightly brighter
     fibres = 10 * np.sin(0.9 * theta * r + 0.3 * z) * np.sin(1.7 * u) + 6 * np.sin(
         0.7 * z + 0.4 * r
