@@ -80,7 +80,8 @@ class _LineProgress(_Lines):
     """``scrollseg predict`` off a terminal: chunks, tiles and tiles/s as plain lines."""
 
     def __call__(self, ev) -> None:
-        if not self.due(final=ev.stage != "predict" or ev.chunks_done == ev.chunks_total):
+        last_chunk = ev.stage == "predict" and ev.chunks_done == ev.chunks_total
+        if not self.due(final=ev.stage in ("pyramid", "done") or last_chunk):
             return
         print(
             f"predict {ev.stage}: {ev.chunks_done}/{ev.chunks_total} chunks, "

@@ -57,15 +57,17 @@ def test_plain_lines_off_a_terminal_at_an_interval(run: dict, capsys, monkeypatc
     clock = iter(np.arange(0.0, 1000.0, 1.0))  # one second between events
     lines = cli._LineProgress(every=5.0)
     monkeypatch.setattr(lines, "_clock", lambda: next(clock))
+    prepare = [e for e in run["events"] if e.stage == "prepare"]
     predict = [e for e in run["events"] if e.stage == "predict"]
-    for ev in [*predict, run["events"][-1]]:
+    for ev in [*prepare * 10, *predict, run["events"][-1]]:  # many preparing beats
         lines(ev)
     out = capsys.readouterr().out
     assert "\r" not in out
     printed = out.splitlines()
     # the first event, one line per 5 events (5 s), the chunks' end and the final one
-    assert 3 <= len(printed) <= 3 + len(predict) // 5
-    assert printed[0].startswith("predict predict: 0/1 chunks")
+    n = 10 * len(prepare) + len(predict)
+    assert 3 <= len(printed) <= 3 + n // 5
+    assert printed[0].startswith("predict prepare: 0/0 chunks")
     assert printed[-1].startswith("predict done: 1/1 chunks, 147/147 tiles")
     assert all("tiles/s" in line for line in printed)
 
