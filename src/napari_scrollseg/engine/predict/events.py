@@ -99,7 +99,9 @@ class Tally:
     def event(self, stage: str) -> PredictProgress:
         elapsed = time.perf_counter() - self.t0
         now = self.chunks_done - self.chunks_resumed
-        running = max(0, self.passes - self.tiles_computed)  # in blocks not finished yet
+        # tiles of blocks not finished yet (bounded: a shared session may run others too)
+        left = self.tiles_total - self.tiles_skipped - self.tiles_done
+        running = min(max(0, self.passes - self.tiles_computed), max(0, left))
         return PredictProgress(
             stage=stage,
             out=self.out,

@@ -23,6 +23,8 @@ class _Cancelled(Exception):
 def run_threaded(
     dsk: dict, keys: list, num_workers: int, cancel: threading.Event, every: float | None = None
 ) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(key, result)`` per finished task; with ``every``, also ``(None, None)``
+    after each ``every`` seconds in which no task finished (a beat)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from dask.callbacks import Callback
