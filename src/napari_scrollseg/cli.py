@@ -9,6 +9,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -49,7 +50,6 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _dask_progress():
     """dask's progress bar on a terminal; on a log file, nothing (no \\r updates)."""
-    import contextlib
 
     if not sys.stderr.isatty():
         return contextlib.nullcontext()
@@ -58,28 +58,35 @@ def _dask_progress():
     return ProgressBar(minimum=2, dt=0.5, out=sys.stderr)
 
 
-class _LineProgress:
+class _Lines:
     """Plain progress lines, at most one every ``every`` seconds (for logs and pipes)."""
 
     def __init__(self, every: float = 10.0) -> None:
         import time
 
         self._clock = time.monotonic
-        self.every, self._last, self._t0 = every, -float("inf"), time.monotonic()
+        self.every, self._last = every, -float("inf")
+
+    def due(self, final: bool = False) -> bool:
+        """True when a line is due: the first, a final one, or ``every`` s after the last."""
+        now = self._clock()
+        if not final and now - self._last < self.every:
+            return False
+        self._last = now
+        return True
+
+
+class _LineProgress(_Lines):
+    """``scrollseg predict`` off a terminal: chunks, tiles and tiles/s as plain lines."""
 
     def __call__(self, ev) -> None:
-        now = self._clock()
-        if (
-            ev.stage == "predict"
-            and ev.chunks_done < ev.chunks_total
-            and now - self._last < self.every
-        ):
+        last_chunk = ev.stage == "predict" and ev.chunks_done == ev.chunks_total
+        if not self.due(final=ev.stage in ("pyramid", "done") or last_chunk):
             return
-        self._last = now
-        rate = ev.tiles_computed / ev.elapsed_s if ev.elapsed_s > 0 else 0.0
         print(
             f"predict {ev.stage}: {ev.chunks_done}/{ev.chunks_total} chunks, "
-            f"{ev.tiles_done}/{ev.tiles_total} tiles, {rate:.2f} tiles/s, {ev.elapsed_s:.0f} s",
+            f"{ev.tiles_done}/{ev.tiles_total} tiles, {ev.tiles_per_s:.2f} tiles/s, "
+            f"{ev.elapsed_s:.0f} s",
             flush=True,
         )
 
@@ -340,11 +347,39 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from napari_scrollseg.engine.evaluate import evaluate, format_table, write_json
 
-    result = evaluate(args.pred, args.truth, roi=args.roi, num_workers=args.threads)
+    with _evaluate_progress() as progress:
+        result = evaluate(
+            args.pred, args.truth, roi=args.roi, num_workers=args.threads, progress=progress
+        )
     print(format_table(result))
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
     return 0
+
+
+@contextlib.contextmanager
+def _evaluate_progress():
+    """A progress callback for :func:`evaluate`: a tqdm bar on a terminal, else plain lines."""
+    import time
+
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        with tqdm(unit="block", desc="evaluate", dynamic_ncols=True) as bar:
+
+            def update(done: int, total: int) -> None:
+                bar.total, bar.n = total, done
+                bar.refresh()
+
+            yield update
+        return
+    lines, t0 = _Lines(), time.monotonic()
+
+    def line(done: int, total: int) -> None:
+        if lines.due(final=done == total):
+            print(f"evaluate: {done}/{total} blocks, {time.monotonic() - t0:.0f} s", flush=True)
+
+    yield line
 
 
 # -- models -------------------------------------------------------------------------------

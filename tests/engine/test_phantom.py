@@ -80,3 +80,35 @@ def test_phantom_cases_are_written_once_dense_or_sparse(tmp_path) -> None:
         painted = np.flatnonzero((labels > 0).any(axis=(1, 2)))
         assert len(painted) == 2
         np.testing.assert_array_equal(labels[painted], truth[painted])
+
+
+def test_default_shape_is_unchanged():
+    """The built-in model and the docs' figures were made on this exact phantom."""
+    import hashlib
+
+    img, truth = phantom.make_phantom(phantom.DEFAULT_SHAPE, seed=0)
+    digest = hashlib.sha256(img.tobytes() + truth.tobytes()).hexdigest()
+    assert digest.startswith("ef1aa4d7431be6f4")
+
+
+def _sheet_runs(truth: np.ndarray) -> float:
+    """Median length of the papyrus runs along x (sheet thickness across the sheets)."""
+    runs = []
+    for row in (truth != phantom.AIR).reshape(-1, truth.shape[-1]):
+        edges = np.flatnonzero(np.diff(np.r_[0, row.astype(np.int8), 0]))
+        runs += list(edges[1::2] - edges[::2])
+    return float(np.median(runs))
+
+
+def test_features_keep_their_voxel_size_above_the_default_shape():
+    _, small = phantom.make_phantom((8, 128, 128), seed=0)
+    _, large = phantom.make_phantom((8, 384, 384), seed=0)
+    assert abs(_sheet_runs(large) - _sheet_runs(small)) <= 1
+    # more turns of the same sheets: papyrus/air crossings grow with the size
+    crossings = [
+        np.abs(np.diff((t == phantom.AIR).astype(np.int8), axis=-1)).sum() for t in (small, large)
+    ]
+    assert crossings[1] > 2.5 * crossings[0] * (384 / 128)
+    # below the default shape, features still shrink with the shape (small tests stay fast)
+    _, tiny = phantom.make_phantom((8, 64, 64), seed=0)
+    assert _sheet_runs(tiny) < _sheet_runs(small)

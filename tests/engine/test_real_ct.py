@@ -4,14 +4,19 @@ labels, the same tiny CPU network, Dice per class on a held-out part of the scan
 
 Floors (see the tutorial for the full-size figures): every class, background included,
 must be learned from both label sets; matrix (class 1, nnU-Net's background) above 0.9
-and pore above 0.5 after 16 CPU iterations (the reduced dense run reached 0.99 / 0.94
-after 60; its pore pseudo Dice was 0.90 after the first 10). Skipped, with the reason, where PyPI cannot
-be reached.
+and pore above 0.5. Budgets: dense 2 x 16 iterations (pore pseudo Dice 0.8-0.94 after
+the first epoch in every run seen), sparse 6 x 16. A sparse run can sit at pore pseudo
+Dice 0.0 for its first epochs: once with 2 x 16 it ended there (pore Dice 0.0; the
+earlier 2 x 8 budget failed 1 run in 4 the same way), and once with 4 x 16 it only
+left it in the fourth epoch. Such a model ranks
+pores (mean pore probability 0.26 on pore voxels, 0.10 on matrix) but has not yet
+crossed 0.5 anywhere; the sampler drew pore in every patch and the clip windows of the
+two label sets agree, so it is too little training, not a fault of the sampler or the
+normalisation. Skipped, with the reason, where PyPI cannot be reached.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOORS = {"matrix": 0.9, "pore": 0.5}
 CROP = (slice(None), slice(0, 64), slice(0, 64))  # reduced: a quarter of each slice
 TINY = {"n_stages": 3, "features_per_stage": [4, 8, 16], "patch_size": [16, 32, 32]}
+EPOCHS = {"train_truth": 2, "train_sparse": 6}  # x 16 iterations (see above)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +73,8 @@ def _train_and_score(cement: dict, labels: str, dataset_id: int) -> dict:
             results_dir=root / "results",
             folds=("all",),
             device="cpu",
-            epochs=2,
-            iterations=8,
+            epochs=EPOCHS[labels],
+            iterations=16,
             num_processes=1,
             da_processes=0,
             validate=False,
@@ -85,11 +91,6 @@ def _train_and_score(cement: dict, labels: str, dataset_id: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two plannings and trainings: minutes on 2 shared cores
-@pytest.mark.skipif(
-    os.environ.get("SCROLLSEG_REAL_CT") != "1",
-    reason="opt-in (SCROLLSEG_REAL_CT=1): 16 CPU iterations left pore Dice at 0.0 in 1 of "
-    "4 runs, so it is not yet a reliable CI gate (issue 14 stays open on it)",
-)
 def test_every_class_is_learned_from_sparse_and_dense_labels(cement):
     dense = _train_and_score(cement, "train_truth", 981)
     sparse = _train_and_score(cement, "train_sparse", 982)
@@ -97,6 +98,7 @@ def test_every_class_is_learned_from_sparse_and_dense_labels(cement):
     assert "foreground-only window" in dense["window"]
     for result in (dense, sparse):
         dice = {k: v["dice"] for k, v in result["scores"]["per_class"].items()}
+        print("held-out Dice:", dice, result["window"])
         assert set(dice) == set(FLOORS)
         for name, floor in FLOORS.items():
             assert dice[name] > floor, (name, dice, result["window"])

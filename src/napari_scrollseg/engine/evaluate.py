@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def evaluate(
     roi: str | None = None,
     classes: dict[int, str] | None = None,
     num_workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Per-class scores of ``pred`` against ``truth``.
 
@@ -90,6 +92,8 @@ def evaluate(
         truth, else ``class <id>``.
     num_workers
         Threads of the dask scheduler (default: dask's).
+    progress
+        Called as ``progress(blocks_done, blocks_total)`` after each block is counted.
 
     Returns
     -------
@@ -100,6 +104,7 @@ def evaluate(
         (scored) and ``skipped`` (``unlabeled`` and ``ignore`` truth voxels).
     """
     import dask
+    from dask.callbacks import Callback
 
     from napari_scrollseg.engine.annotations import ignore_value
     from napari_scrollseg.engine.config import parse_roi
@@ -122,8 +127,18 @@ def evaluate(
     kwargs = {"scheduler": "threads"}
     if num_workers:
         kwargs["num_workers"] = num_workers
+    done = [0]
+
+    def counted(key: Any, *_: Any) -> None:
+        name = key[0] if isinstance(key, tuple) else key
+        if progress is not None and str(name).startswith("_count_pairs"):
+            done[0] += 1
+            progress(done[0], len(parts))
+
     counts: dict[tuple[int, int], int] = {}
-    for part in dask.compute(*parts, **kwargs):
+    with Callback(posttask=counted):
+        results = dask.compute(*parts, **kwargs)
+    for part in results:
         for key, n in part.items():
             pair = (key >> 32, key & 0xFFFFFFFF)
             counts[pair] = counts.get(pair, 0) + n

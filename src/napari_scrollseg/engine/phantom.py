@@ -5,6 +5,10 @@ sheets, fibre texture, air gaps between the turns, scanner-like noise and a few
 faint ink blobs on the outer sheet surfaces. The dense ground truth uses the
 annotation convention of the design: 1 air, 2 papyrus, 3 ink.
 
+Sheet pitch, thickness and ink size grow with the shape up to the default shape
+(64 x 128 x 128) and keep their voxel size above it: a larger phantom shows more
+turns of the same sheets, as a larger scan of the same scroll would.
+
 Every z-slice is computed on its own from ``(shape, seed, z)``, so the phantom
 is the same whichever way it is chunked and can be made lazily at any size.
 """
@@ -33,6 +37,8 @@ CLASSES = {"air": AIR, "papyrus": PAPYRUS, "ink": INK}
 COLORS = {c: (*palette_color(c), 255) for c in (AIR, PAPYRUS, INK)}  # RGBA 0..255
 DEFAULT_SHAPE = (64, 128, 128)
 SPACING = (7.91, 7.91, 7.91)  # micrometres, as the Vesuvius scroll scans
+#: half the in-plane size at which features stop growing (the default shape's)
+FEATURE_HALF = min(DEFAULT_SHAPE[1:]) / 2
 INK_CONTRAST = 18.0  # grey values ink adds to papyrus (noise sigma 12): faint, as real ink
 
 
@@ -54,9 +60,12 @@ def _params(shape: tuple[int, int, int], seed: int, ink_contrast: float = INK_CO
     rng = np.random.default_rng(seed)
     z, y, x = shape
     half = min(y, x) / 2
-    pitch = max(6.0, half / 5.5)
+    # sheet pitch, thickness, core and ink size scale with the shape up to the default
+    # shape and keep their voxel size above it: a larger phantom has more turns
+    scale = min(half, FEATURE_HALF)
+    pitch = max(6.0, scale / 5.5)
     n_ink = max(3, round(z * y * x / 200_000))
-    r_in = 0.18 * half
+    r_in = 0.18 * scale
     r_out = 0.92 * half
     n_turns = int((r_out - r_in) / pitch)
     ink = np.column_stack(
@@ -100,10 +109,14 @@ def _slice(p: _Params, z: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     # ink: blobs on the outer surface of a sheet (u near the thickness)
     surface = sheet & (u > 0.55 * p.thickness)
     for iz, itheta, iturn, irad in p.ink:
-        dtheta = np.angle(np.exp(1j * (theta - itheta)))
-        arc = dtheta * r
+        if abs(z - iz) > irad + 1:  # the blob does not reach this slice (dist >= |z - iz|)
+            continue
+        at = np.nonzero(surface & (turn == iturn))  # only where the blob can be
+        dtheta = np.angle(np.exp(1j * (theta[at] - itheta)))
+        arc = dtheta * r[at]
         dist = np.sqrt(arc**2 + (z - iz) ** 2)
-        truth[surface & (turn == iturn) & (dist < irad)] = INK
+        hit = dist < irad
+        truth[at[0][hit], at[1][hit]] = INK
     # intensities: air dark, papyrus bright with fibres, ink slightly brighter
     fibres = 10 * np.sin(0.9 * theta * r + 0.3 * z) * np.sin(1.7 * u) + 6 * np.sin(
         0.7 * z + 0.4 * r

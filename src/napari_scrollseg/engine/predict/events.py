@@ -6,12 +6,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PredictProgress", "Tally"]
+__all__ = ["BEAT_S", "PredictProgress", "Tally", "bar_state"]
+
+#: how often a threaded run looks at its tile count between finished tasks (seconds):
+#: progress moves once per batch of tiles, at most this often
+BEAT_S = 0.25
 
 
 @dataclass(frozen=True)
 class PredictProgress:
-    """One progress event of :func:`iter_predict_volume` (yielded once per output chunk).
+    """One progress event of :func:`iter_predict_volume`.
+
+    Yielded once per finished block of tiles and output chunk and, on the threaded
+    scheduler, once per batch of tiles the network ran (at most every :data:`BEAT_S`).
 
     ``stage`` is ``"prepare"`` while the whole-volume passes run (counts are still 0),
     ``"predict"`` while chunks are computed, ``"pyramid"`` while the coarser levels are
@@ -47,6 +54,11 @@ class PredictProgress:
             return 1.0 if self.stage == "done" else 0.0
         return self.chunks_done / self.chunks_total
 
+    @property
+    def tiles_per_s(self) -> float:
+        """Tiles this run sent through the network per second."""
+        return self.tiles_computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
 
 @dataclass
 class Tally:
@@ -64,32 +76,42 @@ class Tally:
     blocks_total: int = 0
     grid_tiles: int = 0
     voxels: int = 0
+    passes: int = 0  # tiles the network ran in this run, finished blocks or not
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, key: tuple, result: dict) -> bool:
-        """Count a finished task; True for a chunk (an event is due)."""
+        """Count a finished task (a block of tiles or a chunk); True when an event is due."""
         if key[0].startswith("scrollseg-block"):
             self.tiles_done += result["tiles"]
             self.tiles_computed += result["computed"]
-            return False
+            return result["computed"] > 0 or result["tiles"] > 0
         self.chunks_done += 1
         self.chunks_computed += 1
         self.voxels += result["voxels"]
         return True
 
+    def beat(self, passes: int) -> bool:
+        """Tiles run so far in this run (the session's forward passes); True if they moved."""
+        moved = passes > self.passes
+        self.passes = max(self.passes, passes)
+        return moved
+
     def event(self, stage: str) -> PredictProgress:
         elapsed = time.perf_counter() - self.t0
         now = self.chunks_done - self.chunks_resumed
+        # tiles of blocks not finished yet (bounded: a shared session may run others too)
+        left = self.tiles_total - self.tiles_skipped - self.tiles_done
+        running = min(max(0, self.passes - self.tiles_computed), max(0, left))
         return PredictProgress(
             stage=stage,
             out=self.out,
             chunks_done=self.chunks_done,
             chunks_total=self.chunks_total,
             chunks_resumed=self.chunks_resumed,
-            tiles_done=self.tiles_done,
+            tiles_done=self.tiles_done + running,
             tiles_total=self.tiles_total - self.tiles_skipped,
             tiles_skipped=self.tiles_skipped,
-            tiles_computed=self.tiles_computed,
+            tiles_computed=self.tiles_computed + running,
             chunks_computed=self.chunks_computed,
             blocks_total=self.blocks_total,
             grid_tiles=self.grid_tiles,
@@ -97,3 +119,21 @@ class Tally:
             elapsed_s=elapsed,
             eta_s=elapsed / now * (self.chunks_total - self.chunks_done) if now else None,
         )
+
+
+def bar_state(ev: PredictProgress) -> dict | None:
+    """The tqdm bar's state for an event: tiles, with chunks and tiles/s (None while
+    preparing: errors come before the bar)."""
+    if ev.stage == "prepare":
+        return None
+    return {
+        "unit": "tile",
+        "desc": "predict",
+        "total": ev.tiles_total,
+        "n": ev.tiles_done,
+        "postfix": {
+            "stage": ev.stage,
+            "chunks": f"{ev.chunks_done}/{ev.chunks_total}",
+            "tiles_s": f"{ev.tiles_per_s:.3g}",
+        },
+    }

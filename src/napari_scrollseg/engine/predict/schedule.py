@@ -27,9 +27,12 @@ def run_windowed(
     cancel: threading.Event,
     *,
     ahead: int | None = None,
+    every: float | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Run chunk tasks in their order, each after the block tasks it reads, on
-    ``num_workers`` threads, with a bounded amount of work in flight.
+    ``num_workers`` threads, with a bounded amount of work in flight. Yields
+    ``(key, result)`` per finished task; with ``every``, also ``(None, None)`` after each
+    ``every`` seconds in which no task finished (a beat).
 
     ``chunks`` lists ``(chunk key, block keys it reads)`` in the order to finish them;
     ``tasks`` maps every key to ``(function, *args)`` where an argument that is a block key
@@ -85,7 +88,10 @@ def run_windowed(
                 running[pool.submit(call, key)] = key
             if not running:
                 return  # cancelled (nothing left to wait for)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=every, return_when=FIRST_COMPLETED)
+            if not done:  # nothing finished for ``every`` seconds: a beat
+                yield None, None
+                continue
             for future in done:
                 key = running.pop(future)
                 value = future.result()  # an error ends the run (after the finally)

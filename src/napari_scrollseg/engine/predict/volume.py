@@ -39,7 +39,7 @@ from napari_scrollseg.engine.fingerprint import (
     loaded_model_fingerprint,
 )
 from napari_scrollseg.engine.predict import store
-from napari_scrollseg.engine.predict.events import PredictProgress, Tally
+from napari_scrollseg.engine.predict.events import BEAT_S, PredictProgress, Tally, bar_state
 from napari_scrollseg.engine.predict.partials import PartialSums, budget, place
 from napari_scrollseg.engine.predict.plan import Plan, plan
 from napari_scrollseg.engine.predict.schedule import iter_in_thread, run_distributed, run_windowed
@@ -234,14 +234,21 @@ def _iter_run(
         )
         yield tally.event("predict")
         if graph.keys:
+            passes0 = session.forward_passes  # threaded: the tasks run in this session
             runner = (
-                run_windowed(graph.chunk_order, graph.dsk, cfg.num_workers, threading.Event())
+                run_windowed(
+                    graph.chunk_order, graph.dsk, cfg.num_workers, threading.Event(), every=BEAT_S
+                )
                 if client is None
                 else run_distributed(client, graph.dsk, graph.keys)
             )
             with contextlib.closing(runner):
                 for key, result in runner:
-                    if tally.add(key, result):
+                    if key is None:  # a beat: count the tiles of blocks still running
+                        moved = tally.beat(session.forward_passes - passes0)
+                    else:
+                        moved = tally.add(key, result)
+                    if moved:
                         yield tally.event("predict")
         if tally.chunks_done < tally.chunks_total:  # pragma: no cover - runners finish all
             raise ScrollsegError(
@@ -356,21 +363,4 @@ def predict_volume(
 
     events = iter_predict_volume(model, volume, out, config, **options)
     show = bool(bar or (bar is None and progress is None))
-    return Path(drive(events, progress, bar=_bar if show else None))
-
-
-def _bar(ev: PredictProgress) -> dict | None:
-    """The tqdm bar's state for an event (None while preparing: errors come before it)."""
-    if ev.stage == "prepare":
-        return None
-    return {
-        "unit": "chunk",
-        "desc": "predict",
-        "total": ev.chunks_total,
-        "n": ev.chunks_done,
-        "postfix": {
-            "stage": ev.stage,
-            "tiles": f"{ev.tiles_done}/{ev.tiles_total}",
-            "vox_s": f"{ev.voxels_per_s:.3g}",
-        },
-    }
+    return Path(drive(events, progress, bar=bar_state if show else None))
