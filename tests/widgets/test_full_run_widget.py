@@ -16,7 +16,7 @@ from napari_scrollseg.engine.builtin import builtin_model
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.phantom import SPACING
 from napari_scrollseg.widgets.full_run import FullRunWidget
-from tests.widgets._stall import TARGET_S, StallMeter
+from tests.widgets._stall import ADD_LAYER_CPU_S, TARGET_S, StallMeter
 
 PLUGIN = "napari-scrollseg"
 S = SPACING[0]
@@ -69,10 +69,13 @@ def test_start_cancel_start_equals_scrollseg_predict(full, qtbot, tmp_path: Path
     done_first = len(list((out / ".scrollseg" / "done").iterdir()))
     assert 0 < done_first < 8, done_first  # cancelled part-way
     assert widget.result is None
-    assert any(layer.name.startswith("widget: ") for layer in viewer.layers)  # opened lazily
+    # the output opened while written (off the GUI thread, then one layer per turn)
+    qtbot.waitUntil(lambda: not widget.opening, timeout=60_000)
+    assert {"widget: prediction", "widget: widget [ink]"} <= {x.name for x in viewer.layers}
 
     widget.start()  # the same settings: resumes
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.opening, timeout=300_000)
+    qtbot.wait(100)  # the last refresh, one layer per turn
     meter.stop()
     print(f"\nfull run: {meter.report()}")
     assert widget.result == out
@@ -91,6 +94,7 @@ def test_start_cancel_start_equals_scrollseg_predict(full, qtbot, tmp_path: Path
     shown = viewer.layers["widget: prediction"]
     np.testing.assert_array_equal(np.asarray(shown.data[0]), ref_labels)
     assert meter.longest_cpu < TARGET_S, meter.report()
+    assert all(c < ADD_LAYER_CPU_S for _, c in meter.add_layer_gaps), meter.summary()
 
 
 def test_estimate_and_bad_inputs(full, qtbot, tmp_path: Path) -> None:

@@ -21,11 +21,10 @@ from napari_scrollseg.engine.builtin import builtin_model
 from napari_scrollseg.engine.phantom import SPACING
 from napari_scrollseg.widgets._view import camera_of
 from napari_scrollseg.widgets.live import LABELS_LAYER, PROB_LAYER, LiveWidget
-from tests.widgets._stall import TARGET_S, StallMeter
+from tests.widgets._stall import ADD_LAYER_CPU_S, TARGET_S, StallMeter
 
 PLUGIN = "napari-scrollseg"
 S = SPACING[0]
-ADD_LAYER_CPU_S = 1.5  # napari's add_layer, one layer per event-loop turn
 
 
 @pytest.fixture
