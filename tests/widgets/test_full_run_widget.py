@@ -118,3 +118,48 @@ def test_estimate_and_bad_inputs(full, qtbot, tmp_path: Path) -> None:
         widget._source()
     assert widget.start() is None  # refused before any thread starts
     assert widget.worker is None
+
+
+def test_remote_volume_that_stops_answering(
+    make_napari_viewer, phantom_zarr, qtbot, tmp_path, monkeypatch
+) -> None:
+    """A run whose volume server stops answering mid-run: one clear message, the widget
+    ready for another start, the viewer usable."""
+    import torch
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    from tests.http_server import VolumeServer
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("SCROLLSEG_HTTP_TIMEOUT", "1")
+    monkeypatch.setenv("SCROLLSEG_HTTP_RETRIES", "1")
+    server = VolumeServer(phantom_zarr.parent)
+    try:
+        viewer = make_napari_viewer()
+        viewer.open(server.url(phantom_zarr.name), plugin=PLUGIN)
+        widget = FullRunWidget(viewer)
+        viewer.window.add_dock_widget(widget)
+        widget.model.value = str(builtin_model())
+        widget.device.value, widget.mirror.value, widget.chunk.value = "cpu", False, 32
+        widget.output.value = tmp_path / "remote.zarr"
+        n = len(notification_manager.records)
+        meter = StallMeter(viewer)
+        assert widget.start() is not None
+        qtbot.waitUntil(lambda: widget.last_event is not None, timeout=120_000)
+        server.stall()  # the remote volume stops answering mid-run
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+        meter.stop()
+        errors = [
+            r.message
+            for r in notification_manager.records[n:]
+            if r.severity == NotificationSeverity.ERROR
+        ]
+        assert len(errors) == 1, errors
+        assert server.url(phantom_zarr.name) in errors[0], errors
+        assert "then run again" in errors[0], errors
+        assert widget.result is None
+        assert widget.start_button.enabled  # ready to start again (it resumes)
+        assert meter.longest_cpu < TARGET_S, meter.report()
+        viewer.dims.set_point(0, 0.0)  # the viewer still answers
+    finally:
+        server.kill()

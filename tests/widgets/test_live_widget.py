@@ -147,3 +147,48 @@ def test_bad_model_gives_one_message_and_the_viewer_stays_usable(live, qtbot, tm
     # the viewer still works: the built-in model predicts the same view
     widget.model.value = str(builtin_model())
     assert run(qtbot, widget).error is None
+
+
+def test_remote_volume_that_stops_answering(make_napari_viewer, phantom_zarr, qtbot, monkeypatch):
+    """One clear message, the viewer stays usable, and predicts once the server is back."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    from tests.http_server import VolumeServer
+
+    monkeypatch.setenv("SCROLLSEG_HTTP_TIMEOUT", "1")
+    monkeypatch.setenv("SCROLLSEG_HTTP_RETRIES", "1")
+    server, widget = VolumeServer(phantom_zarr.parent), None
+    try:
+        viewer = make_napari_viewer()
+        viewer.open(server.url(phantom_zarr.name), plugin=PLUGIN)
+        widget = LiveWidget(viewer)
+        viewer.window.add_dock_widget(widget)
+        widget.image.value = viewer.layers[0].name
+        widget.model.value = str(builtin_model())
+        widget.device.value = "cpu"
+        widget.mirror.value = False
+        look_at(viewer, 30, 60, 60, 30)
+        qtbot.wait(200)  # napari reads the slice on screen
+        server.stall()  # the remote volume stops answering
+        n = len(notification_manager.records)
+        meter = StallMeter(viewer)
+        req = run(qtbot, widget, timeout_s=120)
+        meter.stop()
+        errors = [
+            r.message
+            for r in notification_manager.records[n:]
+            if r.severity == NotificationSeverity.ERROR
+        ]
+        assert req.error is not None
+        assert errors == [str(req.error)], errors  # one message
+        assert "no answer within 1 s" in errors[0], errors
+        assert server.url(phantom_zarr.name) in errors[0], errors
+        assert widget.status.value == "failed"
+        assert meter.longest_cpu < TARGET_S, meter.report()  # the wait was off the GUI thread
+        server.resume()
+        assert run(qtbot, widget).error is None  # usable: the same view predicts
+        assert LABELS_LAYER in viewer.layers
+    finally:
+        if widget is not None:
+            widget.close_predictor()
+        server.kill()
