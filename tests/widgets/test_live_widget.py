@@ -192,3 +192,32 @@ def test_remote_volume_that_stops_answering(make_napari_viewer, phantom_zarr, qt
         if widget is not None:
             widget.close_predictor()
         server.kill()
+
+
+def test_3d_view_requests_the_visible_box(live, qtbot) -> None:
+    """Zoomed in on the centre of a 3D view: the box under the field of view, every voxel
+    along the view direction; zoomed out: the whole volume."""
+    from napari_scrollseg.widgets._view import view_box
+
+    viewer, widget = live
+    viewer.dims.ndisplay = 3
+    camera = camera_of(viewer)
+    camera.center = (32 * S, 64 * S, 64 * S)
+    camera.zoom = min(viewer.canvas.size) / (20 * S)  # 20 voxels across the short side
+    low, high, plane = view_box(viewer)
+    assert plane is None
+    shape = np.array([64, 128, 128])
+    along = int(np.argmax(np.abs(camera.view_direction)))  # the axis the camera looks down
+    across = [a for a in range(3) if a != along]
+    size = (np.asarray(high) - np.asarray(low)) / S
+    assert size[along] >= shape[along] - 1  # the whole depth
+    assert all(20 <= size[a] < shape[a] / 2 for a in across), size  # the field of view
+    assert all(lo <= c <= hi for lo, c, hi in zip(low, camera.center, high))
+    req = widget.predict_view()
+    qtbot.waitUntil(lambda: req.done, timeout=300_000)
+    assert req.error is None
+    assert req.box[along] == slice(0, shape[along])
+    assert all(20 <= req.box[a].stop - req.box[a].start < shape[a] / 2 for a in across)
+    camera.zoom = min(viewer.canvas.size) / (400 * S)  # zoomed out: all of it
+    low, high, _ = view_box(viewer)
+    np.testing.assert_allclose((np.asarray(high) - np.asarray(low)) / S, shape)
