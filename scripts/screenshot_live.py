@@ -80,7 +80,7 @@ def main() -> None:
     full.roi.value = "shapes: Shapes"
     full.output.value = work / "prediction.zarr"
     full.start()
-    wait(app, lambda: full.worker is None)
+    wait(app, lambda: full.worker is None and not full.opening)
     viewer.screenshot(str(IMAGES / "full-run.png"), canvas_only=False)
     print(f"wrote {IMAGES / 'live-inference.png'} and {IMAGES / 'full-run.png'}")
     viewer.close()
