@@ -2,9 +2,10 @@
 
 The widget only wires the viewer to :class:`~napari_scrollseg.engine.live.LivePredictor`:
 it reads the view from napari's camera and canvas (2D: the visible field at the current
-slice; 3D: the whole volume), submits it, and writes each block that lands into two
-result layers (a probability image of the chosen class and the argmax labels) placed
-over the scan. Follow mode re-predicts when the view has rested for 300 ms. Building
+slice; 3D: the volume under the field of view), submits it, and shows each block that
+lands in two result layers (a probability image of the chosen class and the argmax
+labels) placed over the scan; the GUI thread does one layer operation per event-loop
+turn and nothing heavier. Follow mode re-predicts when the view has rested for 300 ms. Building
 the widget imports no torch; the model loads on the predictor's worker thread.
 """
 
