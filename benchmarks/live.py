@@ -11,7 +11,8 @@ answers, in order:
 
 Latency is from ``submit`` to the last block written into a napari ``Image`` layer's
 data (the layer object the widget updates; no canvas here). Reports tiles run / cached,
-read / compute / finish seconds, and writes JSON.
+read / compute / finish seconds. Each stage prints (flushed) as it ends and the JSON is
+rewritten after each figure, so a run cut short by a time limit keeps what it measured.
 
 Examples::
 
@@ -33,7 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args: argparse.Namespace) -> dict:
+def say(text: str) -> None:
+    """Print now (a run killed by a time limit keeps every line printed)."""
+    print(text, flush=True)
+
+
+def run(args: argparse.Namespace, save) -> dict:
+    """Measure; ``save(report)`` is called after each figure (and at the end)."""
+    t_start = time.perf_counter()
     import numpy as np
     import torch
 
@@ -47,12 +55,14 @@ def run(args: argparse.Namespace) -> dict:
     from napari_scrollseg.engine.phantom import write_phantom
     from napari_scrollseg.engine.volumes import open_volume
 
+    say(f"imports done ({time.perf_counter() - t_start:.1f} s)")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scrollseg-live-bench-"))
     path = work / f"phantom-{'x'.join(map(str, args.shape))}.zarr"
     if not path.exists():
         write_phantom(path, shape=tuple(args.shape))
+        say(f"phantom written: {path} ({time.perf_counter() - t_start:.1f} s)")
     volume = open_volume(path)
     opts = LiveOptions(
         device=args.device, mirror=args.mirror, max_tiles=None, batch_size=args.batch_size
@@ -67,9 +77,30 @@ def run(args: argparse.Namespace) -> dict:
         if ev.final:
             landed.set()
 
-    results = {}
+    results: dict = {}
+    report = {
+        "benchmark": "live",
+        "view": [1, args.view, args.view],
+        "phantom_shape": list(args.shape),
+        "model": "phantom-tiny (built-in)",
+        "mirror": args.mirror,
+        "batch_size": args.batch_size,
+        "cpu": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "layer": "napari Image" if Image is not None else "numpy array (napari not installed)",
+        "results": results,
+        "targets": {"warm_s": 0.05, "cold_gpu_s": 0.5},
+    }
     with LivePredictor(builtin_model(), volume, opts, on_event=on_event) as live:
+        t0 = time.perf_counter()
         live.load()
+        device = str(live.model.device)
+        report["device"] = device
+        report["gpu"] = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
+        report["torch_threads"] = torch.get_num_threads()
+        report["model_load_s"] = round(time.perf_counter() - t0, 3)
+        say(f"model loaded on {device} in {report['model_load_s']} s")
         z = args.shape[0] // 2
         y0 = x0 = (args.shape[1] - args.view - args.view // 2) // 2
         views = {
@@ -77,8 +108,11 @@ def run(args: argparse.Namespace) -> dict:
             "warm": (y0, x0),
             "pan": (y0, x0 + args.view // 2),
         }
+        t0 = time.perf_counter()
         live.predict((slice(z, z + 1), slice(0, 64), slice(0, 64)), timeout=3600)  # bbox, stats
         live.cache.clear()
+        report["first_request_s"] = round(time.perf_counter() - t0, 3)  # grid, stats, warm-up
+        say(f"first (small) request: {report['first_request_s']} s")
         for name, (y, x) in views.items():
             landed.clear()
             t0 = time.perf_counter()
@@ -97,27 +131,9 @@ def run(args: argparse.Namespace) -> dict:
                 "finish_s": round(req.finish_s, 4),
                 "tiles_per_s": round(req.tiles_run / req.compute_s, 2) if req.compute_s else None,
             }
-            print(
-                f"{name:5s} {latency:8.3f} s  {req.tiles_run:4d} run  {req.tiles_cached:4d} cached"
-            )
-        device = str(live.model.device)
-    return {
-        "benchmark": "live",
-        "view": [1, args.view, args.view],
-        "phantom_shape": list(args.shape),
-        "model": "phantom-tiny (built-in)",
-        "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-        "mirror": args.mirror,
-        "batch_size": args.batch_size,
-        "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "layer": "napari Image" if Image is not None else "numpy array (napari not installed)",
-        "results": results,
-        "targets": {"warm_s": 0.05, "cold_gpu_s": 0.5},
-    }
+            say(f"{name:5s} {latency:8.3f} s  {req.tiles_run:4d} run  {req.tiles_cached:4d} cached")
+            save(report)
+    return report
 
 
 class _ArrayLayer:
@@ -142,13 +158,16 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/reference/)")
     p.add_argument("--note", default="", help="a remark stored in the JSON (e.g. machine load)")
     args = p.parse_args()
-    report = run(args)
-    report["note"] = args.note
     kind = "cpu" if args.device == "cpu" else args.device.replace(":", "")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "reference" / f"live-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+
+    def save(report: dict) -> None:
+        report["note"] = args.note
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    save(run(args, save))
+    say(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -57,8 +57,8 @@ def main() -> None:
     live.device.value = "cpu"
     live.mirror.value = False
     live.max_tiles.value = 200
-    viewer.dims.set_point(0, 30 * s)
-    camera_of(viewer).center = (30 * s, 64 * s, 64 * s)
+    viewer.dims.set_point(0, 15 * s)  # the slice with the most ink
+    camera_of(viewer).center = (15 * s, 64 * s, 64 * s)
     camera_of(viewer).zoom = min(viewer.canvas.size) / (110 * s)
     req = live.predict_view()
     wait(app, lambda: live.finished is req)
@@ -80,7 +80,7 @@ def main() -> None:
     full.roi.value = "shapes: Shapes"
     full.output.value = work / "prediction.zarr"
     full.start()
-    wait(app, lambda: full.worker is None)
+    wait(app, lambda: full.worker is None and not full.opening)
     viewer.screenshot(str(IMAGES / "full-run.png"), canvas_only=False)
     print(f"wrote {IMAGES / 'live-inference.png'} and {IMAGES / 'full-run.png'}")
     viewer.close()

@@ -6,8 +6,6 @@ back, resumes and gives the uninterrupted answer.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import threading
 import time
 from pathlib import Path
@@ -19,26 +17,7 @@ import zarr
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.omezarr import write_image
 from tests.engine.conftest import blocky_volume
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-class _Server:
-    def __init__(self, root: Path, port: int = 0) -> None:
-        handler = functools.partial(_Quiet, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def kill(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.http_server import VolumeServer as _Server
 
 
 def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:

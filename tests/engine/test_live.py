@@ -136,7 +136,10 @@ def test_cap_runs_the_centre_and_estimate_says_so(live: LivePredictor) -> None:
         assert req.tiles_run == 4
         assert req.blocks_done < req.blocks_total
         assert p.rate
+        hits, misses = p.cache.hits, p.cache.misses
         assert p.estimate(view).seconds is not None
+        assert p.estimate(view).cached == 4  # the tiles run are in the cache ...
+        assert (p.cache.hits, p.cache.misses) == (hits, misses)  # ... looked up, not used
 
 
 def test_zscore_model_uses_whole_volume_statistics(tmp_path: Path, tiny_model_3d_zscore):

@@ -1,15 +1,16 @@
 """The live inference widget in a real viewer (Xvfb), driven as a user would.
 
 The built-in model on the phantom, without mirroring (seconds per request on a CPU).
-Tests measure the longest gap between ticks of a 10 ms QTimer (GUI stalls) and print it.
-The bound asserted (STALL_S) catches work on the GUI thread (a forward pass there takes
-seconds); the 100 ms target is measured on an unloaded machine, not asserted, since a
-shared 2-core CI box alone delays timers by that much.
+Tests measure the gaps between ticks of a 10 ms QTimer (tests/widgets/_stall.py) and
+print them: the wall time (on a loaded 2-core box the timer alone is late by 100+ ms, so
+it is reported, not asserted) and the GUI thread's own CPU time in each gap, which must
+stay under the issue's 100 ms. The gaps in which napari adds the two result layers
+(once per widget: napari's add_layer builds a vispy visual, overlays and Qt controls) are
+kept apart, printed and bounded separately (ADD_LAYER_CPU_S).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,33 +21,10 @@ from napari_scrollseg.engine.builtin import builtin_model
 from napari_scrollseg.engine.phantom import SPACING
 from napari_scrollseg.widgets._view import camera_of
 from napari_scrollseg.widgets.live import LABELS_LAYER, PROB_LAYER, LiveWidget
+from tests.widgets._stall import ADD_LAYER_CPU_S, TARGET_S, StallMeter
 
 PLUGIN = "napari-scrollseg"
 S = SPACING[0]
-STALL_S = 1.0
-
-
-class StallMeter:
-    """Longest gap between ticks of a 10 ms QTimer: how long the GUI thread was busy."""
-
-    def __init__(self) -> None:
-        from qtpy.QtCore import QTimer
-
-        self.longest = 0.0
-        self._last = time.perf_counter()
-        self.timer = QTimer()
-        self.timer.setInterval(10)
-        self.timer.timeout.connect(self._tick)
-        self.timer.start()
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        self.longest = max(self.longest, now - self._last)
-        self._last = now
-
-    def stop(self) -> float:
-        self.timer.stop()
-        return self.longest
 
 
 @pytest.fixture
@@ -87,15 +65,15 @@ def test_predict_view_equals_the_full_run_and_never_stalls(live, qtbot, tmp_path
 
     viewer, widget = live
     look_at(viewer, 50, 60, 70, 40)
-    meter = StallMeter()
+    cold = StallMeter(viewer)
     run(qtbot, widget)  # cold: loads the model, adds the two result layers
-    cold = meter.stop()
+    cold.stop()
     look_at(viewer, 20, 60, 70, 40)
-    meter = StallMeter()
+    meter = StallMeter(viewer)
     req = run(qtbot, widget)  # new tiles, the layers re-pointed at the new box
     qtbot.wait(100)
-    stall = meter.stop()
-    print(f"live request: longest GUI gap cold {cold * 1000:.0f} ms, then {stall * 1000:.0f} ms")
+    meter.stop()
+    print(f"\nlive request, cold: {cold.summary()}\nlive request, warm: {meter.summary()}")
     assert req.error is None
     assert req.box[0] == slice(20, 21)  # the slice on screen
     h, w = (b.stop - b.start for b in req.box[1:])
@@ -117,7 +95,11 @@ def test_predict_view_equals_the_full_run_and_never_stalls(live, qtbot, tmp_path
     assert np.abs(np.asarray(prob.data) - g["0"][ink] / 255).max() <= 1 / 255
     assert (np.asarray(labels.data) == g["labels/prediction/0"][:]).mean() == 1.0
     assert "tiles run" in widget.timing.value
-    assert stall < STALL_S, stall
+    assert len(cold.add_layer_gaps) == 2, cold.summary()  # one layer per event-loop turn
+    assert max(c for _, c in cold.add_layer_gaps) < ADD_LAYER_CPU_S, cold.report()
+    assert cold.longest_cpu < TARGET_S, cold.report()
+    assert not meter.add_layer_gaps  # the layers are re-pointed, not re-added
+    assert meter.longest_cpu < TARGET_S, meter.report()
 
 
 def test_pan_away_and_back_runs_no_new_forward_pass(live, qtbot) -> None:
@@ -139,14 +121,14 @@ def test_pan_away_and_back_runs_no_new_forward_pass(live, qtbot) -> None:
 def test_moving_the_view_mid_request_cancels_the_rest(live, qtbot) -> None:
     viewer, widget = live
     look_at(viewer, 50, 64, 64, 130)  # the whole slice: 9 tiles, 4 blocks
-    meter = StallMeter()
+    meter = StallMeter(viewer)
     req = widget.predict_view()
     qtbot.waitUntil(lambda: req.blocks_done >= 1, timeout=300_000)
     look_at(viewer, 50, 20, 20, 20)  # pan to a corner: the other blocks left the view
     qtbot.waitUntil(lambda: req.done, timeout=300_000)
-    stall = meter.stop()
-    # includes adding the two result layers (cold): printed, not asserted
-    print(f"cancelled live request: longest GUI gap {stall * 1000:.0f} ms")
+    meter.stop()
+    print(f"\ncancelled live request: {meter.summary()}")
+    assert meter.longest_cpu < TARGET_S, meter.report()
     assert req.tiles_run < req.tiles
     assert req.blocks_done < req.blocks_total
 
@@ -165,3 +147,77 @@ def test_bad_model_gives_one_message_and_the_viewer_stays_usable(live, qtbot, tm
     # the viewer still works: the built-in model predicts the same view
     widget.model.value = str(builtin_model())
     assert run(qtbot, widget).error is None
+
+
+def test_remote_volume_that_stops_answering(make_napari_viewer, phantom_zarr, qtbot, monkeypatch):
+    """One clear message, the viewer stays usable, and predicts once the server is back."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    from tests.http_server import VolumeServer
+
+    monkeypatch.setenv("SCROLLSEG_HTTP_TIMEOUT", "1")
+    monkeypatch.setenv("SCROLLSEG_HTTP_RETRIES", "1")
+    server, widget = VolumeServer(phantom_zarr.parent), None
+    try:
+        viewer = make_napari_viewer()
+        viewer.open(server.url(phantom_zarr.name), plugin=PLUGIN)
+        widget = LiveWidget(viewer)
+        viewer.window.add_dock_widget(widget)
+        widget.image.value = viewer.layers[0].name
+        widget.model.value = str(builtin_model())
+        widget.device.value = "cpu"
+        widget.mirror.value = False
+        look_at(viewer, 30, 60, 60, 30)
+        qtbot.wait(200)  # napari reads the slice on screen
+        server.stall()  # the remote volume stops answering
+        n = len(notification_manager.records)
+        meter = StallMeter(viewer)
+        req = run(qtbot, widget, timeout_s=120)
+        meter.stop()
+        errors = [
+            r.message
+            for r in notification_manager.records[n:]
+            if r.severity == NotificationSeverity.ERROR
+        ]
+        assert req.error is not None
+        assert errors == [str(req.error)], errors  # one message
+        assert "no answer within 1 s" in errors[0], errors
+        assert server.url(phantom_zarr.name) in errors[0], errors
+        assert widget.status.value == "failed"
+        assert meter.longest_cpu < TARGET_S, meter.report()  # the wait was off the GUI thread
+        server.resume()
+        assert run(qtbot, widget).error is None  # usable: the same view predicts
+        assert LABELS_LAYER in viewer.layers
+    finally:
+        if widget is not None:
+            widget.close_predictor()
+        server.kill()
+
+
+def test_3d_view_requests_the_visible_box(live, qtbot) -> None:
+    """Zoomed in on the centre of a 3D view: the box under the field of view, every voxel
+    along the view direction; zoomed out: the whole volume."""
+    from napari_scrollseg.widgets._view import view_box
+
+    viewer, widget = live
+    viewer.dims.ndisplay = 3
+    camera = camera_of(viewer)
+    camera.center = (32 * S, 64 * S, 64 * S)
+    camera.zoom = min(viewer.canvas.size) / (20 * S)  # 20 voxels across the short side
+    low, high, plane = view_box(viewer)
+    assert plane is None
+    shape = np.array([64, 128, 128])
+    along = int(np.argmax(np.abs(camera.view_direction)))  # the axis the camera looks down
+    across = [a for a in range(3) if a != along]
+    size = (np.asarray(high) - np.asarray(low)) / S
+    assert size[along] >= shape[along] - 1  # the whole depth
+    assert all(20 <= size[a] < shape[a] / 2 for a in across), size  # the field of view
+    assert all(lo <= c <= hi for lo, c, hi in zip(low, camera.center, high))
+    req = widget.predict_view()
+    qtbot.waitUntil(lambda: req.done, timeout=300_000)
+    assert req.error is None
+    assert req.box[along] == slice(0, shape[along])
+    assert all(20 <= req.box[a].stop - req.box[a].start < shape[a] / 2 for a in across)
+    camera.zoom = min(viewer.canvas.size) / (400 * S)  # zoomed out: all of it
+    low, high, _ = view_box(viewer)
+    np.testing.assert_allclose((np.asarray(high) - np.asarray(low)) / S, shape)

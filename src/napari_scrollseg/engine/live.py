@@ -433,7 +433,7 @@ class LivePredictor:
         for tiles in tiles_of:
             new = [t for t in tiles if t not in seen]
             seen.update(new)
-            miss = sum(1 for t in new if not _cached(self.cache, (*prefix, t)))
+            miss = sum(1 for t in new if (*prefix, t) not in self.cache)
             cached += len(new) - miss
             if cap is None or capped_to + miss <= cap or not capped_to:
                 capped_to += miss  # the first block runs whatever the cap
@@ -756,11 +756,6 @@ def _forward(session: Predictor, x: np.ndarray, *, mode: str, half: bool | None,
                 _forward(session, x[half_n:], mode=mode, half=half, gmap=gmap),
             ]
         )
-
-
-def _cached(cache: TileCache, key: tuple) -> bool:
-    """Whether ``cache`` holds ``key``, without counting a hit or reordering it."""
-    return key in cache._items
 
 
 def _finish(acc: np.ndarray, weights: np.ndarray, data: Box, b: Box):

@@ -26,6 +26,7 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
+from qtpy.QtCore import QTimer
 
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.widgets._common import (
@@ -69,6 +70,28 @@ def layer_location(layer: Any) -> str | None:
     """The path or URL a layer was read from (scrollseg's reader records it), or None."""
     source = (layer.metadata or {}).get("source") or getattr(layer.source, "path", None)
     return str(source) if source else None
+
+
+def output_layers(out: str) -> list[tuple[Any, dict, str]]:
+    """napari layer data of a prediction being written: the labels, and the last class's
+    probability (e.g. ink), named ``<output stem>: <name>``. Opens zarr: not on the GUI
+    thread."""
+    from napari_scrollseg._reader import read_volume
+
+    items = []
+    for data, meta, kind in read_volume(out):
+        names = meta.get("name")
+        if isinstance(names, list):  # a probability per class: the last (e.g. ink)
+            data = data[-1] if not isinstance(data, list) else [d[-1] for d in data]
+            meta = {k: v for k, v in meta.items() if k != "channel_axis"}
+            for key in ("visible", "blending", "gamma", "metadata"):  # per class: the last
+                if isinstance(meta.get(key), list):
+                    meta[key] = meta[key][-1]
+            meta["name"], meta["colormap"] = names[-1], "inferno"
+            meta["opacity"], meta["contrast_limits"] = 0.6, (0, 255)
+        meta["name"] = f"{Path(out).stem}: {meta['name']}"
+        items.append((data, meta, kind))
+    return items
 
 
 class FullRunWidget(Container):
@@ -122,6 +145,7 @@ class FullRunWidget(Container):
         self.result: Path | None = None
         self.last_event: Any = None
         self._opened: list[Any] = []
+        self._opening = False  # the output's layers are being opened
         self._refreshed = 0.0
         self.estimate_button.changed.connect(self.estimate)
         self.start_button.changed.connect(self.start)
@@ -270,6 +294,7 @@ class FullRunWidget(Container):
         self.result = None
         self.last_event = None
         self._opened = []
+        self._opening = False
         self._t0 = time.perf_counter()
         self.worker = start_worker(
             run_full,
@@ -286,6 +311,11 @@ class FullRunWidget(Container):
         self.worker.finished.connect(self._finished)
         self.start_button.enabled = False
         return self.worker
+
+    @property
+    def opening(self) -> bool:
+        """Whether the output's layers are being opened (off the GUI thread)."""
+        return self._opening
 
     def cancel(self) -> None:
         """Cancel the run (the output keeps the chunks written; Start resumes)."""
@@ -306,63 +336,67 @@ class FullRunWidget(Container):
             self.rate = ev.tiles_computed / ev.elapsed_s
         if not (Path(ev.out) / "labels").exists():  # not created yet
             return
-        if not self._opened:
+        if not self._opened and not self._opening:
             self._open_output(ev.out)
-        elif time.perf_counter() - self._refreshed > REFRESH_S:
-            self._refresh_output(ev.out)
+        elif not self._opening and time.perf_counter() - self._refreshed > REFRESH_S:
+            self._refresh_output()
 
     def _open_output(self, out: Path) -> None:
-        """Add the output's layers (lazy: dask arrays over the zarr being written)."""
+        """Open the output's layers off the GUI thread (zarr opens, contrast sample), then
+        add them one per event-loop turn (lazy: dask arrays over the zarr being written)."""
+        self._opening = True
+
+        def job(path: str) -> Iterator[Any]:
+            return output_layers(path)
+            yield  # a generator for start_worker
+
+        def failed(_exc: BaseException) -> None:
+            self._opening = False
+
+        start_worker(job, str(out), on_done=self._add_output, on_error=failed)
+
+    def _add_output(self, items: list[tuple[Any, dict, str]]) -> None:
+        """Add (or, on a resumed run, re-point) the first output layer not yet shown; the
+        rest on the next turns of the event loop (napari's add_layer: ~0.3 s each)."""
         from napari.layers import Layer
 
-        from napari_scrollseg._reader import read_volume
+        if not items:
+            self._opening = False
+            self._refreshed = time.perf_counter()
+            return
+        (data, meta, kind), rest = items[0], items[1:]
+        if meta["name"] in self.viewer.layers:  # a resumed run: reuse the layer
+            layer = self.viewer.layers[meta["name"]]
+            layer.data = data
+        else:
+            layer = self.viewer.add_layer(Layer.create(data, meta, kind))
+        self._opened.append(layer)
+        QTimer.singleShot(1, lambda: self._add_output(rest))
 
-        for data, meta, kind in read_volume(str(out)):
-            names = meta.get("name")
-            if isinstance(names, list):  # a probability per class: the last (e.g. ink)
-                data = data[-1] if not isinstance(data, list) else [d[-1] for d in data]
-                meta = {k: v for k, v in meta.items() if k != "channel_axis"}
-                for key in ("visible", "blending", "gamma", "metadata"):  # per class: the last
-                    if isinstance(meta.get(key), list):
-                        meta[key] = meta[key][-1]
-                meta["name"], meta["colormap"] = names[-1], "inferno"
-                meta["opacity"], meta["contrast_limits"] = 0.6, (0, 255)
-            meta["name"] = f"{Path(out).stem}: {meta['name']}"
-            if meta["name"] in self.viewer.layers:  # a resumed run: reuse the layer
-                layer = self.viewer.layers[meta["name"]]
-                layer.data = data
-                self._opened.append(layer)
-            else:
-                self._opened.append(self.viewer.add_layer(Layer.create(data, meta, kind)))
-        self._refreshed = time.perf_counter()
+    def _refresh_output(self, layers: list[Any] | None = None) -> None:
+        """Redraw the output layers, one per event-loop turn, so new chunks show.
 
-    def _refresh_output(self, out: Path) -> None:
-        """Point the output layers at freshly opened arrays (new chunks show).
-
-        napari caches dask chunks by task key, and a reopened zarr array has the same
-        keys: the cache is cleared so the chunks written since are read again.
+        napari caches dask chunks by task key, and the zarr arrays behind the layers keep
+        their keys as chunks land: the cache is cleared so the chunks written since are
+        read again (only the chunks on screen, when each layer redraws).
         """
         from napari.utils import resize_dask_cache
 
-        from napari_scrollseg._reader import read_volume
-
-        resize_dask_cache().cache.clear()
-
-        fresh = {}
-        for data, meta, _ in read_volume(str(out)):
-            names = meta.get("name")
-            if isinstance(names, list):
-                data = data[-1] if not isinstance(data, list) else [d[-1] for d in data]
-                names = names[-1]
-            fresh[f"{Path(out).stem}: {names}"] = data
-        for layer in self._opened:
-            if layer.name in fresh and layer in self.viewer.layers:
-                layer.data = fresh[layer.name]
-        self._refreshed = time.perf_counter()
+        if layers is None:
+            resize_dask_cache().cache.clear()
+            layers = list(self._opened)
+            self._refreshed = time.perf_counter()
+        if layers:
+            if layers[0] in self.viewer.layers:
+                layers[0].refresh()
+            QTimer.singleShot(1, lambda: self._refresh_output(layers[1:]))
 
     def _on_done(self, out: Any) -> None:
         self.result = Path(out)
-        self._refresh_output(self.result)
+        if self._opened and not self._opening:
+            self._refresh_output()
+        elif not self._opening:  # too quick to have opened while running
+            self._open_output(self.result)
         notify_info(f"prediction written to {out}")
 
     def _finished(self) -> None:

@@ -2,15 +2,19 @@
 
 The widget only wires the viewer to :class:`~napari_scrollseg.engine.live.LivePredictor`:
 it reads the view from napari's camera and canvas (2D: the visible field at the current
-slice; 3D: the whole volume), submits it, and writes each block that lands into two
-result layers (a probability image of the chosen class and the argmax labels) placed
-over the scan. Follow mode re-predicts when the view has rested for 300 ms. Building
+slice; 3D: the volume under the field of view), submits it, and shows each block that
+lands in two result layers (a probability image of the chosen class and the argmax
+labels) placed over the scan; the GUI thread does one layer operation per event-loop
+turn and nothing heavier. Follow mode re-predicts when the view has rested for 300 ms. Building
 the widget imports no torch; the model loads on the predictor's worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +49,23 @@ KEY = "Shift-P"
 FOLLOW_MS = 300
 PROB_LAYER = "live probability"
 LABELS_LAYER = "live labels"
+
+
+def _repoint(layer: Any, data: Any, scale: Any, translate: Any) -> None:
+    """Give ``layer`` new data, scale and translate with one redraw instead of three."""
+    block = getattr(layer, "_block_refresh", contextlib.nullcontext)  # napari's own batching
+    with block():
+        layer.scale, layer.translate, layer.data = scale, translate, data
+    layer.refresh()
+
+
+def _warm_imports() -> None:
+    """Import the engine's live machinery (no torch) off the GUI thread, once."""
+    for name in ("napari_scrollseg.engine.predict", "napari_scrollseg.engine.live"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # the GUI thread's own import will report it
+            log.debug("warming %s failed", name, exc_info=True)
 
 
 class _Relay(QObject):
@@ -105,6 +126,7 @@ class LiveWidget(Container):
         self._cache: Any = None
         self._request: LiveRequest | None = None
         self.finished: LiveRequest | None = None  # the last request shown to the end
+        self._placed: dict[str, tuple[int, str]] = {}  # layer -> (request id, class) shown
         self._updating = False
         self._t_submit = 0.0
         self._display_s = 0.0
@@ -131,6 +153,8 @@ class LiveWidget(Container):
         session().changed.connect(self._session_changed)
         viewer.bind_key(KEY, lambda _v: self.predict_view(), overwrite=True)
         self._model_changed()
+        # the first request must not import the engine on the GUI thread (~0.5 s)
+        threading.Thread(target=_warm_imports, name="scrollseg-warm", daemon=True).start()
 
     # -- choices -------------------------------------------------------------------------
     def _image_names(self, _widget: Any = None) -> list[str]:
@@ -280,48 +304,82 @@ class LiveWidget(Container):
         if event.block is not None:
             self._show_block(req, event)
         elif event.final:
+            if req.blocks_done and not getattr(req, "_shown", False) and self.predictor:
+                QTimer.singleShot(0, lambda: self._on_event(event))  # layers still coming
+                return
             self._refresh_layers()
             self._finished(req)
             self.finished = req
         self._display_s += time.perf_counter() - t0
 
-    def _layers(self, req: LiveRequest) -> tuple[Any, Any]:
-        """The two result layers, created once; re-pointed at this request's box."""
+    def _show(self, req: LiveRequest) -> None:
+        """Point the result layers at ``req``'s box, one layer per event-loop turn.
+
+        Adding a napari layer costs ~0.3 s of GUI time (its vispy visual, overlays and Qt
+        controls; once per widget) and re-pointing one ~40 ms (napari re-checks the dims):
+        one per turn keeps the GUI answering in between.
+        """
+        if req is not self._request or getattr(req, "_shown", False) or req.probs is None:
+            return
+        if self.predictor is None or self.predictor.model is None:
+            return  # closed meanwhile
+        if self._place(req):
+            req._shown = True  # type: ignore[attr-defined]
+            self._refresh.start()
+        else:  # a real timer, so the pending paint and input events run first
+            QTimer.singleShot(1, lambda: self._show(req))
+
+    def _place(self, req: LiveRequest) -> bool:
+        """Add or re-point the first result layer not yet showing ``req``; True when
+        both show it."""
         low = tuple(t + s * b.start for t, s, b in zip(req.translate, req.scale, req.box))
         model = self.predictor.model  # type: ignore[union-attr]
         names = [model.label_names[k] for k in sorted(model.label_names)]
         shown = self.show_class.value if self.show_class.value in names else names[-1]
         prob = req.probs[names.index(shown)]  # type: ignore[index]
-        point = self.viewer.dims.point
         self._updating = True  # moving layers is not the user moving the view
         try:
-            if PROB_LAYER in self.viewer.layers:
-                pl = self.viewer.layers[PROB_LAYER]
-                pl.scale, pl.translate, pl.data = req.scale, low, prob
-            else:
-                pl = self.viewer.add_image(
-                    prob,
-                    name=PROB_LAYER,
-                    scale=req.scale,
-                    translate=low,
-                    colormap="inferno",
-                    blending="additive",
-                    opacity=0.6,
-                    contrast_limits=(0.0, 1.0),
-                )
-            pl.metadata["class"] = shown
-            if LABELS_LAYER in self.viewer.layers:
-                ll = self.viewer.layers[LABELS_LAYER]
-                ll.scale, ll.translate, ll.data = req.scale, low, req.labels
-            else:
-                ll = self.viewer.add_labels(
-                    req.labels, name=LABELS_LAYER, scale=req.scale, translate=low, opacity=0.5
-                )
-                self._style_labels(ll, model)
-            self.viewer.dims.point = point  # adding layers must not move the slice
+            for name, data in ((PROB_LAYER, prob), (LABELS_LAYER, req.labels)):
+                if self._placed.get(name) == (req.id, shown) and name in self.viewer.layers:
+                    continue
+                self._placed[name] = (req.id, shown)
+                if name in self.viewer.layers:
+                    layer = self.viewer.layers[name]
+                    _repoint(layer, data, req.scale, low)
+                elif name == PROB_LAYER:
+                    layer = self._add(
+                        self.viewer.add_image,
+                        prob,
+                        name=PROB_LAYER,
+                        scale=req.scale,
+                        translate=low,
+                        colormap="inferno",
+                        blending="additive",
+                        opacity=0.6,
+                        contrast_limits=(0.0, 1.0),
+                    )
+                else:
+                    layer = self._add(
+                        self.viewer.add_labels,
+                        req.labels,
+                        name=LABELS_LAYER,
+                        scale=req.scale,
+                        translate=low,
+                        opacity=0.5,
+                    )
+                    self._style_labels(layer, model)
+                if name == PROB_LAYER:
+                    layer.metadata["class"] = shown
+                return False
+            return True
         finally:
             self._updating = False
-        return pl, ll
+
+    def _add(self, add: Any, data: Any, **kwargs: Any) -> Any:
+        point = self.viewer.dims.point
+        layer = add(data, **kwargs)
+        self.viewer.dims.point = point  # adding a layer must not move the slice
+        return layer
 
     def _style_labels(self, layer: Any, model: Any) -> None:
         """The annotation's class names and colours (labels hold class ids 1..K)."""
@@ -337,20 +395,22 @@ class LiveWidget(Container):
         }
 
     def _show_block(self, req: LiveRequest, event: LiveEvent) -> None:
-        if getattr(req, "_shown", False) is False:
-            self._layers(req)
-            req._shown = True  # type: ignore[attr-defined]
-        self._refresh.start() if not self._refresh.isActive() else None
+        if not getattr(req, "_shown", False):
+            self._show(req)
+        elif not self._refresh.isActive():
+            self._refresh.start()
 
     def _refresh_layers(self) -> None:
+        """Redraw the blocks landed since the last redraw (the arrays are filled in place)."""
         for name in (PROB_LAYER, LABELS_LAYER):
             if name in self.viewer.layers:
-                self.viewer.layers[name].refresh()
+                self.viewer.layers[name].refresh(extent=False, highlight=False)
 
     def _class_changed(self, _value: Any = None) -> None:
         req = self._request
         if req is not None and req.probs is not None and getattr(req, "_shown", False):
-            self._layers(req)
+            req._shown = False  # type: ignore[attr-defined]
+            self._show(req)
 
     def _finished(self, req: LiveRequest) -> None:
         total = time.perf_counter() - self._t_submit

@@ -38,6 +38,11 @@ class TileCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is stored (without counting a hit or marking it used)."""
+        with self._lock:
+            return key in self._items
+
     def get(self, key: Hashable) -> np.ndarray | None:
         """The stored array for ``key`` (marked as recently used), or None."""
         with self._lock:
