@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 from qtpy.QtCore import QTimer
 from qtpy.QtGui import QCloseEvent
 
+from napari_scrollseg.engine.train import read_progress
 from napari_scrollseg.widgets import _common
 from napari_scrollseg.widgets import train as train_module
 from napari_scrollseg.widgets._common import session
@@ -88,8 +92,21 @@ def worker_pids() -> list[int]:
     return pids
 
 
+def _schedstat() -> tuple[float, float] | None:
+    """This (GUI) thread's time on a CPU and waiting for one, in s (Linux schedstat)."""
+    try:
+        run, wait, _ = Path("/proc/thread-self/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(run) / 1e9, int(wait) / 1e9
+
+
 class TickGaps:
-    """Longest gap between the ticks of a 10 ms QTimer: how long the GUI thread stalled."""
+    """Longest gap between the ticks of a 10 ms QTimer: how long the GUI thread stalled.
+
+    A watchdog thread samples the GUI thread's stack while a tick is more than 100 ms
+    late (``stalls``: the innermost frames of each sample), to say where it was.
+    """
 
     def __init__(self) -> None:
         self.timer = QTimer()
@@ -98,19 +115,44 @@ class TickGaps:
         self.at: list[float] = []
         self.last = time.perf_counter()
         self.timer.timeout.connect(self._tick)
+        self.stalls: list[tuple[float, str]] = []
+        self.split: list[tuple[float, float, float]] = []  # (gap, on CPU, runqueue wait) s
+        self._sched: tuple[float, float] | None = None
+        self._main = threading.main_thread().ident
+        self._done = threading.Event()
 
     def _tick(self) -> None:
         now = time.perf_counter()
-        self.gaps.append(now - self.last)
+        sched = _schedstat()
+        gap = now - self.last
+        if gap > 0.05 and self._sched is not None and sched is not None:
+            # of the gap: on the CPU (our work), waiting for a CPU (the machine's load)
+            self.split.append((gap, sched[0] - self._sched[0], sched[1] - self._sched[1]))
+        self._sched = sched
+        self.gaps.append(gap)
         self.at.append(now)
         self.last = now
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.05):
+            late = time.perf_counter() - self.last
+            if late > 0.1:
+                frames = sys._current_frames()
+                frame = frames.pop(self._main, None)
+                stack = traceback.format_stack(frame)[-4:] if frame is not None else []
+                others = [
+                    "".join(traceback.format_stack(f)[-1:]) for f in frames.values()
+                ]  # who else holds the GIL now and then
+                self.stalls.append((late, "".join(stack) + "others:\n" + "".join(others)))
 
     def __enter__(self) -> TickGaps:
         self.last = time.perf_counter()
         self.timer.start()
+        threading.Thread(target=self._watch, daemon=True, name="tick-watchdog").start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._done.set()
         self.timer.stop()
 
     @property
@@ -149,13 +191,13 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     widget.curves.wait()
     assert not [m for m in messages if m.startswith("error")], messages
     assert widget.curves.points() == 1
-    assert len(widget.curves.ax_loss.lines) == 2  # train and val loss
-    assert {line.get_label() for line in widget.curves.ax_dice.lines} == {
-        "air f0",
-        "papyrus f0",
-        "ink f0",
-    }
     model = widget.model_folder
+    # the curves drawn by the training process are on screen; they have every class
+    qtbot.waitUntil(lambda: widget.curves.shown == model / "progress.png", timeout=10_000)
+    assert not widget.curves.canvas.pixmap().isNull()
+    rows = read_progress(model)
+    assert len(rows) == 1
+    assert {"dice_air", "dice_papyrus", "dice_ink", "epoch_time"} <= set(rows[0])
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
     assert model in session().trained_models
     assert "fold 0 validation Dice: air" in widget.dice_label.text()  # every class
@@ -171,8 +213,17 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     for end, gap in ticks.worst():
         near = [f"{k}@{t - t0:.1f}" for t, k in widget.event_times if end - gap - 0.5 <= t <= end]
         print(f"gap {gap * 1000:.0f} ms ending at {end - t0:.1f} s; events: {near}")
-    # a blocked GUI thread would stall for the whole training (tens of seconds)
-    assert ticks.longest < 1.0
+    for gap, cpu, wait in sorted(ticks.split, reverse=True)[:8]:
+        print(
+            f"gap {gap * 1000:.0f} ms: GUI thread on CPU {cpu * 1000:.0f} ms, waiting for a CPU {wait * 1000:.0f} ms"
+        )
+    for late, stack in ticks.stalls[:4]:
+        print(f"--- GUI thread {late * 1000:.0f} ms late in:\n{stack}")
+    # the team's bar: no stall over 100 ms. Time the GUI thread spent waiting for a CPU
+    # (other processes on a loaded 2-core machine) is not napari's or ours: it is left out
+    own = max((gap - wait for gap, _, wait in ticks.split), default=0.0)
+    print(f"longest gap less the GUI thread's wait for a CPU: {own * 1000:.0f} ms")
+    assert own < 0.1, ticks.stalls[:3]
 
 
 @pytest.mark.slow

@@ -113,6 +113,7 @@ def _train(args: argparse.Namespace) -> int:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
+    from napari_scrollseg.engine.train import write_curves
     from napari_scrollseg.nnunet_trainers.sparse import TrainingCancelled, nnUNetTrainerSparse
 
     stop = {"requested": False, "in_loop": False}
@@ -142,7 +143,17 @@ def _train(args: argparse.Namespace) -> int:
         trainer.num_val_iterations_per_epoch = max(1, round(args.iterations / 5))
     parent = os.getppid()  # stop too if the calling process died without asking
     trainer.should_stop = lambda: stop["requested"] or os.getppid() != parent
-    trainer.epoch_callback = lambda record: emit("epoch", **record)
+
+    def on_epoch(record: dict) -> None:
+        curves = None
+        try:  # the curves here, not in the caller (e.g. napari: its GUI would stall)
+            written = write_curves(trainer.output_folder_base)
+            curves = str(written[1]) if written else None
+        except Exception as exc:  # a plot must not end a training
+            log.warning("could not draw the training curves: %s", exc)
+        emit("epoch", **record, curves=curves)
+
+    trainer.epoch_callback = on_epoch
     emit(
         "step",
         message=f"fold {fold}: training on {device.type}, {trainer.num_epochs} epochs x "

@@ -59,7 +59,8 @@ class TrainEvent:
     """One progress report of :func:`train` or :func:`plan_and_preprocess`.
 
     ``kind`` is ``"step"`` (a stage begins; see ``message``), ``"planned"`` (``plans``
-    names the plans used), ``"epoch"`` (an epoch finished), ``"resumed"``,
+    names the plans used), ``"epoch"`` (an epoch finished; ``curves`` is the
+    ``progress.png`` the training process has just drawn), ``"resumed"``,
     ``"fold_done"`` (``model_folder`` and the fold's validation ``dice``), ``"done"``
     (the last event; it has ``model_folder`` and ``dice``) or ``"stopped"`` (the last
     event after ``stop`` was set).
@@ -77,6 +78,7 @@ class TrainEvent:
     model_folder: Path | None = None
     dice: dict[str, float] = field(default_factory=dict)
     plans: str | None = None
+    curves: Path | None = None
 
     def __str__(self) -> str:
         if self.kind == "epoch":
@@ -564,7 +566,6 @@ def train(
         with closing(events):
             yield from _fold_events(events, fold, model_folder)
         if stop is not None and stop.is_set():
-            write_curves(model_folder)
             yield TrainEvent(
                 "stopped",
                 fold=fold,
@@ -573,7 +574,6 @@ def train(
                 "latest checkpoint",
             )
             return
-    write_curves(model_folder)
     dice = dice_summary(model_folder)
     yield TrainEvent("done", model_folder=model_folder, dice=dice.get("per_class", {}))
 
@@ -617,8 +617,8 @@ def _fold_events(
                 pseudo_dice=ev["pseudo_dice"],
                 epoch_time=ev["epoch_time"],
                 model_folder=model_folder,
+                curves=Path(ev["curves"]) if ev.get("curves") else None,
             )
-            write_curves(model_folder)
         elif kind == "resumed":
             yield TrainEvent(
                 "resumed",
@@ -661,8 +661,15 @@ def read_progress(model_folder: str | os.PathLike) -> list[dict]:
 
 
 def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
-    """Write ``progress.csv`` (all folds) and ``progress.png`` (loss, pseudo Dice) there."""
+    """Write ``progress.csv`` (all folds) and ``progress.png`` there: loss, pseudo Dice per
+    class and epoch time per epoch, one line per fold.
+
+    The training process calls this after each epoch (matplotlib then never runs in
+    the calling process, e.g. napari's: drawing there would hold the GIL for about a
+    second per epoch and stall its GUI thread).
+    """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     model_folder = Path(model_folder)
     rows = read_progress(model_folder)
@@ -676,22 +683,30 @@ def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
         writer.writerows(rows)
     os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_dice = fig.subplots(1, 2)
+    fig = Figure(figsize=(6, 6.5), dpi=90)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.98, bottom=0.08, hspace=0.12)
+    ax_loss, ax_dice, ax_time = fig.subplots(3, 1, sharex=True)
     dice_cols = [c for c in columns if c.startswith("dice_")]
     for fold in sorted({r["fold"] for r in rows}):
-        fr = [r for r in rows if r["fold"] == fold]
+        fr = sorted((r for r in rows if r["fold"] == fold), key=lambda r: r["epoch"])
         x = [int(r["epoch"]) + 1 for r in fr]
-        ax_loss.plot(x, [r["train_loss"] for r in fr], "-o", ms=3, label=f"train (fold {fold})")
-        ax_loss.plot(x, [r["val_loss"] for r in fr], "--o", ms=3, label=f"val (fold {fold})")
+        tag = f" f{fold}"
+        ax_loss.plot(x, [r["train_loss"] for r in fr], "-o", ms=3, label="train" + tag)
+        ax_loss.plot(x, [r["val_loss"] for r in fr], "--o", ms=3, label="val" + tag)
         for c in dice_cols:
-            ax_dice.plot(x, [r[c] for r in fr], "-o", ms=3, label=f"{c[5:]} (fold {fold})")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_dice.set(xlabel="epoch", ylabel="pseudo Dice", title="pseudo Dice per class", ylim=(0, 1))
-    ax_loss.legend(fontsize=7)
-    ax_dice.legend(fontsize=7)
+            ax_dice.plot(x, [r[c] for r in fr], "-o", ms=3, label=c[5:] + tag)
+        if "epoch_time" in columns:
+            ax_time.plot(x, [r["epoch_time"] for r in fr], "-o", ms=3, label="epoch" + tag)
+    ax_loss.set_ylabel("loss")
+    ax_dice.set(ylabel="pseudo Dice", ylim=(0, 1))
+    ax_time.set(ylabel="epoch (s)", xlabel="epoch")
+    ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax_loss, ax_dice):
+        ax.legend(fontsize=7, loc="best")
     png_path = model_folder / "progress.png"
-    fig.savefig(png_path, dpi=90)
+    tmp = png_path.with_name("progress.tmp.png")  # readers never see half a PNG
+    fig.savefig(tmp)
+    os.replace(tmp, png_path)
     return csv_path, png_path
 
 

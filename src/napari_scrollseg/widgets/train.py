@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, PushButton, SpinBox
-from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QLabel, QMessageBox, QVBoxLayout, QWidget
 
@@ -300,56 +300,87 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+class _ImageLabel(QLabel):
+    """A label that shows one image scaled to its size, aspect kept."""
+
+    def __init__(self, text: str, parent: QWidget | None = None) -> None:
+        super().__init__(text, parent)
+        self.image = QImage()
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+
+    def set_image(self, image: QImage) -> None:
+        self.image = image
+        self._rescale()
+
+    def resizeEvent(self, event: Any) -> None:
+        super().resizeEvent(event)
+        self._rescale()
+
+    def _rescale(self) -> None:
+        if not self.image.isNull():
+            self.setPixmap(
+                QPixmap.fromImage(self.image).scaled(
+                    self.size(),
+                    Qt.AspectRatioMode.KeepAspectRatio,
+                    Qt.TransformationMode.SmoothTransformation,
+                )
+            )
+
+
 class TrainCurves(QObject):
     """The live plot: loss, pseudo Dice per class and epoch time per epoch.
 
-    matplotlib draws off the GUI thread (an Agg figure in a one-thread pool; a draw
-    takes about a second on a busy 2-core machine) and the GUI thread only shows the
-    finished image, so an epoch's update never stalls napari. ``canvas`` is the widget.
+    The training process draws ``progress.png`` after each epoch
+    (:func:`~napari_scrollseg.engine.train.write_curves`); here a one-thread pool
+    loads the finished image and the GUI thread only shows it. matplotlib never runs
+    in napari's process: drawing there held the GIL for about a second per epoch and
+    stalled the GUI thread by up to 270 ms on a busy 2-core machine. ``canvas`` is the
+    widget; ``events`` the epochs seen (for the progress bar and ETA).
     """
 
-    rendered = Signal(QImage)
+    loaded = Signal(QImage, str)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         super().__init__(parent)
-        self.figure = Figure(figsize=(5, 4.5), dpi=90)
-        self.figure.subplots_adjust(left=0.14, right=0.97, top=0.97, bottom=0.09, hspace=0.15)
-        FigureCanvasAgg(self.figure)
-        self.ax_loss, self.ax_dice, self.ax_time = self.figure.subplots(3, 1, sharex=True)
-        self.canvas = QLabel(parent)
+        self.canvas = _ImageLabel("the curves appear after the first epoch", parent)
         self.canvas.setMinimumSize(300, 270)
-        self.canvas.setScaledContents(True)
-        self.rendered.connect(self._show)
+        self.loaded.connect(self._show)
         self.events: list[TrainEvent] = []
+        self.shown: Path | None = None  # where they came from
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-curves")
         self._lock = threading.Lock()
-        self._pending: tuple[list[TrainEvent], tuple[int, int]] | None = None
+        self._pending: Path | None = None
         self._future: Any = None
-        self._schedule()
 
     def clear(self, resume: bool = False) -> None:
         if not resume:
             self.events = []
-        self._schedule()
 
     def add(self, event: TrainEvent) -> None:
-        """Add one ``epoch`` event (an epoch redone after a resume replaces the old one)."""
+        """Add one ``epoch`` event (an epoch redone after a resume replaces the old one)
+        and show its curves."""
         self.events = [e for e in self.events if (e.fold, e.epoch) != (event.fold, event.epoch)] + [
             event
         ]
-        self._schedule()
+        if event.curves is not None:
+            self.load(event.curves)
+
+    def load(self, path: str | Path) -> None:
+        """Show the curves image at ``path`` (read off the GUI thread)."""
+        with self._lock:
+            idle = self._pending is None
+            self._pending = Path(path)
+            if idle:
+                self._future = self._pool.submit(self._load_pending)
 
     def points(self) -> int:
-        """How many epochs are drawn (once :meth:`wait` returned)."""
+        """How many epochs were reported."""
         return len(self.events)
 
     def wait(self) -> None:
-        """Wait until the last update is drawn."""
+        """Wait until the last image asked for is loaded (its signal may still be queued)."""
         while True:
             with self._lock:
                 future = self._future
@@ -372,58 +403,17 @@ class TrainCurves(QObject):
         done, total = self.progress(event, n_folds)
         return (total - done) * sum(times) / len(times)
 
-    # -- drawing (background thread) --------------------------------------------------------
-    def _schedule(self) -> None:
-        size = (max(self.canvas.width(), 300), max(self.canvas.height(), 270))
-        with self._lock:
-            idle = self._pending is None
-            self._pending = (list(self.events), size)
-            if idle:
-                self._future = self._pool.submit(self._render_pending)
-
-    def _render_pending(self) -> None:
+    # -- loading (background thread) --------------------------------------------------------
+    def _load_pending(self) -> None:
         while True:
             with self._lock:
-                pending, self._pending = self._pending, None
-            if pending is None:
+                path, self._pending = self._pending, None
+            if path is None:
                 return
-            image = self._render(*pending)
-            self.rendered.emit(image)
+            image = QImage(str(path))
+            if not image.isNull():
+                self.loaded.emit(image, str(path))
 
-    def _render(self, events: list[TrainEvent], size: tuple[int, int]) -> QImage:
-        """Draw ``events`` at ``size`` (width, height) pixels; runs off the GUI thread."""
-        from matplotlib.ticker import MaxNLocator
-
-        self.figure.set_size_inches(size[0] / self.figure.dpi, size[1] / self.figure.dpi)
-        for ax in (self.ax_loss, self.ax_dice, self.ax_time):
-            ax.clear()
-            ax.tick_params(labelsize=7)
-        for fold in sorted({str(e.fold) for e in events}):
-            evs = sorted((e for e in events if str(e.fold) == fold), key=lambda e: e.epoch)
-            x = [e.epoch + 1 for e in evs]
-            tag = f" f{fold}"
-            self.ax_loss.plot(x, [e.train_loss for e in evs], "-o", ms=3, label="train" + tag)
-            self.ax_loss.plot(x, [e.val_loss for e in evs], "--o", ms=3, label="val" + tag)
-            for name in evs[-1].pseudo_dice:
-                self.ax_dice.plot(
-                    x, [e.pseudo_dice.get(name) for e in evs], "-o", ms=3, label=name + tag
-                )
-            self.ax_time.plot(x, [e.epoch_time for e in evs], "-o", ms=3, label="epoch" + tag)
-        self.ax_loss.set_ylabel("loss", fontsize=8)
-        self.ax_dice.set_ylabel("pseudo Dice", fontsize=8)
-        self.ax_dice.set_ylim(0, 1)
-        self.ax_time.set_ylabel("epoch (s)", fontsize=8)
-        self.ax_time.set_xlabel("epoch", fontsize=8)
-        self.ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for ax in (self.ax_loss, self.ax_dice):
-            if ax.lines:
-                ax.legend(fontsize=6, loc="best")
-        self.figure.canvas.draw()
-        buffer = self.figure.canvas.buffer_rgba()
-        height, width = buffer.shape[:2]
-        data = bytes(buffer)
-        image = QImage(data, width, height, 4 * width, QImage.Format.Format_RGBA8888)
-        return image.copy()  # owns its pixels (``data`` goes away)
-
-    def _show(self, image: QImage) -> None:
-        self.canvas.setPixmap(QPixmap.fromImage(image))
+    def _show(self, image: QImage, path: str) -> None:
+        self.shown = Path(path)
+        self.canvas.set_image(image)
