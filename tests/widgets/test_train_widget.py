@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-import threading
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 from qtpy.QtGui import QCloseEvent
+from qtpy.QtWidgets import QApplication, QMessageBox
 
-from napari_scrollseg.engine.train import read_progress
+from napari_scrollseg.engine._train_worker import FAULT_ENV
+from napari_scrollseg.engine.train import OOM_HINT, read_progress, running_worker
 from napari_scrollseg.widgets import _common
 from napari_scrollseg.widgets import train as train_module
 from napari_scrollseg.widgets._common import session
 from napari_scrollseg.widgets.train import TrainWidget, parse_folds
+from tests.widgets.ticks import TickGaps
 
 WORKER = b"napari_scrollseg.engine._train_worker"
 
@@ -92,76 +92,17 @@ def worker_pids() -> list[int]:
     return pids
 
 
-def _schedstat() -> tuple[float, float] | None:
-    """This (GUI) thread's time on a CPU and waiting for one, in s (Linux schedstat)."""
-    try:
-        run, wait, _ = Path("/proc/thread-self/schedstat").read_text().split()
-    except (OSError, ValueError):
-        return None
-    return int(run) / 1e9, int(wait) / 1e9
+def answer(qtbot, button: str) -> None:
+    """Click ``button`` of the question napari asks on close, once it shows."""
 
+    def click() -> None:
+        box = QApplication.activeModalWidget()
+        if not isinstance(box, QMessageBox):
+            QTimer.singleShot(50, click)
+            return
+        next(b for b in box.buttons() if b.text() == button).click()
 
-class TickGaps:
-    """Longest gap between the ticks of a 10 ms QTimer: how long the GUI thread stalled.
-
-    A watchdog thread samples the GUI thread's stack while a tick is more than 100 ms
-    late (``stalls``: the innermost frames of each sample), to say where it was.
-    """
-
-    def __init__(self) -> None:
-        self.timer = QTimer()
-        self.timer.setInterval(10)
-        self.gaps: list[float] = []
-        self.at: list[float] = []
-        self.last = time.perf_counter()
-        self.timer.timeout.connect(self._tick)
-        self.stalls: list[tuple[float, str]] = []
-        self.split: list[tuple[float, float, float]] = []  # (gap, on CPU, runqueue wait) s
-        self._sched: tuple[float, float] | None = None
-        self._main = threading.main_thread().ident
-        self._done = threading.Event()
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        sched = _schedstat()
-        gap = now - self.last
-        if gap > 0.05 and self._sched is not None and sched is not None:
-            # of the gap: on the CPU (our work), waiting for a CPU (the machine's load)
-            self.split.append((gap, sched[0] - self._sched[0], sched[1] - self._sched[1]))
-        self._sched = sched
-        self.gaps.append(gap)
-        self.at.append(now)
-        self.last = now
-
-    def _watch(self) -> None:
-        while not self._done.wait(0.05):
-            late = time.perf_counter() - self.last
-            if late > 0.1:
-                frames = sys._current_frames()
-                frame = frames.pop(self._main, None)
-                stack = traceback.format_stack(frame)[-4:] if frame is not None else []
-                others = [
-                    "".join(traceback.format_stack(f)[-1:]) for f in frames.values()
-                ]  # who else holds the GIL now and then
-                self.stalls.append((late, "".join(stack) + "others:\n" + "".join(others)))
-
-    def __enter__(self) -> TickGaps:
-        self.last = time.perf_counter()
-        self.timer.start()
-        threading.Thread(target=self._watch, daemon=True, name="tick-watchdog").start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self.timer.stop()
-
-    @property
-    def longest(self) -> float:
-        return max(self.gaps)
-
-    def worst(self, n: int = 5) -> list[tuple[float, float]]:
-        """The ``n`` longest gaps as (end time, gap) in seconds."""
-        return sorted(zip(self.at, self.gaps), key=lambda t: -t[1])[:n]
+    QTimer.singleShot(50, click)
 
 
 def test_parse_folds():
@@ -221,7 +162,7 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
         print(f"--- GUI thread {late * 1000:.0f} ms late in:\n{stack}")
     # the team's bar: no stall over 100 ms. Time the GUI thread spent waiting for a CPU
     # (other processes on a loaded 2-core machine) is not napari's or ours: it is left out
-    own = max((gap - wait for gap, _, wait in ticks.split), default=0.0)
+    own = ticks.own
     print(f"longest gap less the GUI thread's wait for a CPU: {own * 1000:.0f} ms")
     assert own < 0.1, ticks.stalls[:3]
 
@@ -269,9 +210,9 @@ def test_a_killed_training_is_one_message_and_the_widget_recovers(widget, datase
     )
     qtbot.wait(2000)
     assert len(worker_pids()) == 1
-    # closing napari now asks; "keep" keeps napari open and the training running
+    # closing napari now asks; "Cancel" keeps napari open and the training running
     window = widget.viewer.window._qt_window
-    widget.ask_on_close = lambda: "keep"
+    answer(qtbot, "Cancel")
     close = QCloseEvent()
     assert widget._close_guard.eventFilter(window, close) is True  # the close is eaten
     assert not close.isAccepted()
@@ -282,9 +223,11 @@ def test_a_killed_training_is_one_message_and_the_widget_recovers(widget, datase
     qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
     errors = [m for m in messages if m.startswith("error")]
     assert len(errors) == 1, messages
-    assert "failed" in errors[0]
+    assert "training fold 2 was killed (SIGKILL" in errors[0]
+    assert "Resume (--resume) continues from its latest checkpoint" in errors[0]
     assert "full output in" in errors[0]
     assert widget.train_button.enabled
+    assert widget.resume_button.enabled
     assert worker_pids() == []
 
 
@@ -319,10 +262,89 @@ def test_closing_napari_while_training_can_stop_it(widget, dataset, qtbot, messa
     widget.train_button.clicked()
     qtbot.waitUntil(lambda: len(worker_pids()) == 1, timeout=600_000)
     pid = worker_pids()[0]
-    widget.ask_on_close = lambda: "stop"
+    answer(qtbot, "Stop training")
     close = QCloseEvent()
     # "stop": the training stops (waiting for it), then napari's own close goes on
     assert widget._close_guard.eventFilter(widget.viewer.window._qt_window, close) is False
     assert not widget.running
     assert not Path(f"/proc/{pid}").exists()
     assert not [m for m in messages if m.startswith("error")], messages
+
+
+@pytest.mark.slow
+def test_closing_napari_can_leave_the_training_running(widget, dataset, qtbot, messages):
+    widget.dataset.value = dataset["raw"]
+    widget.epochs.value = 500
+    widget.folds.value = "1"
+    widget.validate.value = False
+    widget.results.value = dataset["results"] / "close"  # planned by the test above
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: widget.curves.points() >= 1, timeout=600_000)
+    pid = worker_pids()[0]
+    answer(qtbot, "Leave it running")
+    close = QCloseEvent()
+    # "leave": the training goes on alone, napari's own close goes on
+    assert widget._close_guard.eventFilter(widget.viewer.window._qt_window, close) is False
+    assert not widget.running
+    model = widget.model_folder
+    try:
+        assert running_worker(model / "fold_1") == pid  # alive, found from its folder
+        assert any(f"goes on in process {pid}" in m for m in messages), messages
+        epochs = len(read_progress(model))
+        qtbot.waitUntil(lambda: len(read_progress(model)) > epochs, timeout=120_000)
+        # the same fold again: one message, nothing started
+        widget.train_button.clicked()
+        qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+        assert f"still being trained by process {pid}" in messages[-1]
+    finally:
+        os.kill(pid, signal.SIGTERM)  # it saves a checkpoint and stops
+        qtbot.waitUntil(lambda: running_worker(model / "fold_1") is None, timeout=120_000)
+    assert (model / "fold_1" / "checkpoint_latest.pth").is_file()
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_one_message_that_says_what_to_do(
+    widget, dataset, qtbot, messages, monkeypatch
+):
+    monkeypatch.setenv(FAULT_ENV, "oom")  # the training process's first step raises it
+    widget.dataset.value = dataset["raw"]
+    widget.epochs.value = 1
+    widget.folds.value = "0"
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=600_000)
+    errors = [m for m in messages if m.startswith("error")]
+    assert len(errors) == 1, messages
+    assert f"training fold 0 failed: {OOM_HINT}" in errors[0]
+    assert "full output in" in errors[0]
+    log = errors[0].rsplit("full output in ", 1)[1]
+    assert "torch.OutOfMemoryError: CUDA out of memory" in Path(log).read_text()
+    assert widget.train_button.enabled
+    assert worker_pids() == []
+    widget.viewer.add_image(np.zeros((2, 2)))  # the viewer stays usable
+    assert len(widget.viewer.layers) == 1
+
+
+@pytest.mark.slow
+def test_a_dataset_nnunet_rejects_is_one_message(widget, dataset, qtbot, messages, tmp_path):
+    import json
+    import shutil
+
+    raw = tmp_path / "Dataset905_Rejected"
+    shutil.copytree(dataset["raw"], raw)
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"].pop("ink")  # the ignore label is no longer the highest: nnU-Net refuses
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    widget.dataset.value = raw
+    widget.results.value = tmp_path / "results"
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
+    errors = [m for m in messages if m.startswith("error")]
+    assert len(errors) == 1, messages
+    assert (
+        "nnU-Net planning failed (exit 1): AssertionError: If you use the ignore label"
+        in (errors[0])
+    )
+    assert "full output in" in errors[0]
+    assert widget.train_button.enabled
+    widget.viewer.add_image(np.zeros((2, 2)))
+    assert len(widget.viewer.layers) == 1

@@ -8,7 +8,9 @@ class, epoch time) and updates the ETA; each finished fold shows its validation
 Dice and adds the model to :func:`~napari_scrollseg.widgets._common.session`'s
 ``trained_models`` (the live-inference widget lists them). Cancel stops the
 subprocess after its current iteration (a checkpoint is saved; Resume continues from it);
-closing napari while training asks whether to stop it.
+closing napari while training asks whether to stop it or leave it running without
+napari (the engine's ``detach``: the training process goes on alone and keeps writing
+its checkpoints, ``progress.png`` and ``progress.csv`` to the model folder).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def parse_folds(text: str) -> list[int | str]:
 
 
 class _CloseGuard(QObject):
-    """Asks before napari's window closes while a training runs."""
+    """Asks before napari's window closes while a training runs: stop it, leave it
+    running without napari, or do not close."""
 
     def __init__(self, widget: TrainWidget) -> None:
         super().__init__(widget)
@@ -68,8 +71,12 @@ class _CloseGuard(QObject):
 
     def eventFilter(self, obj: QObject, event: QEvent) -> bool:
         if event.type() == QEvent.Type.Close and self.widget.running:
-            if self.widget.ask_on_close() == "stop":
+            answer = self.widget.ask_on_close()
+            if answer == "stop":
                 self.widget.stop(wait=True)
+                return False
+            if answer == "leave":
+                self.widget.leave_running(wait=True)
                 return False
             event.ignore()
             return True
@@ -133,6 +140,7 @@ class TrainWidget(QWidget):
         self._default_results()
         self.worker: Any = None
         self._stop_event: threading.Event | None = None
+        self._detach_event: threading.Event | None = None
         self.model_folder: Path | None = None
         self.last_event: TrainEvent | None = None
         self.event_times: list[tuple[float, str]] = []  # (perf_counter, kind)
@@ -197,6 +205,7 @@ class TrainWidget(QWidget):
             return None
         dataset = options.pop("dataset_dir")
         self._stop_event = threading.Event()
+        self._detach_event = threading.Event()
         self.curves.clear(resume=resume)
         self.dice_label.setText("")
         self.last_event = None
@@ -206,6 +215,7 @@ class TrainWidget(QWidget):
             dataset,
             resume=resume,
             stop=self._stop_event,
+            detach=self._detach_event,
             **options,
             on_event=self._on_event,
             progress=self.progress,
@@ -224,26 +234,40 @@ class TrainWidget(QWidget):
         if self.worker is not None:
             self.worker.quit()
             if wait:
-                from qtpy.QtCore import QCoreApplication, QElapsedTimer
+                self._wait(timeout)
 
-                timer = QElapsedTimer()
-                timer.start()
-                while self.worker is not None and timer.elapsed() < timeout * 1000:
-                    QCoreApplication.processEvents()
-                    threading.Event().wait(0.02)
+    def leave_running(self, wait: bool = False, timeout: float = 60.0) -> None:
+        """Let the training process go on without napari (the engine's ``detach``)."""
+        if self._detach_event is not None:
+            self._detach_event.set()
+        if wait:
+            self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        from qtpy.QtCore import QCoreApplication, QElapsedTimer
+
+        timer = QElapsedTimer()
+        timer.start()
+        while self.worker is not None and timer.elapsed() < timeout * 1000:
+            QCoreApplication.processEvents()
+            threading.Event().wait(0.02)
 
     def ask_on_close(self) -> str:
-        """``"stop"`` or ``"keep"`` (keep training; napari stays open)."""
+        """``"stop"``, ``"leave"`` (training goes on without napari) or ``"cancel"``."""
         box = QMessageBox(self)
+        box.setObjectName("scrollseg-training-running")
         box.setWindowTitle("Training is running")
         box.setText(
-            "A training is running. Stop it and close napari (a checkpoint is saved: "
-            "Resume continues from it), or keep napari open and training?"
+            "A training is running. Stop it (a checkpoint is saved: Resume continues from "
+            "it), or leave it running without napari (it keeps writing its checkpoints and "
+            "curves to the results folder)?"
         )
-        stop = box.addButton("Stop training and close", QMessageBox.ButtonRole.AcceptRole)
-        box.addButton("Keep training", QMessageBox.ButtonRole.RejectRole)
+        stop = box.addButton("Stop training", QMessageBox.ButtonRole.DestructiveRole)
+        leave = box.addButton("Leave it running", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("Cancel", QMessageBox.ButtonRole.RejectRole)
         box.exec()
-        return "stop" if box.clickedButton() is stop else "keep"
+        clicked = box.clickedButton()
+        return "stop" if clicked is stop else "leave" if clicked is leave else "cancel"
 
     def _set_running(self, running: bool) -> None:
         self.train_button.enabled = not running
@@ -275,7 +299,7 @@ class TrainWidget(QWidget):
             if event.model_folder is not None:
                 session().add_trained_model(event.model_folder)
             notify_info(str(event))
-        elif event.kind == "stopped":
+        elif event.kind in ("stopped", "detached"):
             notify_info(event.message)
 
     def _describe(self, event: TrainEvent) -> str:

@@ -134,6 +134,7 @@ class ViewWidget(Container):
         super().__init__(labels=True)
         self.viewer = viewer
         self._divisors: dict[int, float] = {}
+        self.scan_worker: Any = None  # reading the percentile sample, while it runs
         # scan
         self.scan_layer = ComboBox(label="scan layer", choices=self._image_choices)
         self.curve = CheckBox(text="contrast curve (0,0) (128,64) (255,255)", value=False)
@@ -203,10 +204,16 @@ class ViewWidget(Container):
             widget.reset_choices()
 
     # -- scan ------------------------------------------------------------------------------
-    def apply_scan_contrast(self, layer: Image | None = None) -> None:
+    def apply_scan_contrast(self, layer: Image | None = None) -> Any:
         """Apply the curve, percentile window and gamma to the scan layer (one engine call
         each: :func:`~napari_scrollseg.engine.contrast.apply_curve` per level and
-        :func:`~napari_scrollseg.engine.contrast.percentile_window`)."""
+        :func:`~napari_scrollseg.engine.contrast.percentile_window`).
+
+        The percentile sample is read in a thread (a remote or slow volume never stalls
+        the GUI); the layer changes when it is done. Returns that (started) worker.
+        """
+        from napari.qt.threading import create_worker
+
         layer = layer or self.scan_layer.value
         if layer is None:
             raise ScrollsegError("no image layer: open a scan first (File > Open)")
@@ -214,16 +221,38 @@ class ViewWidget(Container):
         curve = bool(self.curve.value)
         if curve:
             contrast.curve_lut(raw[0].dtype)  # says what to do for float scans
-        window = contrast.percentile_window(
-            raw, (float(self.low.value), float(self.high.value)), curve=curve
+        gamma = float(self.gamma.value)
+        worker = create_worker(
+            contrast.percentile_window,
+            raw,
+            (float(self.low.value), float(self.high.value)),
+            curve=curve,
+            _start_thread=False,
+            _ignore_errors=True,
         )
+        worker.returned.connect(lambda window: self._set_scan(layer, raw, curve, window, gamma))
+        worker.errored.connect(notify_error)
+        worker.finished.connect(self._scan_done)
+        self.apply_scan.enabled = False
+        self.status.value = f"{layer.name}: reading a sample for the percentiles..."
+        self.scan_worker = worker
+        worker.start()
+        return worker
+
+    def _scan_done(self) -> None:
+        self.scan_worker = None
+        self.apply_scan.enabled = True
+
+    def _set_scan(
+        self, layer: Image, raw: list[Any], curve: bool, window: tuple[float, float], gamma: float
+    ) -> None:
         layer.metadata[RAW_KEY] = raw
         _set_levels(layer, [contrast.apply_curve(a) for a in raw] if curve else raw)
         layer.contrast_limits_range = (
             (0.0, float(np.iinfo(raw[0].dtype).max)) if raw[0].dtype.kind in "ui" else window
         )
         layer.contrast_limits = window
-        layer.gamma = float(self.gamma.value)
+        layer.gamma = gamma
         self.status.value = (
             f"{layer.name}: {'curve, ' if curve else ''}window {window[0]:.4g}..{window[1]:.4g}, "
             f"gamma {layer.gamma:.2f}"
