@@ -49,6 +49,12 @@ def apply_scan(widget: ViewWidget, qtbot) -> None:
     qtbot.waitUntil(lambda: widget.scan_worker is None, timeout=30_000)
 
 
+def composite(widget: ViewWidget, qtbot) -> None:
+    """Click "Composite" and wait for the maps' maxima to be read (in a thread)."""
+    widget.apply_overlay.clicked()
+    qtbot.waitUntil(lambda: widget.overlay_worker is None, timeout=30_000)
+
+
 def _pyramid(data: np.ndarray):
     """Three levels stored apart, as in an OME-Zarr; reads of level 0 are counted."""
     level0, source = counted(data, CHUNKS)
@@ -113,7 +119,7 @@ def test_composite_flip_boost_invert_follow_the_controls(viewer, qtbot):
     widget = _widget(viewer)
     widget.maps.value = [la, lb]
     widget.mode.value = "max"
-    widget.apply_overlay.clicked()
+    composite(widget, qtbot)
     out = viewer.layers[COMPOSITE]
     assert out.multiscale
     assert len(out.data) == 3
@@ -143,7 +149,7 @@ def test_composite_flip_boost_invert_follow_the_controls(viewer, qtbot):
     assert out.opacity == pytest.approx(0.4)
 
 
-def test_composite_of_different_shapes_is_resized_and_said(viewer, messages):
+def test_composite_of_different_shapes_is_resized_and_said(viewer, messages, qtbot):
     rng = np.random.default_rng(3)
     a = rng.random(SHAPE, dtype=np.float32)
     b = rng.random((8, 64, 64), dtype=np.float32)
@@ -151,7 +157,7 @@ def test_composite_of_different_shapes_is_resized_and_said(viewer, messages):
     lb = viewer.add_image(da.from_array(b, chunks=CHUNKS), name="b")
     widget = _widget(viewer)
     widget.maps.value = [la, lb]
-    widget.apply_overlay.clicked()
+    composite(widget, qtbot)
     assert any("resized" in m and "(8, 64, 64)" in m for m in messages)
     out = viewer.layers[COMPOSITE]
     assert out.data.shape == SHAPE

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 MARKER = "\x1escrollseg-event "
 #: the parent sends this to leave the worker running alone (see :func:`_detach`)
-DETACH_SIGNAL = signal.SIGUSR1 if hasattr(signal, "SIGUSR1") else signal.SIGTERM
+DETACH_SIGNAL = getattr(signal, "SIGUSR1", None)  # None: not on this system (Windows)
 #: ``fold_X/<PID_FILE>``: the process training that fold, while it runs
 PID_FILE = "training.pid"
 #: tests only: ``oom`` makes the first training step raise torch.OutOfMemoryError
@@ -245,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--no-validate", action="store_false", dest="validate")
     args = parser.parse_args(argv)
-    signal.signal(DETACH_SIGNAL, _detach)
+    if DETACH_SIGNAL is not None:
+        signal.signal(DETACH_SIGNAL, _detach)
     _watch_parent()
     return _plan(args) if args.step == "plan" else _train(args)
 

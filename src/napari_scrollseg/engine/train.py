@@ -231,6 +231,10 @@ def _run_worker(
                     log.info("%s: stop requested", what)
                     return  # the finally below stops the worker
                 if detach is not None and detach.is_set() and detaching is None:
+                    if DETACH_SIGNAL is None:
+                        raise ScrollsegError(
+                            f"{what}: leaving a training running needs a POSIX system; stop it"
+                        )
                     detaching = time.monotonic()
                     proc.send_signal(DETACH_SIGNAL)
                 if detaching is not None and time.monotonic() - detaching > 30:
