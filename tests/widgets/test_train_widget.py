@@ -154,16 +154,17 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     for end, gap in ticks.worst():
         near = [f"{k}@{t - t0:.1f}" for t, k in widget.event_times if end - gap - 0.5 <= t <= end]
         print(f"gap {gap * 1000:.0f} ms ending at {end - t0:.1f} s; events: {near}")
-    for gap, cpu, wait in sorted(ticks.split, reverse=True)[:8]:
-        print(
-            f"gap {gap * 1000:.0f} ms: GUI thread on CPU {cpu * 1000:.0f} ms, waiting for a CPU {wait * 1000:.0f} ms"
-        )
+    print(ticks.report())
     for late, stack in ticks.stalls[:4]:
         print(f"--- GUI thread {late * 1000:.0f} ms late in:\n{stack}")
-    # the team's bar: no stall over 100 ms. Time the GUI thread spent waiting for a CPU
-    # (other processes on a loaded 2-core machine) is not napari's or ours: it is left out
+    # the team's bar: no stall over 100 ms caused by napari or us. A gap's share that is
+    # the machine's (the GUI thread, or the GL threads it waits for, waiting for a CPU
+    # that other processes hold) is reported above, not counted
     own = ticks.own
-    print(f"longest gap less the GUI thread's wait for a CPU: {own * 1000:.0f} ms")
+    print(
+        f"the most of one gap that is ours (GUI thread + Python threads on a CPU): "
+        f"{own * 1000:.0f} ms"
+    )
     assert own < 0.1, ticks.stalls[:3]
 
 
