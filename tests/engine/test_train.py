@@ -214,6 +214,7 @@ print("trainer", type(p.trainer_name) if hasattr(p, "trainer_name") else "", p.n
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},  # no PYTHONPATH to src/ either
     )
     assert check.returncode != 0
     assert "No module named 'napari_scrollseg" in check.stderr
