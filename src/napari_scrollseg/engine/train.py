@@ -277,7 +277,7 @@ def _failure(what: str, rc: int, tail: Sequence[str], log_path: Path, resumable:
             name = signal.Signals(-rc).name
         except ValueError:
             name = f"signal {-rc}"
-        oom = " (the system's out-of-memory killer does this)" if -rc == signal.SIGKILL else ""
+        oom = ": by hand, or by the system when memory ran out" if -rc == signal.SIGKILL else ""
         return f"{what} was killed ({name}{oom}){again}{where}"
     if any(_OOM_RE.search(t) for t in tail[-10:]):
         return f"{what} failed: {OOM_HINT}{again}{where}"
