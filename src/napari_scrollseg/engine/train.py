@@ -224,13 +224,14 @@ def _run_worker(
     tail: list[str] = []
     finished = False
     detaching: float | None = None  # when the worker was asked to go on alone
+    ready = False  # the worker has said something (before that, a signal could kill it)
     try:
         with open(log_path, "a") as out:
             while True:
                 if stop is not None and stop.is_set():
                     log.info("%s: stop requested", what)
                     return  # the finally below stops the worker
-                if detach is not None and detach.is_set() and detaching is None:
+                if detach is not None and detach.is_set() and detaching is None and ready:
                     if DETACH_SIGNAL is None:
                         raise ScrollsegError(
                             f"{what}: leaving a training running needs a POSIX system; stop it"
@@ -246,6 +247,7 @@ def _run_worker(
                 if line is None:
                     break
                 if line.startswith(MARKER):
+                    ready = True  # its first event: it handles the detach signal now
                     event = json.loads(line[len(MARKER) :])
                     if event["kind"] == "detached":
                         finished = True  # it goes on: leave it alone
