@@ -782,8 +782,7 @@ def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
     the calling process, e.g. napari's: drawing there would hold the GIL for about a
     second per epoch and stall its GUI thread).
     """
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib import style
 
     model_folder = Path(model_folder)
     rows = read_progress(model_folder)
@@ -796,6 +795,15 @@ def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
+
+    with style.context("default"):  # not nnU-Net's seaborn style (font scale 2.5)
+        _draw_curves(rows, columns, model_folder / "progress.png")
+    return csv_path, model_folder / "progress.png"
+
+
+def _draw_curves(rows: list[dict], columns: list[str], png_path: Path) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 6.5), dpi=90)
     fig.subplots_adjust(left=0.12, right=0.97, top=0.98, bottom=0.08, hspace=0.12)
@@ -817,11 +825,9 @@ def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
     ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_loss, ax_dice):
         ax.legend(fontsize=7, loc="best")
-    png_path = model_folder / "progress.png"
     tmp = png_path.with_name("progress.tmp.png")  # readers never see half a PNG
     fig.savefig(tmp)
     os.replace(tmp, png_path)
-    return csv_path, png_path
 
 
 def dice_summary(model_folder: str | os.PathLike, folds: Sequence[int | str] | None = None) -> dict:
