@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def messages(monkeypatch) -> list[str]:
 
 
 @pytest.fixture
-def widget(make_napari_viewer, dataset) -> TrainWidget:
+def widget(make_napari_viewer, dataset) -> Iterator[TrainWidget]:
     viewer = make_napari_viewer()
     w = TrainWidget(viewer)
     viewer.window.add_dock_widget(w, name="train")
@@ -73,7 +74,9 @@ def widget(make_napari_viewer, dataset) -> TrainWidget:
     w.small.value = True
     w.device.value = "cpu"
     w.iterations.value = 2
-    return w
+    yield w
+    if w.running:  # a failed test: stop its training, so that closing napari asks nothing
+        w.stop(wait=True)
 
 
 def worker_pids() -> list[int]:
