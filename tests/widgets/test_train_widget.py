@@ -175,6 +175,7 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
 def test_cancel_stops_the_process_and_resume_continues(widget, dataset, qtbot, messages):
     widget.dataset.value = dataset["raw"]
     widget.epochs.value = 2
+    widget.iterations.value = 16  # epoch 2 lasts long enough for Cancel to land in it
     widget.folds.value = "1"
     widget.validate.value = False
     widget.train_button.clicked()
