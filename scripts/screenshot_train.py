@@ -71,6 +71,7 @@ def main() -> None:
         time.sleep(0.02)
     print(f"trained in {time.perf_counter() - t0:.0f} s: {widget.last_event}")
     print("trained models in the session:", session().trained_models)
+    widget.curves.wait()  # the last progress.png is loaded
     for _ in range(20):
         QApplication.processEvents()
     viewer.screenshot(args.out / "train-widget.png", canvas_only=False)

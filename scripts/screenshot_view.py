@@ -11,6 +11,7 @@ by the built-in model are made once under --work.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,9 @@ def main() -> None:
     widget.scan_layer.value = image
     widget.curve.value = True
     widget.apply_scan.clicked()
+    while widget.scan_worker is not None:  # the percentile sample is read in a thread
+        QApplication.processEvents()
+        time.sleep(0.02)
     probs = [layer for layer in pred_layers if layer._type_string == "image"]
     print("probability layers:", [layer.name for layer in probs])
     widget.maps.value = probs[1:]  # papyrus and ink (the phantom's ink is a few patches)
@@ -60,6 +64,9 @@ def main() -> None:
     widget.colormap.value = "magma"
     widget.opacity.value = 0.6
     widget.apply_overlay.clicked()
+    while widget.overlay_worker is not None:  # the maps' maxima are read in a thread
+        QApplication.processEvents()
+        time.sleep(0.02)
     # the slice with the most ink
     import numpy as np
 

@@ -214,6 +214,7 @@ print("trainer", type(p.trainer_name) if hasattr(p, "trainer_name") else "", p.n
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},  # no PYTHONPATH to src/ either
     )
     assert check.returncode != 0
     assert "No module named 'napari_scrollseg" in check.stderr
@@ -406,3 +407,25 @@ def test_folds_are_checked_before_any_work(tmp_path):
     with pytest.raises(ScrollsegError, match=r"3 cases give folds 0\.\.2"):
         next(train(_fake_raw(tmp_path / "b", 3), results_dir=tmp_path / "r", folds=(3,)))
     assert not (tmp_path / "r").exists()
+
+
+def test_failure_messages_say_what_happened(tmp_path):
+    from napari_scrollseg.engine.train import OOM_HINT, _failure
+
+    log = tmp_path / "fold0.log"
+    for line in (
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes",
+        "MemoryError",
+    ):
+        message = _failure("training fold 0", 1, ["Traceback", line], log, resumable=True)
+        assert message.startswith(f"training fold 0 failed: {OOM_HINT}"), message
+        assert "Resume" in message
+        assert str(log) in message
+    message = _failure("training fold 0", -9, ["epoch 3"], log, resumable=True)
+    assert message.startswith("training fold 0 was killed (SIGKILL: by hand, or by the system")
+    message = _failure("nnU-Net planning", 1, ["  File x", "ValueError: bad labels"], log, False)
+    assert (
+        message
+        == f"nnU-Net planning failed (exit 1): ValueError: bad labels -- full output in {log}"
+    )

@@ -9,17 +9,22 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 from qtpy.QtGui import QCloseEvent
+from qtpy.QtWidgets import QApplication, QMessageBox
 
+from napari_scrollseg.engine._train_worker import FAULT_ENV
+from napari_scrollseg.engine.train import OOM_HINT, read_progress, running_worker
 from napari_scrollseg.widgets import _common
 from napari_scrollseg.widgets import train as train_module
 from napari_scrollseg.widgets._common import session
 from napari_scrollseg.widgets.train import TrainWidget, parse_folds
+from tests.widgets.ticks import TickGaps
 
 WORKER = b"napari_scrollseg.engine._train_worker"
 
@@ -61,7 +66,7 @@ def messages(monkeypatch) -> list[str]:
 
 
 @pytest.fixture
-def widget(make_napari_viewer, dataset) -> TrainWidget:
+def widget(make_napari_viewer, dataset) -> Iterator[TrainWidget]:
     viewer = make_napari_viewer()
     w = TrainWidget(viewer)
     viewer.window.add_dock_widget(w, name="train")
@@ -69,7 +74,9 @@ def widget(make_napari_viewer, dataset) -> TrainWidget:
     w.small.value = True
     w.device.value = "cpu"
     w.iterations.value = 2
-    return w
+    yield w
+    if w.running:  # a failed test: stop its training, so that closing napari asks nothing
+        w.stop(wait=True)
 
 
 def worker_pids() -> list[int]:
@@ -88,38 +95,17 @@ def worker_pids() -> list[int]:
     return pids
 
 
-class TickGaps:
-    """Longest gap between the ticks of a 10 ms QTimer: how long the GUI thread stalled."""
+def answer(qtbot, button: str) -> None:
+    """Click ``button`` of the question napari asks on close, once it shows."""
 
-    def __init__(self) -> None:
-        self.timer = QTimer()
-        self.timer.setInterval(10)
-        self.gaps: list[float] = []
-        self.at: list[float] = []
-        self.last = time.perf_counter()
-        self.timer.timeout.connect(self._tick)
+    def click() -> None:
+        box = QApplication.activeModalWidget()
+        if not isinstance(box, QMessageBox):
+            QTimer.singleShot(50, click)
+            return
+        next(b for b in box.buttons() if b.text() == button).click()
 
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        self.gaps.append(now - self.last)
-        self.at.append(now)
-        self.last = now
-
-    def __enter__(self) -> TickGaps:
-        self.last = time.perf_counter()
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.timer.stop()
-
-    @property
-    def longest(self) -> float:
-        return max(self.gaps)
-
-    def worst(self, n: int = 5) -> list[tuple[float, float]]:
-        """The ``n`` longest gaps as (end time, gap) in seconds."""
-        return sorted(zip(self.at, self.gaps), key=lambda t: -t[1])[:n]
+    QTimer.singleShot(50, click)
 
 
 def test_parse_folds():
@@ -149,13 +135,13 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     widget.curves.wait()
     assert not [m for m in messages if m.startswith("error")], messages
     assert widget.curves.points() == 1
-    assert len(widget.curves.ax_loss.lines) == 2  # train and val loss
-    assert {line.get_label() for line in widget.curves.ax_dice.lines} == {
-        "air f0",
-        "papyrus f0",
-        "ink f0",
-    }
     model = widget.model_folder
+    # the curves drawn by the training process are on screen; they have every class
+    qtbot.waitUntil(lambda: widget.curves.shown == model / "progress.png", timeout=10_000)
+    assert not widget.curves.canvas.pixmap().isNull()
+    rows = read_progress(model)
+    assert len(rows) == 1
+    assert {"dice_air", "dice_papyrus", "dice_ink", "epoch_time"} <= set(rows[0])
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
     assert model in session().trained_models
     assert "fold 0 validation Dice: air" in widget.dice_label.text()  # every class
@@ -171,14 +157,25 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     for end, gap in ticks.worst():
         near = [f"{k}@{t - t0:.1f}" for t, k in widget.event_times if end - gap - 0.5 <= t <= end]
         print(f"gap {gap * 1000:.0f} ms ending at {end - t0:.1f} s; events: {near}")
-    # a blocked GUI thread would stall for the whole training (tens of seconds)
-    assert ticks.longest < 1.0
+    print(ticks.report())
+    for late, stack in ticks.stalls[:4]:
+        print(f"--- GUI thread {late * 1000:.0f} ms late in:\n{stack}")
+    # the team's bar: no stall over 100 ms caused by napari or us. A gap's share that is
+    # the machine's (the GUI thread, or the GL threads it waits for, waiting for a CPU
+    # that other processes hold) is reported above, not counted
+    own = ticks.own
+    print(
+        f"the most of one gap that is ours (GUI thread + Python threads on a CPU): "
+        f"{own * 1000:.0f} ms"
+    )
+    assert own < 0.1, ticks.stalls[:3]
 
 
 @pytest.mark.slow
 def test_cancel_stops_the_process_and_resume_continues(widget, dataset, qtbot, messages):
     widget.dataset.value = dataset["raw"]
     widget.epochs.value = 2
+    widget.iterations.value = 16  # epoch 2 lasts long enough for Cancel to land in it
     widget.folds.value = "1"
     widget.validate.value = False
     widget.train_button.clicked()
@@ -218,9 +215,9 @@ def test_a_killed_training_is_one_message_and_the_widget_recovers(widget, datase
     )
     qtbot.wait(2000)
     assert len(worker_pids()) == 1
-    # closing napari now asks; "keep" keeps napari open and the training running
+    # closing napari now asks; "Cancel" keeps napari open and the training running
     window = widget.viewer.window._qt_window
-    widget.ask_on_close = lambda: "keep"
+    answer(qtbot, "Cancel")
     close = QCloseEvent()
     assert widget._close_guard.eventFilter(window, close) is True  # the close is eaten
     assert not close.isAccepted()
@@ -231,9 +228,11 @@ def test_a_killed_training_is_one_message_and_the_widget_recovers(widget, datase
     qtbot.waitUntil(lambda: not widget.running, timeout=180_000)
     errors = [m for m in messages if m.startswith("error")]
     assert len(errors) == 1, messages
-    assert "failed" in errors[0]
+    assert "training fold 2 was killed (SIGKILL" in errors[0]
+    assert "Resume (--resume) continues from its latest checkpoint" in errors[0]
     assert "full output in" in errors[0]
     assert widget.train_button.enabled
+    assert widget.resume_button.enabled
     assert worker_pids() == []
 
 
@@ -268,10 +267,89 @@ def test_closing_napari_while_training_can_stop_it(widget, dataset, qtbot, messa
     widget.train_button.clicked()
     qtbot.waitUntil(lambda: len(worker_pids()) == 1, timeout=600_000)
     pid = worker_pids()[0]
-    widget.ask_on_close = lambda: "stop"
+    answer(qtbot, "Stop training")
     close = QCloseEvent()
     # "stop": the training stops (waiting for it), then napari's own close goes on
     assert widget._close_guard.eventFilter(widget.viewer.window._qt_window, close) is False
     assert not widget.running
     assert not Path(f"/proc/{pid}").exists()
     assert not [m for m in messages if m.startswith("error")], messages
+
+
+@pytest.mark.slow
+def test_closing_napari_can_leave_the_training_running(widget, dataset, qtbot, messages):
+    widget.dataset.value = dataset["raw"]
+    widget.epochs.value = 500
+    widget.folds.value = "1"
+    widget.validate.value = False
+    widget.results.value = dataset["results"] / "close"  # planned by the test above
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: widget.curves.points() >= 1, timeout=600_000)
+    pid = worker_pids()[0]
+    answer(qtbot, "Leave it running")
+    close = QCloseEvent()
+    # "leave": the training goes on alone, napari's own close goes on
+    assert widget._close_guard.eventFilter(widget.viewer.window._qt_window, close) is False
+    assert not widget.running
+    model = widget.model_folder
+    try:
+        assert running_worker(model / "fold_1") == pid  # alive, found from its folder
+        assert any(f"goes on in process {pid}" in m for m in messages), messages
+        epochs = len(read_progress(model))
+        qtbot.waitUntil(lambda: len(read_progress(model)) > epochs, timeout=120_000)
+        # the same fold again: one message, nothing started
+        widget.train_button.clicked()
+        qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+        assert f"still being trained by process {pid}" in messages[-1]
+    finally:
+        os.kill(pid, signal.SIGTERM)  # it saves a checkpoint and stops
+        qtbot.waitUntil(lambda: running_worker(model / "fold_1") is None, timeout=120_000)
+    assert (model / "fold_1" / "checkpoint_latest.pth").is_file()
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_one_message_that_says_what_to_do(
+    widget, dataset, qtbot, messages, monkeypatch
+):
+    monkeypatch.setenv(FAULT_ENV, "oom")  # the training process's first step raises it
+    widget.dataset.value = dataset["raw"]
+    widget.epochs.value = 1
+    widget.folds.value = "0"
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=600_000)
+    errors = [m for m in messages if m.startswith("error")]
+    assert len(errors) == 1, messages
+    assert f"training fold 0 failed: {OOM_HINT}" in errors[0]
+    assert "full output in" in errors[0]
+    log = errors[0].rsplit("full output in ", 1)[1]
+    assert "torch.OutOfMemoryError: CUDA out of memory" in Path(log).read_text()
+    assert widget.train_button.enabled
+    assert worker_pids() == []
+    widget.viewer.add_image(np.zeros((2, 2)))  # the viewer stays usable
+    assert len(widget.viewer.layers) == 1
+
+
+@pytest.mark.slow
+def test_a_dataset_nnunet_rejects_is_one_message(widget, dataset, qtbot, messages, tmp_path):
+    import json
+    import shutil
+
+    raw = tmp_path / "Dataset905_Rejected"
+    shutil.copytree(dataset["raw"], raw)
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"].pop("ink")  # the ignore label is no longer the highest: nnU-Net refuses
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    widget.dataset.value = raw
+    widget.results.value = tmp_path / "results"
+    widget.train_button.clicked()
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
+    errors = [m for m in messages if m.startswith("error")]
+    assert len(errors) == 1, messages
+    assert (
+        "nnU-Net planning failed (exit 1): AssertionError: If you use the ignore label"
+        in (errors[0])
+    )
+    assert "full output in" in errors[0]
+    assert widget.train_button.enabled
+    widget.viewer.add_image(np.zeros((2, 2)))
+    assert len(widget.viewer.layers) == 1

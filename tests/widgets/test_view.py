@@ -3,15 +3,21 @@ its formula says, on dask-backed layers, computing only some of the chunks."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 from PIL import Image as PILImage
+from zarr.storage import MemoryStore, WrapperStore
 
 from napari_scrollseg.engine import contrast
 from napari_scrollseg.widgets import view as view_module
 from napari_scrollseg.widgets.view import COMPOSITE, ViewWidget
 from tests.engine.test_contrast import counted
+from tests.widgets.ticks import TickGaps
 
 SHAPE = (16, 128, 128)
 CHUNKS = (4, 32, 32)  # 4 x 4 x 4 = 64 chunks per level 0
@@ -37,6 +43,18 @@ def _widget(viewer) -> ViewWidget:
     return widget
 
 
+def apply_scan(widget: ViewWidget, qtbot) -> None:
+    """Click "Apply to scan" and wait for its sample to be read (in a thread)."""
+    widget.apply_scan.clicked()
+    qtbot.waitUntil(lambda: widget.scan_worker is None, timeout=30_000)
+
+
+def composite(widget: ViewWidget, qtbot) -> None:
+    """Click "Composite" and wait for the maps' maxima to be read (in a thread)."""
+    widget.apply_overlay.clicked()
+    qtbot.waitUntil(lambda: widget.overlay_worker is None, timeout=30_000)
+
+
 def _pyramid(data: np.ndarray):
     """Three levels stored apart, as in an OME-Zarr; reads of level 0 are counted."""
     level0, source = counted(data, CHUNKS)
@@ -54,8 +72,7 @@ def test_scan_curve_window_gamma_on_a_dask_pyramid(viewer, qtbot):
     widget.low.value, widget.high.value = 2.0, 98.0
     widget.gamma.value = 0.8
     source.reads.clear()
-    widget.apply_scan.clicked()
-    qtbot.wait(50)
+    apply_scan(widget, qtbot)
     lut = contrast.curve_lut(np.uint8)
     # data: lut[raw], lazily; the window is the percentiles of the curved coarsest level
     assert all(isinstance(level, da.Array) for level in layer.data)
@@ -74,11 +91,11 @@ def test_scan_curve_window_gamma_on_a_dask_pyramid(viewer, qtbot):
     np.testing.assert_allclose(values, formula, rtol=1e-5, atol=1e-6)
     # applying again without the curve starts from the raw data, not the curved data
     widget.curve.value = False
-    widget.apply_scan.clicked()
+    apply_scan(widget, qtbot)
     np.testing.assert_array_equal(np.asarray(layer.data[0][z, :5, :5]), raw[z, :5, :5])
 
 
-def test_scan_curve_on_float_data_says_what_to_do(viewer, messages):
+def test_scan_curve_on_float_data_says_what_to_do(viewer, messages, qtbot):
     layer = viewer.add_image(np.random.default_rng(1).random((4, 16, 16)), name="float")
     widget = _widget(viewer)
     widget.scan_layer.value = layer
@@ -87,7 +104,7 @@ def test_scan_curve_on_float_data_says_what_to_do(viewer, messages):
     assert len(messages) == 1
     assert "uint8 or uint16" in messages[0]
     widget.curve.value = False  # window and gamma work on any dtype
-    widget.apply_scan.clicked()
+    apply_scan(widget, qtbot)
     assert len(messages) == 1
 
 
@@ -102,7 +119,7 @@ def test_composite_flip_boost_invert_follow_the_controls(viewer, qtbot):
     widget = _widget(viewer)
     widget.maps.value = [la, lb]
     widget.mode.value = "max"
-    widget.apply_overlay.clicked()
+    composite(widget, qtbot)
     out = viewer.layers[COMPOSITE]
     assert out.multiscale
     assert len(out.data) == 3
@@ -132,7 +149,7 @@ def test_composite_flip_boost_invert_follow_the_controls(viewer, qtbot):
     assert out.opacity == pytest.approx(0.4)
 
 
-def test_composite_of_different_shapes_is_resized_and_said(viewer, messages):
+def test_composite_of_different_shapes_is_resized_and_said(viewer, messages, qtbot):
     rng = np.random.default_rng(3)
     a = rng.random(SHAPE, dtype=np.float32)
     b = rng.random((8, 64, 64), dtype=np.float32)
@@ -140,7 +157,7 @@ def test_composite_of_different_shapes_is_resized_and_said(viewer, messages):
     lb = viewer.add_image(da.from_array(b, chunks=CHUNKS), name="b")
     widget = _widget(viewer)
     widget.maps.value = [la, lb]
-    widget.apply_overlay.clicked()
+    composite(widget, qtbot)
     assert any("resized" in m and "(8, 64, 64)" in m for m in messages)
     out = viewer.layers[COMPOSITE]
     assert out.data.shape == SHAPE
@@ -158,7 +175,7 @@ def test_save_view_png_is_the_visible_region_at_full_resolution(viewer, tmp_path
     widget = _widget(viewer)
     widget.scan_layer.value = layer
     widget.gamma.value = 1.5
-    widget.apply_scan.clicked()
+    apply_scan(widget, qtbot)
     viewer.dims.set_current_step(0, 2)
     viewer.scene.camera.center = (2, 100, 150)
     viewer.scene.camera.zoom = 8.0  # much smaller than the image on screen
@@ -181,3 +198,46 @@ def test_save_view_png_is_the_visible_region_at_full_resolution(viewer, tmp_path
     viewer.dims.ndisplay = 3
     with pytest.raises(Exception, match="2D"):
         widget.save(tmp_path / "v3.png")
+
+
+class SlowStore(WrapperStore):
+    """A zarr store whose every chunk read takes ``delay`` seconds (a remote volume)."""
+
+    def __init__(self, store, delay: float) -> None:
+        super().__init__(store)
+        self.delay = delay
+        self.reads = 0
+
+    async def get(self, key, prototype, byte_range=None):
+        if not key.endswith("zarr.json"):
+            self.reads += 1
+            await asyncio.sleep(self.delay)
+        return await self._store.get(key, prototype, byte_range)
+
+
+def test_the_percentile_sample_is_read_off_the_gui_thread(viewer, qtbot):
+    data = np.random.default_rng(5).integers(0, 256, (64, 512, 512), dtype=np.uint8)
+    store = SlowStore(MemoryStore(), delay=0.3)
+    z = zarr.create_array(store, shape=data.shape, chunks=(16, 128, 128), dtype=data.dtype)
+    z[:] = data
+    layer = viewer.add_image(da.from_zarr(z), name="remote")
+    qtbot.wait(200)  # napari's first slice is read
+    widget = _widget(viewer)
+    widget.scan_layer.value = layer
+    store.reads = 0
+    with TickGaps() as ticks:
+        t0 = time.perf_counter()
+        widget.apply_scan.clicked()
+        click_s = time.perf_counter() - t0
+        qtbot.waitUntil(lambda: widget.scan_worker is None, timeout=60_000)
+    sample_s = ticks.at[-1] - ticks.at[0]
+    print(
+        f"\npercentile sample: {store.reads} chunk reads of 0.3 s in {sample_s:.1f} s; click "
+        f"{click_s * 1000:.0f} ms; longest GUI gap {ticks.longest * 1000:.0f} ms "
+        f"({ticks.own * 1000:.0f} ms of it ours)"
+    )
+    assert store.reads >= 1  # the sample was read (slowly) ...
+    assert click_s < 0.1  # ... but not by the click
+    assert ticks.own < 0.1  # the GUI thread never stalled for a chunk
+    same = da.from_array(data, chunks=(16, 128, 128))  # the same chunks, in memory
+    assert tuple(layer.contrast_limits) == pytest.approx(contrast.percentile_window(same))

@@ -10,6 +10,7 @@ prints passes through. SIGTERM stops training at the next iteration and saves
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 MARKER = "\x1escrollseg-event "
+#: the parent sends this to leave the worker running alone (see :func:`_detach`)
+DETACH_SIGNAL = getattr(signal, "SIGUSR1", None)  # None: not on this system (Windows)
+#: ``fold_X/<PID_FILE>``: the process training that fold, while it runs
+PID_FILE = "training.pid"
+#: tests only: ``oom`` makes the first training step raise torch.OutOfMemoryError
+FAULT_ENV = "SCROLLSEG_TRAIN_FAULT"
+_detached = threading.Event()
 PLANNERS = {
     "default": "ExperimentPlanner",
     "resenc-m": "nnUNetPlannerResEncM",
@@ -33,7 +41,9 @@ log = logging.getLogger(__name__)
 
 
 def emit(kind: str, **fields) -> None:
-    """Write one progress event line for the parent process."""
+    """Write one progress event line for the parent process (none once detached)."""
+    if _detached.is_set():
+        return
     sys.stdout.write(MARKER + json.dumps({"kind": kind, **fields}) + "\n")
     sys.stdout.flush()
 
@@ -110,10 +120,12 @@ def _pick_device(name: str | None):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
-    from napari_scrollseg.nnunet_trainers.sparse import TrainingCancelled, nnUNetTrainerSparse
+    from napari_scrollseg.engine.train import write_curves
+    from napari_scrollseg.nnunet_trainers.sparse import nnUNetTrainerSparse
 
     stop = {"requested": False, "in_loop": False}
 
@@ -140,9 +152,29 @@ def _train(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         trainer.num_iterations_per_epoch = args.iterations
         trainer.num_val_iterations_per_epoch = max(1, round(args.iterations / 5))
+    if os.environ.get(FAULT_ENV) == "oom":
+
+        def out_of_memory(batch: dict) -> dict:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 64.00 GiB ({FAULT_ENV}=oom)"
+            )
+
+        trainer.train_step = out_of_memory
     parent = os.getppid()  # stop too if the calling process died without asking
-    trainer.should_stop = lambda: stop["requested"] or os.getppid() != parent
-    trainer.epoch_callback = lambda record: emit("epoch", **record)
+    trainer.should_stop = lambda: (
+        stop["requested"] or (not _detached.is_set() and os.getppid() != parent)
+    )
+
+    def on_epoch(record: dict) -> None:
+        curves = None
+        try:  # the curves here, not in the caller (e.g. napari: its GUI would stall)
+            written = write_curves(trainer.output_folder_base)
+            curves = str(written[1]) if written else None
+        except Exception as exc:  # a plot must not end a training
+            log.warning("could not draw the training curves: %s", exc)
+        emit("epoch", **record, curves=curves)
+
+    trainer.epoch_callback = on_epoch
     emit(
         "step",
         message=f"fold {fold}: training on {device.type}, {trainer.num_epochs} epochs x "
@@ -159,7 +191,22 @@ def _train(args: argparse.Namespace) -> int:
     if start is not None:
         trainer.load_checkpoint(start)
         emit("resumed", checkpoint=start, epoch=trainer.current_epoch)
+    pid_file = os.path.join(trainer.output_folder, PID_FILE)
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    with open(pid_file, "w") as f:
+        json.dump({"pid": os.getpid(), "started": time.time()}, f)
     stop["in_loop"] = True
+    try:
+        return _run(trainer, args, fold, stop)
+    finally:
+        stop["in_loop"] = False
+        with contextlib.suppress(OSError):
+            os.remove(pid_file)
+
+
+def _run(trainer, args: argparse.Namespace, fold: int | str, stop: dict) -> int:
+    from napari_scrollseg.nnunet_trainers.sparse import TrainingCancelled
+
     try:
         trainer.run_training()
     except TrainingCancelled:
@@ -198,16 +245,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--no-validate", action="store_false", dest="validate")
     args = parser.parse_args(argv)
+    if DETACH_SIGNAL is not None:
+        signal.signal(DETACH_SIGNAL, _detach)
     _watch_parent()
     return _plan(args) if args.step == "plan" else _train(args)
 
 
+def _detach(signum: int, frame: object) -> None:
+    """Go on alone: answer the parent, then write output to the log, not its pipe, and
+    no longer stop when the parent exits."""
+    # os.write, not sys.stdout: this may interrupt a write of sys.stdout (PYTHONUNBUFFERED
+    # is set, so nothing waits in its buffer)
+    os.write(1, (MARKER + json.dumps({"kind": "detached", "pid": os.getpid()}) + "\n").encode())
+    fd = os.open(
+        os.environ.get("SCROLLSEG_WORKER_LOG", os.devnull),
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+    )
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _detached.set()
+
+
 def _watch_parent(every_s: float = 2.0) -> None:
-    """SIGTERM ourselves when the calling process is gone (killed without asking us)."""
+    """SIGTERM ourselves when the calling process is gone (killed without asking us),
+    unless we were detached."""
     parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent or _detached.is_set():
+            if _detached.is_set():
+                return
             time.sleep(every_s)
         os.kill(os.getpid(), signal.SIGTERM)  # training saves a checkpoint and stops
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from napari_scrollseg.engine._train_worker import MARKER
+from napari_scrollseg.engine._train_worker import DETACH_SIGNAL, MARKER, PID_FILE
 from napari_scrollseg.engine._train_worker import PLANNERS as _WORKER_PLANNERS
 from napari_scrollseg.engine.errors import ScrollsegError
 
@@ -52,6 +52,12 @@ _PLANS_IDENTIFIER = {
 }
 STOCK_TRAINER = "nnUNetTrainer"
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
+#: what a training process prints when memory runs out (torch on CUDA or CPU, Python)
+_OOM_RE = re.compile(
+    r"OutOfMemoryError|CUDA out of memory|\bMemoryError\b|can't allocate memory|"
+    r"not enough memory|MPS backend out of memory"
+)
+OOM_HINT = "out of memory: lower the batch size or patch size, or use the small CPU preset"
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,12 @@ class TrainEvent:
     """One progress report of :func:`train` or :func:`plan_and_preprocess`.
 
     ``kind`` is ``"step"`` (a stage begins; see ``message``), ``"planned"`` (``plans``
-    names the plans used), ``"epoch"`` (an epoch finished), ``"resumed"``,
+    names the plans used), ``"epoch"`` (an epoch finished; ``curves`` is the
+    ``progress.png`` the training process has just drawn), ``"resumed"``,
     ``"fold_done"`` (``model_folder`` and the fold's validation ``dice``), ``"done"``
-    (the last event; it has ``model_folder`` and ``dice``) or ``"stopped"`` (the last
-    event after ``stop`` was set).
+    (the last event; it has ``model_folder`` and ``dice``), ``"stopped"`` (the last
+    event after ``stop`` was set) or ``"detached"`` (the last event after ``detach``
+    was set: the training goes on without the caller).
     """
 
     kind: str
@@ -77,6 +85,7 @@ class TrainEvent:
     model_folder: Path | None = None
     dice: dict[str, float] = field(default_factory=dict)
     plans: str | None = None
+    curves: Path | None = None
 
     def __str__(self) -> str:
         if self.kind == "epoch":
@@ -174,26 +183,31 @@ def _run_worker(
     what: str,
     grace: float = 120.0,
     stop: threading.Event | None = None,
+    detach: threading.Event | None = None,
     nice: int = 0,
+    resumable: bool = False,
 ) -> Iterator[dict]:
     """Run the worker, yield its events as dicts; raise ScrollsegError if it fails.
 
     When ``stop`` is set (from any thread) the worker is stopped as on close (it saves
-    a checkpoint) and this returns quietly. ``nice`` lowers the worker's CPU priority
-    (POSIX; its data-augmentation processes inherit it).
+    a checkpoint) and this returns quietly. When ``detach`` is set the worker is told
+    to go on alone (its output goes to ``log_path``, it no longer stops when this
+    process exits): a last ``{"kind": "detached", "pid": ...}`` is yielded. ``nice``
+    lowers the worker's CPU priority (POSIX; its data-augmentation processes inherit
+    it). ``resumable``: a failure says that a resume continues from the last checkpoint.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "napari_scrollseg.engine._train_worker", *args]
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.Popen(
         cmd,
-        env=env,
+        env={**env, "SCROLLSEG_WORKER_LOG": str(log_path)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
         errors="replace",
-        start_new_session=os.name == "posix",
+        start_new_session=os.name == "posix",  # no terminal signal reaches it; can outlive us
     )
     if nice > 0 and hasattr(os, "setpriority"):
         with suppress(OSError):
@@ -209,12 +223,23 @@ def _run_worker(
     threading.Thread(target=pump, daemon=True).start()
     tail: list[str] = []
     finished = False
+    detaching: float | None = None  # when the worker was asked to go on alone
+    ready = False  # the worker has said something (before that, a signal could kill it)
     try:
         with open(log_path, "a") as out:
             while True:
                 if stop is not None and stop.is_set():
                     log.info("%s: stop requested", what)
                     return  # the finally below stops the worker
+                if detach is not None and detach.is_set() and detaching is None and ready:
+                    if DETACH_SIGNAL is None:
+                        raise ScrollsegError(
+                            f"{what}: leaving a training running needs a POSIX system; stop it"
+                        )
+                    detaching = time.monotonic()
+                    proc.send_signal(DETACH_SIGNAL)
+                if detaching is not None and time.monotonic() - detaching > 30:
+                    raise ScrollsegError(f"{what}: the worker did not answer the detach request")
                 try:
                     line = lines.get(timeout=0.2)
                 except queue.Empty:
@@ -222,7 +247,13 @@ def _run_worker(
                 if line is None:
                     break
                 if line.startswith(MARKER):
-                    yield json.loads(line[len(MARKER) :])
+                    ready = True  # its first event: it handles the detach signal now
+                    event = json.loads(line[len(MARKER) :])
+                    if event["kind"] == "detached":
+                        finished = True  # it goes on: leave it alone
+                        yield event
+                        return
+                    yield event
                     continue
                 out.write(line)
                 out.flush()
@@ -236,10 +267,46 @@ def _run_worker(
         if not finished:
             _stop(proc, grace)
     if rc != 0:
-        reason = next((t for t in reversed(tail) if not t.startswith(("File ", "^", "~"))), "")
-        raise ScrollsegError(
-            f"{what} failed (exit {rc}): {reason[:400]} -- full output in {log_path}"
-        )
+        raise ScrollsegError(_failure(what, rc, tail, log_path, resumable))
+
+
+def _failure(what: str, rc: int, tail: Sequence[str], log_path: Path, resumable: bool) -> str:
+    """One message for a worker that ended with ``rc`` (its last output lines ``tail``)."""
+    again = "; Resume (--resume) continues from its latest checkpoint" if resumable else ""
+    where = f" -- full output in {log_path}"
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        oom = ": by hand, or by the system when memory ran out" if -rc == signal.SIGKILL else ""
+        return f"{what} was killed ({name}{oom}){again}{where}"
+    if any(_OOM_RE.search(t) for t in tail[-10:]):
+        return f"{what} failed: {OOM_HINT}{again}{where}"
+    reason = next((t for t in reversed(tail) if not t.startswith(("File ", "^", "~"))), "")
+    return f"{what} failed (exit {rc}): {reason[:400]}{where}"
+
+
+def running_worker(fold_folder: str | os.PathLike) -> int | None:
+    """The process id of a training still running in ``fold_folder`` (e.g. one left
+    running when napari closed), or None."""
+    path = Path(fold_folder) / PID_FILE
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        with suppress(OSError):
+            if b"_train_worker" not in cmdline.read_bytes():
+                return None  # the id was reused
+    return pid
 
 
 def _preprocessed_ok(pre: Path, plans: str, configuration: str, cases: Sequence[str]) -> bool:
@@ -362,6 +429,7 @@ def plan_and_preprocess(
     preprocessed_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     stop: threading.Event | None = None,
+    detach: threading.Event | None = None,
     nice: int = 0,
 ) -> Iterator[TrainEvent]:
     """Check the dataset, plan and preprocess it with nnU-Net (skipped when already done).
@@ -387,7 +455,7 @@ def plan_and_preprocess(
         ``nnUNet_preprocessed`` folder.
     overwrite
         Plan and preprocess again even if done.
-    stop, nice
+    stop, detach, nice
         See :func:`train`.
 
     Yields
@@ -420,12 +488,26 @@ def plan_and_preprocess(
         log_path = results / "logs" / f"{ds.name}_plan.log"
         with closing(
             _run_worker(
-                args, env=env, log_path=log_path, what="nnU-Net planning", stop=stop, nice=nice
+                args,
+                env=env,
+                log_path=log_path,
+                what="nnU-Net planning",
+                stop=stop,
+                detach=detach,
+                nice=nice,
             )
         ) as events:
             for ev in events:
                 if ev["kind"] == "step":
                     yield TrainEvent("step", message=ev["message"])
+                elif ev["kind"] == "detached":
+                    yield TrainEvent(
+                        "detached",
+                        message=f"planning and preprocessing go on in process {ev['pid']}; "
+                        "no training starts: train again later (the preprocessed data are "
+                        f"reused); log: {log_path}",
+                    )
+                    return
         if stop is not None and stop.is_set():
             yield TrainEvent("stopped", message="stopped during planning and preprocessing")
             return
@@ -461,6 +543,7 @@ def train(
     plans_name: str | None = None,
     preprocessed_dir: str | os.PathLike | None = None,
     stop: threading.Event | None = None,
+    detach: threading.Event | None = None,
     nice: int = 0,
 ) -> Iterator[TrainEvent]:
     """Plan/preprocess if needed, then train ``folds`` with the sparse-aware trainer.
@@ -494,6 +577,13 @@ def train(
         without waiting for the next event; as on closing the generator the worker
         stops after its current iteration and saves ``checkpoint_latest.pth``, then a
         last ``stopped`` event is yielded instead of ``done``.
+    detach
+        A ``threading.Event``: set it to leave the running training process alone (e.g.
+        when napari closes): it no longer stops when the caller exits, writes its output
+        to the log and its curves (``progress.png``/``.csv``) and checkpoints to the
+        model folder as before; a last ``detached`` event is yielded. Only the fold
+        being trained finishes; :func:`running_worker` finds the process again, and
+        ``train`` refuses to start the same fold while it runs.
     nice
         Lower the training processes' CPU priority by this much (POSIX ``nice``), e.g.
         so that a GUI in the calling process stays responsive on a small machine.
@@ -532,12 +622,13 @@ def train(
         plans_name=plans_name,
         preprocessed_dir=pre_root,
         stop=stop,
+        detach=detach,
         nice=nice,
     ):
         if ev.kind == "planned":
             identifier = ev.plans
         yield ev
-        if ev.kind == "stopped":
+        if ev.kind in ("stopped", "detached"):
             return
     _ensure_splits(pre_root / ds.name, ds.cases, folds)
     model_folder = results / ds.name / f"{STOCK_TRAINER}__{identifier}__{configuration}"
@@ -545,6 +636,13 @@ def train(
     if da_processes is not None:
         env["nnUNet_n_proc_DA"] = str(da_processes)
     for fold in folds:
+        pid = running_worker(model_folder / f"fold_{fold}")
+        if pid is not None:
+            raise ScrollsegError(
+                f"fold {fold} is still being trained by process {pid} (left running, e.g. when "
+                f"napari closed); its curves: {model_folder / 'progress.png'}. Wait for it to "
+                f"finish, or stop it (kill {pid}: it saves a checkpoint), then resume"
+            )
         args = [
             "train",
             f"--dataset-name={ds.name}",
@@ -559,12 +657,21 @@ def train(
         args += [] if validate else ["--no-validate"]
         log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
         events = _run_worker(
-            args, env=env, log_path=log_path, what=f"training fold {fold}", stop=stop, nice=nice
+            args,
+            env=env,
+            log_path=log_path,
+            what=f"training fold {fold}",
+            stop=stop,
+            detach=detach,
+            nice=nice,
+            resumable=True,
         )
         with closing(events):
-            yield from _fold_events(events, fold, model_folder)
+            for event in _fold_events(events, fold, model_folder, log_path):
+                yield event
+                if event.kind == "detached":
+                    return
         if stop is not None and stop.is_set():
-            write_curves(model_folder)
             yield TrainEvent(
                 "stopped",
                 fold=fold,
@@ -573,7 +680,6 @@ def train(
                 "latest checkpoint",
             )
             return
-    write_curves(model_folder)
     dice = dice_summary(model_folder)
     yield TrainEvent("done", model_folder=model_folder, dice=dice.get("per_class", {}))
 
@@ -602,7 +708,7 @@ def _check_folds(ds: _Dataset, folds: list[int | str]) -> tuple[list[int | str],
 
 
 def _fold_events(
-    events: Iterator[dict], fold: int | str, model_folder: Path
+    events: Iterator[dict], fold: int | str, model_folder: Path, log_path: Path
 ) -> Iterator[TrainEvent]:
     for ev in events:
         kind = ev.pop("kind")
@@ -617,8 +723,8 @@ def _fold_events(
                 pseudo_dice=ev["pseudo_dice"],
                 epoch_time=ev["epoch_time"],
                 model_folder=model_folder,
+                curves=Path(ev["curves"]) if ev.get("curves") else None,
             )
-            write_curves(model_folder)
         elif kind == "resumed":
             yield TrainEvent(
                 "resumed",
@@ -638,6 +744,14 @@ def _fold_events(
             )
         elif kind == "step":
             yield TrainEvent("step", fold=fold, message=ev["message"])
+        elif kind == "detached":
+            yield TrainEvent(
+                "detached",
+                fold=fold,
+                model_folder=model_folder,
+                message=f"training of fold {fold} goes on in process {ev['pid']}; curves: "
+                f"{model_folder / 'progress.png'}, log: {log_path}",
+            )
         elif kind == "cancelled":
             raise ScrollsegError(
                 f"training of fold {fold} was stopped from outside at epoch {ev['epoch'] + 1}; "
@@ -661,8 +775,14 @@ def read_progress(model_folder: str | os.PathLike) -> list[dict]:
 
 
 def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
-    """Write ``progress.csv`` (all folds) and ``progress.png`` (loss, pseudo Dice) there."""
-    from matplotlib.figure import Figure
+    """Write ``progress.csv`` (all folds) and ``progress.png`` there: loss, pseudo Dice per
+    class and epoch time per epoch, one line per fold.
+
+    The training process calls this after each epoch (matplotlib then never runs in
+    the calling process, e.g. napari's: drawing there would hold the GIL for about a
+    second per epoch and stall its GUI thread).
+    """
+    from matplotlib import style
 
     model_folder = Path(model_folder)
     rows = read_progress(model_folder)
@@ -676,23 +796,38 @@ def write_curves(model_folder: str | os.PathLike) -> tuple[Path, Path] | None:
         writer.writerows(rows)
     os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_dice = fig.subplots(1, 2)
+    with style.context("default"):  # not nnU-Net's seaborn style (font scale 2.5)
+        _draw_curves(rows, columns, model_folder / "progress.png")
+    return csv_path, model_folder / "progress.png"
+
+
+def _draw_curves(rows: list[dict], columns: list[str], png_path: Path) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6, 6.5), dpi=90)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.98, bottom=0.08, hspace=0.12)
+    ax_loss, ax_dice, ax_time = fig.subplots(3, 1, sharex=True)
     dice_cols = [c for c in columns if c.startswith("dice_")]
     for fold in sorted({r["fold"] for r in rows}):
-        fr = [r for r in rows if r["fold"] == fold]
+        fr = sorted((r for r in rows if r["fold"] == fold), key=lambda r: r["epoch"])
         x = [int(r["epoch"]) + 1 for r in fr]
-        ax_loss.plot(x, [r["train_loss"] for r in fr], "-o", ms=3, label=f"train (fold {fold})")
-        ax_loss.plot(x, [r["val_loss"] for r in fr], "--o", ms=3, label=f"val (fold {fold})")
+        tag = f" f{fold}"
+        ax_loss.plot(x, [r["train_loss"] for r in fr], "-o", ms=3, label="train" + tag)
+        ax_loss.plot(x, [r["val_loss"] for r in fr], "--o", ms=3, label="val" + tag)
         for c in dice_cols:
-            ax_dice.plot(x, [r[c] for r in fr], "-o", ms=3, label=f"{c[5:]} (fold {fold})")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_dice.set(xlabel="epoch", ylabel="pseudo Dice", title="pseudo Dice per class", ylim=(0, 1))
-    ax_loss.legend(fontsize=7)
-    ax_dice.legend(fontsize=7)
-    png_path = model_folder / "progress.png"
-    fig.savefig(png_path, dpi=90)
-    return csv_path, png_path
+            ax_dice.plot(x, [r[c] for r in fr], "-o", ms=3, label=c[5:] + tag)
+        if "epoch_time" in columns:
+            ax_time.plot(x, [r["epoch_time"] for r in fr], "-o", ms=3, label="epoch" + tag)
+    ax_loss.set_ylabel("loss")
+    ax_dice.set(ylabel="pseudo Dice", ylim=(0, 1))
+    ax_time.set(ylabel="epoch (s)", xlabel="epoch")
+    ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax_loss, ax_dice):
+        ax.legend(fontsize=7, loc="best")
+    tmp = png_path.with_name("progress.tmp.png")  # readers never see half a PNG
+    fig.savefig(tmp)
+    os.replace(tmp, png_path)
 
 
 def dice_summary(model_folder: str | os.PathLike, folds: Sequence[int | str] | None = None) -> dict:

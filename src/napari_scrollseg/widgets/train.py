@@ -8,7 +8,9 @@ class, epoch time) and updates the ETA; each finished fold shows its validation
 Dice and adds the model to :func:`~napari_scrollseg.widgets._common.session`'s
 ``trained_models`` (the live-inference widget lists them). Cancel stops the
 subprocess after its current iteration (a checkpoint is saved; Resume continues from it);
-closing napari while training asks whether to stop it.
+closing napari while training asks whether to stop it or leave it running without
+napari (the engine's ``detach``: the training process goes on alone and keeps writing
+its checkpoints, ``progress.png`` and ``progress.csv`` to the model folder).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, PushButton, SpinBox
-from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QLabel, QMessageBox, QVBoxLayout, QWidget
 
@@ -60,7 +62,8 @@ def parse_folds(text: str) -> list[int | str]:
 
 
 class _CloseGuard(QObject):
-    """Asks before napari's window closes while a training runs."""
+    """Asks before napari's window closes while a training runs: stop it, leave it
+    running without napari, or do not close."""
 
     def __init__(self, widget: TrainWidget) -> None:
         super().__init__(widget)
@@ -68,8 +71,12 @@ class _CloseGuard(QObject):
 
     def eventFilter(self, obj: QObject, event: QEvent) -> bool:
         if event.type() == QEvent.Type.Close and self.widget.running:
-            if self.widget.ask_on_close() == "stop":
+            answer = self.widget.ask_on_close()
+            if answer == "stop":
                 self.widget.stop(wait=True)
+                return False
+            if answer == "leave":
+                self.widget.leave_running(wait=True)
                 return False
             event.ignore()
             return True
@@ -133,6 +140,7 @@ class TrainWidget(QWidget):
         self._default_results()
         self.worker: Any = None
         self._stop_event: threading.Event | None = None
+        self._detach_event: threading.Event | None = None
         self.model_folder: Path | None = None
         self.last_event: TrainEvent | None = None
         self.event_times: list[tuple[float, str]] = []  # (perf_counter, kind)
@@ -197,6 +205,7 @@ class TrainWidget(QWidget):
             return None
         dataset = options.pop("dataset_dir")
         self._stop_event = threading.Event()
+        self._detach_event = threading.Event()
         self.curves.clear(resume=resume)
         self.dice_label.setText("")
         self.last_event = None
@@ -206,6 +215,7 @@ class TrainWidget(QWidget):
             dataset,
             resume=resume,
             stop=self._stop_event,
+            detach=self._detach_event,
             **options,
             on_event=self._on_event,
             progress=self.progress,
@@ -224,26 +234,40 @@ class TrainWidget(QWidget):
         if self.worker is not None:
             self.worker.quit()
             if wait:
-                from qtpy.QtCore import QCoreApplication, QElapsedTimer
+                self._wait(timeout)
 
-                timer = QElapsedTimer()
-                timer.start()
-                while self.worker is not None and timer.elapsed() < timeout * 1000:
-                    QCoreApplication.processEvents()
-                    threading.Event().wait(0.02)
+    def leave_running(self, wait: bool = False, timeout: float = 60.0) -> None:
+        """Let the training process go on without napari (the engine's ``detach``)."""
+        if self._detach_event is not None:
+            self._detach_event.set()
+        if wait:
+            self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        from qtpy.QtCore import QCoreApplication, QElapsedTimer
+
+        timer = QElapsedTimer()
+        timer.start()
+        while self.worker is not None and timer.elapsed() < timeout * 1000:
+            QCoreApplication.processEvents()
+            threading.Event().wait(0.02)
 
     def ask_on_close(self) -> str:
-        """``"stop"`` or ``"keep"`` (keep training; napari stays open)."""
+        """``"stop"``, ``"leave"`` (training goes on without napari) or ``"cancel"``."""
         box = QMessageBox(self)
+        box.setObjectName("scrollseg-training-running")
         box.setWindowTitle("Training is running")
         box.setText(
-            "A training is running. Stop it and close napari (a checkpoint is saved: "
-            "Resume continues from it), or keep napari open and training?"
+            "A training is running. Stop it (a checkpoint is saved: Resume continues from "
+            "it), or leave it running without napari (it keeps writing its checkpoints and "
+            "curves to the results folder)?"
         )
-        stop = box.addButton("Stop training and close", QMessageBox.ButtonRole.AcceptRole)
-        box.addButton("Keep training", QMessageBox.ButtonRole.RejectRole)
+        stop = box.addButton("Stop training", QMessageBox.ButtonRole.DestructiveRole)
+        leave = box.addButton("Leave it running", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("Cancel", QMessageBox.ButtonRole.RejectRole)
         box.exec()
-        return "stop" if box.clickedButton() is stop else "keep"
+        clicked = box.clickedButton()
+        return "stop" if clicked is stop else "leave" if clicked is leave else "cancel"
 
     def _set_running(self, running: bool) -> None:
         self.train_button.enabled = not running
@@ -275,7 +299,7 @@ class TrainWidget(QWidget):
             if event.model_folder is not None:
                 session().add_trained_model(event.model_folder)
             notify_info(str(event))
-        elif event.kind == "stopped":
+        elif event.kind in ("stopped", "detached"):
             notify_info(event.message)
 
     def _describe(self, event: TrainEvent) -> str:
@@ -300,56 +324,87 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+class _ImageLabel(QLabel):
+    """A label that shows one image scaled to its size, aspect kept."""
+
+    def __init__(self, text: str, parent: QWidget | None = None) -> None:
+        super().__init__(text, parent)
+        self.image = QImage()
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+
+    def set_image(self, image: QImage) -> None:
+        self.image = image
+        self._rescale()
+
+    def resizeEvent(self, event: Any) -> None:
+        super().resizeEvent(event)
+        self._rescale()
+
+    def _rescale(self) -> None:
+        if not self.image.isNull():
+            self.setPixmap(
+                QPixmap.fromImage(self.image).scaled(
+                    self.size(),
+                    Qt.AspectRatioMode.KeepAspectRatio,
+                    Qt.TransformationMode.SmoothTransformation,
+                )
+            )
+
+
 class TrainCurves(QObject):
     """The live plot: loss, pseudo Dice per class and epoch time per epoch.
 
-    matplotlib draws off the GUI thread (an Agg figure in a one-thread pool; a draw
-    takes about a second on a busy 2-core machine) and the GUI thread only shows the
-    finished image, so an epoch's update never stalls napari. ``canvas`` is the widget.
+    The training process draws ``progress.png`` after each epoch
+    (:func:`~napari_scrollseg.engine.train.write_curves`); here a one-thread pool
+    loads the finished image and the GUI thread only shows it. matplotlib never runs
+    in napari's process: drawing there held the GIL for about a second per epoch and
+    stalled the GUI thread by up to 270 ms on a busy 2-core machine. ``canvas`` is the
+    widget; ``events`` the epochs seen (for the progress bar and ETA).
     """
 
-    rendered = Signal(QImage)
+    loaded = Signal(QImage, str)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         super().__init__(parent)
-        self.figure = Figure(figsize=(5, 4.5), dpi=90)
-        self.figure.subplots_adjust(left=0.14, right=0.97, top=0.97, bottom=0.09, hspace=0.15)
-        FigureCanvasAgg(self.figure)
-        self.ax_loss, self.ax_dice, self.ax_time = self.figure.subplots(3, 1, sharex=True)
-        self.canvas = QLabel(parent)
+        self.canvas = _ImageLabel("the curves appear after the first epoch", parent)
         self.canvas.setMinimumSize(300, 270)
-        self.canvas.setScaledContents(True)
-        self.rendered.connect(self._show)
+        self.loaded.connect(self._show)
         self.events: list[TrainEvent] = []
+        self.shown: Path | None = None  # where they came from
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-curves")
         self._lock = threading.Lock()
-        self._pending: tuple[list[TrainEvent], tuple[int, int]] | None = None
+        self._pending: Path | None = None
         self._future: Any = None
-        self._schedule()
 
     def clear(self, resume: bool = False) -> None:
         if not resume:
             self.events = []
-        self._schedule()
 
     def add(self, event: TrainEvent) -> None:
-        """Add one ``epoch`` event (an epoch redone after a resume replaces the old one)."""
+        """Add one ``epoch`` event (an epoch redone after a resume replaces the old one)
+        and show its curves."""
         self.events = [e for e in self.events if (e.fold, e.epoch) != (event.fold, event.epoch)] + [
             event
         ]
-        self._schedule()
+        if event.curves is not None:
+            self.load(event.curves)
+
+    def load(self, path: str | Path) -> None:
+        """Show the curves image at ``path`` (read off the GUI thread)."""
+        with self._lock:
+            idle = self._pending is None
+            self._pending = Path(path)
+            if idle:
+                self._future = self._pool.submit(self._load_pending)
 
     def points(self) -> int:
-        """How many epochs are drawn (once :meth:`wait` returned)."""
+        """How many epochs were reported."""
         return len(self.events)
 
     def wait(self) -> None:
-        """Wait until the last update is drawn."""
+        """Wait until the last image asked for is loaded (its signal may still be queued)."""
         while True:
             with self._lock:
                 future = self._future
@@ -372,58 +427,17 @@ class TrainCurves(QObject):
         done, total = self.progress(event, n_folds)
         return (total - done) * sum(times) / len(times)
 
-    # -- drawing (background thread) --------------------------------------------------------
-    def _schedule(self) -> None:
-        size = (max(self.canvas.width(), 300), max(self.canvas.height(), 270))
-        with self._lock:
-            idle = self._pending is None
-            self._pending = (list(self.events), size)
-            if idle:
-                self._future = self._pool.submit(self._render_pending)
-
-    def _render_pending(self) -> None:
+    # -- loading (background thread) --------------------------------------------------------
+    def _load_pending(self) -> None:
         while True:
             with self._lock:
-                pending, self._pending = self._pending, None
-            if pending is None:
+                path, self._pending = self._pending, None
+            if path is None:
                 return
-            image = self._render(*pending)
-            self.rendered.emit(image)
+            image = QImage(str(path))
+            if not image.isNull():
+                self.loaded.emit(image, str(path))
 
-    def _render(self, events: list[TrainEvent], size: tuple[int, int]) -> QImage:
-        """Draw ``events`` at ``size`` (width, height) pixels; runs off the GUI thread."""
-        from matplotlib.ticker import MaxNLocator
-
-        self.figure.set_size_inches(size[0] / self.figure.dpi, size[1] / self.figure.dpi)
-        for ax in (self.ax_loss, self.ax_dice, self.ax_time):
-            ax.clear()
-            ax.tick_params(labelsize=7)
-        for fold in sorted({str(e.fold) for e in events}):
-            evs = sorted((e for e in events if str(e.fold) == fold), key=lambda e: e.epoch)
-            x = [e.epoch + 1 for e in evs]
-            tag = f" f{fold}"
-            self.ax_loss.plot(x, [e.train_loss for e in evs], "-o", ms=3, label="train" + tag)
-            self.ax_loss.plot(x, [e.val_loss for e in evs], "--o", ms=3, label="val" + tag)
-            for name in evs[-1].pseudo_dice:
-                self.ax_dice.plot(
-                    x, [e.pseudo_dice.get(name) for e in evs], "-o", ms=3, label=name + tag
-                )
-            self.ax_time.plot(x, [e.epoch_time for e in evs], "-o", ms=3, label="epoch" + tag)
-        self.ax_loss.set_ylabel("loss", fontsize=8)
-        self.ax_dice.set_ylabel("pseudo Dice", fontsize=8)
-        self.ax_dice.set_ylim(0, 1)
-        self.ax_time.set_ylabel("epoch (s)", fontsize=8)
-        self.ax_time.set_xlabel("epoch", fontsize=8)
-        self.ax_time.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for ax in (self.ax_loss, self.ax_dice):
-            if ax.lines:
-                ax.legend(fontsize=6, loc="best")
-        self.figure.canvas.draw()
-        buffer = self.figure.canvas.buffer_rgba()
-        height, width = buffer.shape[:2]
-        data = bytes(buffer)
-        image = QImage(data, width, height, 4 * width, QImage.Format.Format_RGBA8888)
-        return image.copy()  # owns its pixels (``data`` goes away)
-
-    def _show(self, image: QImage) -> None:
-        self.canvas.setPixmap(QPixmap.fromImage(image))
+    def _show(self, image: QImage, path: str) -> None:
+        self.shown = Path(path)
+        self.canvas.set_image(image)

@@ -134,6 +134,8 @@ class ViewWidget(Container):
         super().__init__(labels=True)
         self.viewer = viewer
         self._divisors: dict[int, float] = {}
+        self.scan_worker: Any = None  # reading the percentile sample, while it runs
+        self.overlay_worker: Any = None  # reading the maps' maxima, while it runs
         # scan
         self.scan_layer = ComboBox(label="scan layer", choices=self._image_choices)
         self.curve = CheckBox(text="contrast curve (0,0) (128,64) (255,255)", value=False)
@@ -203,10 +205,16 @@ class ViewWidget(Container):
             widget.reset_choices()
 
     # -- scan ------------------------------------------------------------------------------
-    def apply_scan_contrast(self, layer: Image | None = None) -> None:
+    def apply_scan_contrast(self, layer: Image | None = None) -> Any:
         """Apply the curve, percentile window and gamma to the scan layer (one engine call
         each: :func:`~napari_scrollseg.engine.contrast.apply_curve` per level and
-        :func:`~napari_scrollseg.engine.contrast.percentile_window`)."""
+        :func:`~napari_scrollseg.engine.contrast.percentile_window`).
+
+        The percentile sample is read in a thread (a remote or slow volume never stalls
+        the GUI); the layer changes when it is done. Returns that (started) worker.
+        """
+        from napari.qt.threading import create_worker
+
         layer = layer or self.scan_layer.value
         if layer is None:
             raise ScrollsegError("no image layer: open a scan first (File > Open)")
@@ -214,16 +222,38 @@ class ViewWidget(Container):
         curve = bool(self.curve.value)
         if curve:
             contrast.curve_lut(raw[0].dtype)  # says what to do for float scans
-        window = contrast.percentile_window(
-            raw, (float(self.low.value), float(self.high.value)), curve=curve
+        gamma = float(self.gamma.value)
+        worker = create_worker(
+            contrast.percentile_window,
+            raw,
+            (float(self.low.value), float(self.high.value)),
+            curve=curve,
+            _start_thread=False,
+            _ignore_errors=True,
         )
+        worker.returned.connect(lambda window: self._set_scan(layer, raw, curve, window, gamma))
+        worker.errored.connect(notify_error)
+        worker.finished.connect(self._scan_done)
+        self.apply_scan.enabled = False
+        self.status.value = f"{layer.name}: reading a sample for the percentiles..."
+        self.scan_worker = worker
+        worker.start()
+        return worker
+
+    def _scan_done(self) -> None:
+        self.scan_worker = None
+        self.apply_scan.enabled = True
+
+    def _set_scan(
+        self, layer: Image, raw: list[Any], curve: bool, window: tuple[float, float], gamma: float
+    ) -> None:
         layer.metadata[RAW_KEY] = raw
         _set_levels(layer, [contrast.apply_curve(a) for a in raw] if curve else raw)
         layer.contrast_limits_range = (
             (0.0, float(np.iinfo(raw[0].dtype).max)) if raw[0].dtype.kind in "ui" else window
         )
         layer.contrast_limits = window
-        layer.gamma = float(self.gamma.value)
+        layer.gamma = gamma
         self.status.value = (
             f"{layer.name}: {'curve, ' if curve else ''}window {window[0]:.4g}..{window[1]:.4g}, "
             f"gamma {layer.gamma:.2f}"
@@ -236,18 +266,43 @@ class ViewWidget(Container):
             notify_error(exc)
 
     # -- overlay ---------------------------------------------------------------------------
-    def _divisor(self, layer: Image) -> float:
-        key = id(layer)
-        if key not in self._divisors:
-            self._divisors[key] = contrast.map_max(_levels(layer))
-        return self._divisors[key]
+    def composite(self, layers: list[Image] | None = None) -> Any:
+        """Make (or update) the ``composite`` layer from the chosen probability layers.
 
-    def composite(self, layers: list[Image] | None = None) -> Image:
-        """Make (or update) the ``composite`` layer from the chosen probability layers."""
+        Each map's maximum (:func:`~napari_scrollseg.engine.contrast.map_max`, a bounded
+        sample) is read once, in a thread; then the layer is made. Returns that worker
+        (the layer comes when it is done), or the layer when no read was needed.
+        """
+        from napari.qt.threading import create_worker
+
         layers = list(self.maps.value if layers is None else layers)
         layers = [layer for layer in layers if layer.name != COMPOSITE]
         if not layers:
             raise ScrollsegError("choose one or more probability layers for the composite")
+        missing = [layer for layer in layers if id(layer) not in self._divisors]
+        if not missing:
+            return self._make_composite(layers)
+
+        def read() -> list[float]:
+            return [contrast.map_max(_levels(layer)) for layer in missing]
+
+        def done(maxima: list[float]) -> None:
+            self._divisors.update({id(la): m for la, m in zip(missing, maxima, strict=True)})
+            self._make_composite(layers)
+
+        worker = create_worker(read, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(done)
+        worker.errored.connect(notify_error)
+        worker.finished.connect(self._overlay_done)
+        self.status.value = "reading the maps' maxima..."
+        self.overlay_worker = worker
+        worker.start()
+        return worker
+
+    def _overlay_done(self) -> None:
+        self.overlay_worker = None
+
+    def _make_composite(self, layers: list[Image]) -> Image:
         pyramids = [_levels(layer) for layer in layers]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", contrast.ResizedWarning)
@@ -258,7 +313,7 @@ class ViewWidget(Container):
                 flip_v=bool(self.flip_v.value),
                 boost=float(self.boost.value),
                 invert=bool(self.invert.value),
-                divisors=[self._divisor(layer) for layer in layers],
+                divisors=[self._divisors[id(layer)] for layer in layers],
             )
         for w in caught:
             notify_info(f"composite: {w.message}")
