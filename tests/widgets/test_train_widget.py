@@ -24,7 +24,7 @@ from napari_scrollseg.widgets import _common
 from napari_scrollseg.widgets import train as train_module
 from napari_scrollseg.widgets._common import session
 from napari_scrollseg.widgets.train import TrainWidget, parse_folds
-from tests.widgets.ticks import TickGaps
+from tests.widgets._stall import StallMeter
 
 WORKER = b"napari_scrollseg.engine._train_worker"
 
@@ -124,13 +124,13 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     assert Path(str(widget.dataset.value)) == dataset["raw"]
     widget.epochs.value = 1
     widget.folds.value = "0"
-    with TickGaps() as idle:  # the same measure with no training: the machine's noise
+    with StallMeter() as idle:  # the same measure with no training: the machine's noise
         qtbot.wait(10_000)
     t0 = time.perf_counter()
     widget.train_button.clicked()
     click_s = time.perf_counter() - t0
     assert widget.running
-    with TickGaps() as ticks:
+    with StallMeter() as ticks:
         qtbot.waitUntil(lambda: not widget.running, timeout=600_000)
     widget.curves.wait()
     assert not [m for m in messages if m.startswith("error")], messages

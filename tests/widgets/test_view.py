@@ -17,7 +17,7 @@ from napari_scrollseg.engine import contrast
 from napari_scrollseg.widgets import view as view_module
 from napari_scrollseg.widgets.view import COMPOSITE, ViewWidget
 from tests.engine.test_contrast import counted
-from tests.widgets.ticks import TickGaps
+from tests.widgets._stall import StallMeter
 
 SHAPE = (16, 128, 128)
 CHUNKS = (4, 32, 32)  # 4 x 4 x 4 = 64 chunks per level 0
@@ -225,7 +225,7 @@ def test_the_percentile_sample_is_read_off_the_gui_thread(viewer, qtbot):
     widget = _widget(viewer)
     widget.scan_layer.value = layer
     store.reads = 0
-    with TickGaps() as ticks:
+    with StallMeter() as ticks:
         t0 = time.perf_counter()
         widget.apply_scan.clicked()
         click_s = time.perf_counter() - t0
