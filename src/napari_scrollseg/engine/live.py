@@ -721,41 +721,16 @@ class LivePredictor:
 
 
 def _forward(session: Predictor, x: np.ndarray, *, mode: str, half: bool | None, gmap: Any):
-    """Weighted logits ``(n, n_classes, *patch)`` of a batch of tiles, as numpy arrays.
-
-    On a device out of memory the batch is retried in halves, then one tile at a time;
-    if even that fails the user is told what to do.
-    """
+    """Weighted logits ``(n, n_classes, *patch)`` of a batch of tiles, as numpy arrays
+    (a device out of memory is handled by :meth:`Predictor.forward`: batches in halves)."""
     import torch
 
     model = session.model
-
-    def run(part: np.ndarray) -> np.ndarray:
-        inp = torch.from_numpy(part[:, :, 0] if model.is_2d else part)
-        out = session.forward(inp, tta=mode, half=half)
-        if model.is_2d:
-            out = out[:, :, None]
-        return (out * gmap).cpu().numpy()
-
-    try:
-        return run(x)
-    except torch.OutOfMemoryError:
-        if model.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if len(x) == 1:
-            raise ScrollsegError(
-                f"the device {model.device} ran out of memory on a single tile "
-                f"{tuple(x.shape[2:])} of this model: free the device (close other programs), "
-                "turn mirroring off, or choose the cpu device"
-            ) from None
-        half_n = len(x) // 2
-        log.warning("out of memory on %s: retrying with batches of %d", model.device, half_n)
-        return np.concatenate(
-            [
-                _forward(session, x[:half_n], mode=mode, half=half, gmap=gmap),
-                _forward(session, x[half_n:], mode=mode, half=half, gmap=gmap),
-            ]
-        )
+    inp = torch.from_numpy(x[:, :, 0] if model.is_2d else x)
+    out = session.forward(inp, tta=mode, half=half)
+    if model.is_2d:
+        out = out[:, :, None]
+    return (out * gmap).cpu().numpy()
 
 
 def _finish(acc: np.ndarray, weights: np.ndarray, data: Box, b: Box):
