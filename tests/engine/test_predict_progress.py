@@ -16,7 +16,10 @@ SHAPE = (16, 64, 64)  # one 128^3 chunk, 3 x 7 x 7 tiles of (8, 16, 16) at step 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_3d: Path) -> dict:
+    import time
+
     from napari_scrollseg.engine.omezarr import write_image
+    from napari_scrollseg.engine.predict import Predictor
     from napari_scrollseg.engine.predict_volume import iter_predict_volume
     from napari_scrollseg.engine.progress import drive
 
@@ -34,7 +37,15 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_3d: Path) -> dict:
         chunk=128,
         batch_size=1,
     )
-    out = drive(gen, events.append)
+    real = Predictor._forward_counted
+
+    def slow(self, batch, options):  # a slow device: progress beats are time-based (BEAT_S),
+        time.sleep(0.03)  # so on a fast machine the chunk could end between two of them
+        return real(self, batch, options)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Predictor, "_forward_counted", slow)
+        out = drive(gen, events.append)
     return {"events": events, "out": out, "volume": volume}
 
 
