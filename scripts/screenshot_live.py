@@ -4,9 +4,11 @@ Run under a display or Xvfb::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot_live.py
 
-Writes ``docs/images/live-inference.png`` and ``docs/images/full-run.png``: the phantom
-with the built-in model's live answer on the view (CPU, no mirroring), then a full run
-over a box drawn as a Shapes rectangle, its output opened as layers.
+Writes ``docs/images/live-inference.png``, ``docs/images/live-preview.png`` and
+``docs/images/full-run.png``: the phantom with the built-in model's live answer on the
+view (CPU, no mirroring), then zoomed out past a small tile cap (the coarse preview on
+pyramid level 1), then a full run over a box drawn as a Shapes rectangle, its output
+opened as layers.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> None:
     live.device.value = "cpu"
     live.mirror.value = False
     live.max_tiles.value = 200
+    loading = live.load_model()  # the model loads; the two result layers are added
+    wait(app, lambda: live.finished is loading and live.layers_ready)
     viewer.dims.set_point(0, 15 * s)  # the slice with the most ink
     camera_of(viewer).center = (15 * s, 64 * s, 64 * s)
     camera_of(viewer).zoom = min(viewer.canvas.size) / (110 * s)
@@ -64,6 +68,12 @@ def main() -> None:
     wait(app, lambda: live.finished is req)
     IMAGES.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(IMAGES / "live-inference.png"), canvas_only=False)
+    # zoomed out past a small tile cap: the coarse preview on pyramid level 1
+    live.max_tiles.value = 8
+    camera_of(viewer).zoom = min(viewer.canvas.size) / (140 * s)
+    req = live.predict_view()
+    wait(app, lambda: live.finished is req)
+    viewer.screenshot(str(IMAGES / "live-preview.png"), canvas_only=False)
     live.close_predictor()
 
     viewer.window.remove_dock_widget("all")

@@ -225,3 +225,41 @@ def test_out_of_memory_retries_smaller_batches_then_says_what_to_do(tiny_model_3
         )
         with pytest.raises(ScrollsegError, match="ran out of memory on a single tile"):
             p.predict(box, timeout=120)
+
+
+def test_zoomed_out_on_a_pyramid_is_a_coarse_preview_zoomed_in_exact(
+    phantom_zarr: Path, full_run, tmp_path: Path
+) -> None:
+    """A view whose level-0 request exceeds the cap runs on the finest pyramid level that
+    fits (placed at that level's scale and origin, ``exact=False``), equal to the full
+    run on that level; zoomed in, level 0 runs, equal to the full run there."""
+    from dataclasses import replace
+
+    from napari_scrollseg.engine.predict import predict_volume
+
+    s = 7.91
+    with LivePredictor(builtin_model(), open_volume(phantom_zarr), replace(OPTS, max_tiles=8)) as p:
+        # the whole slice z 20: 18 tiles at level 0 (over the cap), 1 tile at level 1
+        whole = p.submit_world((20 * s, 0, 0), (20 * s, 128 * s, 128 * s), 0).wait(600)
+        # zoomed in on a corner of VIEW: 8 tiles at level 0
+        zoomed = p.submit_world((20 * s, 16.5 * s, 40.5 * s), (20 * s, 39.5 * s, 63.5 * s), 0).wait(
+            600
+        )
+    assert (whole.level, whole.exact, zoomed.level, zoomed.exact) == (1, False, 0, True)
+    assert whole.scale == pytest.approx((2 * s,) * 3)
+    # a level-1 voxel pools level-0 voxels 2i, 2i+1: its centre is half a voxel further
+    assert whole.translate == pytest.approx((s / 2,) * 3)
+    assert whole.box == (slice(10, 11), slice(0, 64), slice(0, 64))  # z 20 at level 1
+    assert whole.tiles_run == 1
+    out = tmp_path / "level1.zarr"
+    roi = [(b.start, b.stop) for b in whole.box]
+    predict_volume(builtin_model(), open_volume(phantom_zarr, level=1), out, roi=roi,
+                   ignore_spacing=True, mirror=False, device="cpu", bar=False)  # fmt: skip
+    g = zarr.open_group(str(out), mode="r")
+    assert np.abs(whole.probs - g["0"][:] / 255).max() <= 1 / 255
+    assert (whole.labels == g["labels/prediction/0"][:]).mean() == 1.0
+    assert zoomed.box == (slice(20, 21), slice(16, 40), slice(40, 64))
+    assert zoomed.tiles_run + zoomed.tiles_cached == zoomed.tiles == 8
+    ref_probs, ref_labels = full_run  # VIEW starts at (20, 16, 40)
+    assert np.abs(zoomed.probs - ref_probs[:, :, :24, :24] / 255).max() <= 1 / 255
+    assert (zoomed.labels == ref_labels[:, :24, :24]).mean() == 1.0

@@ -18,6 +18,9 @@ the volume (the view: one slice of a 2D view, or the visible box of a 3D view):
   drops only the blocks the view has left;
 * ``max_tiles`` caps the tiles one request runs (blocks nearest the centre first), and
   :meth:`LivePredictor.estimate` says what a request would cost before it runs.
+* on a pyramid, a view whose request at the model's level exceeds ``max_tiles`` runs on
+  the finest coarser level whose request fits: a coarse preview (``exact=False``, placed
+  at that level's scale and origin); zoomed in, the model's level runs, exactly.
 
 Models whose normalisation uses the input's own statistics (``zscore``, ...) get the
 statistics of the whole volume (one dask reduction, cached), so live still equals full.
@@ -199,7 +202,9 @@ class LiveRequest:
     """A submitted view box; filled in by the worker thread.
 
     ``probs``/``labels`` cover ``box`` (level coordinates) once blocks land (zeros /
-    label 0 where none has yet, or where the cap or a cancel stopped it).
+    label 0 where none has yet, or where the cap or a cancel stopped it). ``level`` is
+    the pyramid level it ran on; ``exact`` is False for a coarse preview (a view whose
+    request at the model's level would exceed the tile cap ran on a coarser level).
     """
 
     id: int
@@ -224,6 +229,8 @@ class LiveRequest:
     visible: Box | None = None
     world: WorldBox | None = None
     visible_world: WorldBox | None = None
+    load_only: bool = False  # :meth:`LivePredictor.submit_load`: load, predict nothing
+    exact: bool = True  # False: a coarse preview on a pyramid level coarser than the model's
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -355,7 +362,11 @@ class LivePredictor:
         v = self._volume
         scale = self.level_spacings[lv]
         origins = getattr(v, "level_origins", ()) or ()
-        origin = origins[lv] if lv < len(origins) else getattr(v, "origin", (0.0,) * 3)
+        if lv < len(origins):
+            origin = origins[lv]
+        else:  # the centre of the level-0 voxels a coarser voxel pools (OME-Zarr's way)
+            origin0, scale0 = getattr(v, "origin", None) or (0.0,) * 3, self.level_spacings[0]
+            origin = [o + (s - s0) / 2 for o, s, s0 in zip(origin0, scale, scale0)]
         return tuple(float(s) for s in scale), tuple(float(o) for o in origin)
 
     def _level(self, lv: int) -> tuple[Any, Grid, Callable[[Box], np.ndarray]]:
@@ -367,7 +378,9 @@ class LivePredictor:
                 from napari_scrollseg.engine.volumes import _from_level
 
                 v = _from_level(v, lv)
-            model.check_volume(v, ignore_spacing=self.options.ignore_spacing)
+            # a level coarser than the model's, chosen for a preview, is coarse on purpose
+            preview = self.options.level is None and lv > self.level()
+            model.check_volume(v, ignore_spacing=self.options.ignore_spacing or preview)
             grid = model.grid(v, self.options.step)
             reader = model.reader(v, bbox=grid.data)
             self._levels[lv] = (v, grid, reader)
@@ -452,6 +465,12 @@ class LivePredictor:
         """
         return self._enqueue(LiveRequest(0, tuple(box), -1 if level is None else level))
 
+    def submit_load(self) -> LiveRequest:
+        """Load the model and open the volume on the worker, predicting nothing (e.g. so
+        a viewer can make its result layers before the first request). Its final event
+        carries the level's ``scale``/``translate``, or the load's ``error``."""
+        return self._enqueue(LiveRequest(0, (), -1, load_only=True))
+
     def _enqueue(self, req: LiveRequest) -> LiveRequest:
         if self._closed:
             raise ScrollsegError("this live predictor is closed: make a new one")
@@ -483,6 +502,20 @@ class LivePredictor:
         """
         world = (tuple(map(float, low)), tuple(map(float, high)), plane_axis)
         return self._enqueue(LiveRequest(0, (), -1, world=world))
+
+    def view_level(self, world: WorldBox) -> int:
+        """The level a view (world units) runs on: the model's level (:meth:`level`) when
+        its request fits ``max_tiles``, else the finest coarser pyramid level whose request
+        fits (a coarse preview), else the coarsest. A set ``options.level`` always wins."""
+        base = self.level()
+        cap, n = self.options.max_tiles, len(self.level_spacings)
+        if self.options.level is not None or cap is None or n == 1:
+            return base
+        for lv in range(base, n):
+            box = _as_box(self.world_to_box(world, lv), self.shape(lv))
+            if not self.estimate(box, lv).capped:
+                return lv
+        return n - 1
 
     def world_to_box(self, world: WorldBox, level: int) -> Box:
         """The voxel box of ``level`` covering a world-unit view (not clipped)."""
@@ -573,8 +606,16 @@ class LivePredictor:
         from napari_scrollseg.engine.tiling import tile_overlap, weight_map
 
         model = self.load()
-        lv = self.level() if req.level < 0 else req.level
-        req.level = lv
+        if req.level >= 0:
+            lv = req.level
+        elif req.world is not None and not req.load_only:
+            lv = self.view_level(req.world)
+        else:
+            lv = self.level()
+        req.level, req.exact = lv, lv == self.level()
+        if req.load_only:
+            req.scale, req.translate = self.geometry(lv)
+            return
         if req.world is not None:
             req.box = self.world_to_box(req.world, lv)
         req.box = _as_box(req.box, self.shape(lv))
