@@ -70,6 +70,8 @@ def main() -> None:
     viewer.screenshot(str(IMAGES / "live-inference.png"), canvas_only=False)
     # zoomed out past a small tile cap: the coarse preview on pyramid level 1
     live.max_tiles.value = 8
+    viewer.dims.set_point(0, 20 * s)  # 18 tiles at level 0 (9 not cached yet): over the cap
+    camera_of(viewer).center = (20 * s, 64 * s, 64 * s)
     camera_of(viewer).zoom = min(viewer.canvas.size) / (140 * s)
     req = live.predict_view()
     wait(app, lambda: live.finished is req)

@@ -107,6 +107,8 @@ class LiveWidget(Container):
         self.predict_button = PushButton(text=f"Predict view ({KEY})")
         self.status = Label(value="")
         self.timing = Label(value="")
+        for label in (self.status, self.timing):
+            label.native.setWordWrap(True)  # a long line must not widen the dock
         self.extend(
             [
                 self.image,
@@ -481,8 +483,8 @@ class LiveWidget(Container):
             notify_info(f"live prediction {state}")
         if not req.exact:
             state = (
-                f"coarse preview on pyramid level {req.level} (voxels "
-                f"{' x '.join(f'{s:g}' for s in req.scale)}): zoom in for the exact answer\n"
+                f"coarse preview on pyramid level {req.level} (voxel "
+                f"{' x '.join(f'{s:g}' for s in req.scale)}):\nzoom in for the exact answer\n"
                 + state
             )
         self.status.value = state + (f"\n{note}" if note else "")
