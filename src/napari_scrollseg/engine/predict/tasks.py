@@ -5,8 +5,9 @@ extended box in the run's :class:`~.partials.PartialSums` (memory within a budge
 machine, else a file); a chunk task adds the partial sums overlapping it, divides by the
 weight sum (analytic; with a mask, the weights of the tiles that ran), writes the uint8
 probabilities and the argmax labels as whole zarr chunks, then its done marker, and drops
-the partials all their readers have consumed. A task's memory is set by the chunk and
-patch sizes whatever the volume size.
+the partials all their readers have consumed (a piece held in memory is freed as soon as
+its chunk has read it). A task's memory is set by the chunk and patch sizes whatever the
+volume size. A block task stops between two tile batches once its run is cancelled.
 """
 
 from __future__ import annotations
