@@ -239,6 +239,67 @@ def test_kill_9_then_rerun_resumes_to_identical_output(case: dict, tmp_path: Pat
     _assert_same_as(case, out)
 
 
+_SLOW_CLI = """
+import sys, time
+from pathlib import Path
+from napari_scrollseg import cli
+from napari_scrollseg.engine.predict.session import Predictor
+
+beats, run = Path(sys.argv[1]), Predictor._forward_counted
+
+def slow(self, batch, options):  # a slow device: one second per batch
+    with beats.open("a") as f:
+        f.write("x")
+    time.sleep(1.0)
+    return run(self, batch, options)
+
+Predictor._forward_counted = slow
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_stops_between_tile_batches_then_rerun_is_identical(
+    case: dict, tmp_path: Path
+) -> None:
+    """SIGTERM to ``scrollseg predict`` inside a block of one-second batches stops after
+    the running batch (not the block), leaves no lock, and a rerun gives the same output
+    (the time it took is printed: wall time is not asserted on a shared machine)."""
+    from napari_scrollseg import cli
+
+    out, beats = tmp_path / "terminated.zarr", tmp_path / "beats"
+    argv = ["predict", str(case["model"]), str(case["volume"]), str(out), "--device", "cpu"]
+    argv += ["--folds", FOLDS, "--chunk", ",".join(map(str, CHUNK))]
+    argv += ["--batch-size", "1", "--threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CLI, str(beats), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if beats.exists() and len(beats.read_text()) >= 2:  # inside the first block
+                break
+            time.sleep(0.01)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        stopped = time.monotonic() - sent
+    finally:
+        proc.kill()
+    ran = len(beats.read_text())
+    # the old code ran on to the end of the block and the one queued after it: 36 batches
+    print(f"SIGTERM: stopped after {stopped:.2f} s, {ran} batches ran")
+    assert ran <= 3, f"{ran} batches ran: the block went on after SIGTERM"
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "error: terminated" in err
+    assert not (out / ".scrollseg" / "lock").exists()  # --overwrite or a rerun may start
+    assert cli.main(argv) == 0  # the rerun, at full speed
+    _assert_same_as(case, out)
+
+
 def test_partial_sums_stay_in_memory_and_spill_past_the_budget(
     case: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -249,7 +310,8 @@ def test_partial_sums_stay_in_memory_and_spill_past_the_budget(
     assert ref["partial_bytes_written"] == ref["partial_bytes_read"] == 0
     assert 0 < ref["partial_peak_memory"] <= ref["partial_budget"]
 
-    monkeypatch.setattr(partials, "BUDGET_BLOCKS", 1)  # room for one block sum only
+    # room for half a block's sum: what fits stays in memory, the rest goes to disk
+    monkeypatch.setattr(partials, "BUDGET_BLOCKS", 0.5)
     session = Predictor(case["model"], folds=FOLDS, device="cpu", cache=None)
     out = tmp_path / "spilled.zarr"
     predict_volume(session, case["volume"], out, chunk=CHUNK)

@@ -1,9 +1,9 @@
 """Partial sums of a whole-volume run: in memory within a budget, on disk past it.
 
 A block task leaves its weighted logit sum (over its extended box, a torch tensor) for
-the up to 2^3 chunks that read it. On one machine they stay in memory (on the device
-where the budget fits its free memory, else host RAM) while the bytes held fit the run's
-budget (:func:`budget`, computed from the chunk and patch sizes, so memory is flat in the
+the up to 2^3 chunks that read it. On one machine it stays in memory as one piece per
+reading chunk, each freed as soon as its chunk has read it (on the device where the budget
+fits its free memory, else host RAM), while the bytes held fit the run's budget (:func:`budget`, computed from the chunk and patch sizes, so memory is flat in the
 volume size); past it a sum is spilled to ``.scrollseg/partial/<block>.npy``
 (temporary name, then renamed). Pickled for a dask.distributed worker, a store is
 disk-only: files on shared storage are the exchange between workers. A sum lost with
@@ -17,7 +17,7 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def place(device: Any, budget: int) -> Any:
 
 
 def budget(
-    chunks: Sequence[int], patch: Sequence[int], channels: int, *, blocks: int | None = None
+    chunks: Sequence[int], patch: Sequence[int], channels: int, *, blocks: float | None = None
 ) -> int:
     """Bytes of partial sums one machine holds in memory: ``blocks`` (default
     :data:`BUDGET_BLOCKS`) extended boxes (chunk + patch per axis) of ``channels`` float32
@@ -73,18 +73,23 @@ class PartialSums:
                 return True
         return Path(path).exists()
 
-    def put(self, path: str, array: Any) -> bool:
-        """Keep ``array`` (a tensor) in memory if it fits the budget, else write it; True
-        if written."""
-        nbytes = array.numel() * array.element_size()
+    def put(self, path: str, array: Any, pieces: Mapping[str, tuple[slice, ...]]) -> bool:
+        """Keep the ``pieces`` of ``array`` (a tensor) that its readers need (each reader's
+        name: the spatial slices it reads) in memory if they fit the budget, else write the
+        whole array; True if written. Each piece is a copy, freed when its reader takes it
+        (:meth:`take`): a block's sum is not held whole until its last reader has run."""
+        sizes = {n: math.prod(s.stop - s.start for s in sl) for n, sl in pieces.items()}
+        nbytes = array.shape[0] * sum(sizes.values()) * array.element_size()
         with self._lock:
             fits = self.held_bytes + nbytes <= self.budget
             if fits:
                 self.held_bytes += nbytes
         if fits:
-            array = array.to(self.device)
+            held = {
+                n: array[(slice(None), *sl)].to(self.device, copy=True) for n, sl in pieces.items()
+            }
             with self._lock:
-                self._held[path] = array
+                self._held[path] = held
             return False
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,20 +98,27 @@ class PartialSums:
         os.replace(tmp, target)
         return True
 
-    def get(self, path: str) -> tuple[Any, bool]:
-        """The sum (a tensor; from disk a memory-mapped array) and whether it came from disk."""
+    def take(self, path: str, name: str, src: tuple[slice, ...]) -> tuple[Any, bool]:
+        """Reader ``name``'s piece (``src`` of the sum) and whether it came from disk: from
+        memory the piece, which is then freed; from disk a memory-mapped view (the file
+        stays until :meth:`drop`)."""
         with self._lock:
-            array = self._held.get(path)
-        if array is not None:
-            return array, False
-        return np.load(path, mmap_mode="r"), True
+            held = self._held.get(path)
+            piece = None if held is None else held.pop(name, None)
+            if piece is not None:
+                self.held_bytes -= piece.numel() * piece.element_size()
+                if not held:
+                    del self._held[path]
+        if piece is not None:
+            return piece, False
+        return np.load(path, mmap_mode="r")[(slice(None), *src)], True
 
     def drop(self, path: str) -> None:
-        """Forget a sum every reader has consumed (memory or file)."""
+        """Forget a sum every reader has consumed (what is left of it in memory, or its file)."""
         with self._lock:
-            array = self._held.pop(path, None)
-            if array is not None:
-                self.held_bytes -= array.numel() * array.element_size()
+            held = self._held.pop(path, None)
+            if held is not None:
+                self.held_bytes -= sum(p.numel() * p.element_size() for p in held.values())
                 return
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)

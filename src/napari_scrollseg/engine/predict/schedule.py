@@ -20,6 +20,20 @@ class _Cancelled(Exception):
     pass
 
 
+class Cancelled(Exception):
+    """Raised inside a task that stopped because its run was cancelled (nothing kept)."""
+
+
+class CancelEvent(threading.Event):
+    """A run's cancel flag: set when the run stops, read by its tasks between tile batches.
+
+    Pickled for a dask.distributed worker it arrives as a new flag that is never set
+    (an event cannot cross processes; there the cluster cancels tasks not yet started)."""
+
+    def __reduce__(self) -> tuple:
+        return (CancelEvent, ())
+
+
 def run_windowed(
     chunks: Sequence[tuple[Any, tuple]],
     tasks: dict,
@@ -107,8 +121,8 @@ def run_windowed(
             while oldest < len(chunks) and chunks[oldest][0] in finished_chunks:
                 oldest += 1
     finally:
-        cancel.set()
-        pool.shutdown(wait=True)  # tasks already running finish; none is left behind
+        cancel.set()  # running block tasks stop after their current tile batch
+        pool.shutdown(wait=True, cancel_futures=True)  # queued ones never start
 
 
 def run_distributed(client, dsk: dict, keys: list) -> Iterator[tuple[Any, Any]]:

@@ -5,12 +5,14 @@ extended box in the run's :class:`~.partials.PartialSums` (memory within a budge
 machine, else a file); a chunk task adds the partial sums overlapping it, divides by the
 weight sum (analytic; with a mask, the weights of the tiles that ran), writes the uint8
 probabilities and the argmax labels as whole zarr chunks, then its done marker, and drops
-the partials all their readers have consumed. A task's memory is set by the chunk and
-patch sizes whatever the volume size.
+the partials all their readers have consumed (a piece held in memory is freed as soon as
+its chunk has read it). A task's memory is set by the chunk and patch sizes whatever the
+volume size. A block task stops between two tile batches once its run is cancelled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -24,12 +26,14 @@ import numpy as np
 
 from napari_scrollseg.engine.predict.mask import mask_region
 from napari_scrollseg.engine.predict.partials import PartialSums
+from napari_scrollseg.engine.predict.schedule import CancelEvent, Cancelled
 from napari_scrollseg.engine.predict.store import (
     atomic_touch,
     marker_path,
     output_array,
     partial_path,
 )
+from napari_scrollseg.engine.predict.store import key as file_key
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.predict.plan import Plan
@@ -60,6 +64,7 @@ class Job:
     volume_shape: tuple[int, ...] = ()
     run: str = ""  # unique per run: keys the output arrays opened once per process
     partials: PartialSums = field(default_factory=PartialSums)  # disk only unless budgeted
+    cancel: CancelEvent = field(default_factory=CancelEvent)  # set: block tasks stop early
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class BlockSpec:
     tiles: tuple[tuple[int, ...], ...]
     ext: tuple[Span, ...]
     partial: str
+    readers: tuple[tuple[str, tuple[Span, ...]], ...] = ()  # pending chunks: (key, box)
 
 
 @dataclass(frozen=True)
@@ -162,10 +168,30 @@ def _weight_sum(grid: Grid, box: tuple[Span, ...]) -> np.ndarray:
     return sums
 
 
+def _overlap(box: tuple[Span, ...], ext: tuple[Span, ...]) -> tuple[tuple[slice, ...], ...]:
+    """``(src, dst)``: where a chunk ``box`` and a block's extended box ``ext`` overlap,
+    in ``ext``'s and in ``box``'s coordinates."""
+    src, dst = [], []
+    for (c0, c1), (e0, e1) in zip(box, ext):
+        a0, a1 = max(c0, e0), min(c1, e1)
+        src.append(slice(a0 - e0, a1 - e0))
+        dst.append(slice(a0 - c0, a1 - c0))
+    return tuple(src), tuple(dst)
+
+
+def _check_cancel(job: Job) -> None:
+    if job.cancel.is_set():
+        raise Cancelled
+
+
 def run_block(job: Job, spec: BlockSpec) -> dict:
-    """Run a block's tiles once; save their weighted logit sum over its extended box."""
+    """Run a block's tiles once; save their weighted logit sum over its extended box.
+
+    A cancelled run (``job.cancel``) stops it between two tile batches, keeping nothing
+    (:class:`~.schedule.Cancelled`): a rerun computes the block again."""
     if job.partials.has(spec.partial):  # computed earlier (an interrupted run's file)
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
+    _check_cancel(job)
     import dask
     import torch
 
@@ -200,9 +226,10 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
 
     out_box = tuple(slice(a, b) for a, b in spec.ext)
     with session.lock:  # one block on the device at a time: bounded device memory
+        _check_cancel(job)
         t0, net0 = time.perf_counter(), stats.seconds["network"]
         logits = None
-        for _, running in iter_tiles(  # the sum stays on the device
+        batches = iter_tiles(  # the sum stays on the device
             session,
             read,
             [tuple(t) for t in tiles],
@@ -210,8 +237,11 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
             mirror=job.mirror,
             batch_size=job.batch_size,
             half=job.half,
-        ):
-            logits = running
+        )
+        with contextlib.closing(batches):
+            for _, running in batches:
+                _check_cancel(job)  # between two batches: a cancel waits for one batch only
+                logits = running
         # the session's lock keeps other blocks' network time out of this difference
         stats.add("accumulate", time.perf_counter() - t0 - (stats.seconds["network"] - net0))
     with stats.time("accumulate"):
@@ -224,7 +254,8 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
                 weights[dst] += gmap[src]
             part = torch.cat([logits, torch.from_numpy(weights[None]).to(logits.device)])
     with stats.time("partial_write"):
-        if job.partials.put(spec.partial, part):
+        pieces = {name: _overlap(box, spec.ext)[0] for name, box in spec.readers}
+        if job.partials.put(spec.partial, part, pieces):
             stats.count("partial_bytes_written", part.numel() * part.element_size())
         stats.peak(job.partials.held_bytes)
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
@@ -257,13 +288,8 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     )
     with stats.time("partial_read"):
         for block in spec.blocks:
-            part, from_disk = job.partials.get(block.partial)
-            src, dst = [], []
-            for (c0, c1), (e0, e1) in zip(spec.box, block.ext):
-                a0, a1 = max(c0, e0), min(c1, e1)
-                src.append(slice(a0 - e0, a1 - e0))
-                dst.append(slice(a0 - c0, a1 - c0))
-            piece = part[(slice(None), *src)]
+            src, dst = _overlap(spec.box, block.ext)
+            piece, from_disk = job.partials.take(block.partial, file_key(spec.index), src)
             if from_disk:
                 piece = torch.from_numpy(np.ascontiguousarray(piece))
                 stats.count("partial_bytes_read", piece.numel() * 4)
@@ -322,11 +348,18 @@ class Graph:
 def build_graph(the_plan: Plan, job: Job, pending: Sequence[tuple[int, ...]], token: str) -> Graph:
     """Tasks for the ``pending`` chunks of ``the_plan`` and the blocks they read."""
     state = Path(job.state)
+    chunks = {c.index: c for c in the_plan.chunks}
+    todo = set(pending)
     specs = {
-        i: BlockSpec(i, b.tiles, b.ext, str(partial_path(state, i)))
+        i: BlockSpec(
+            i,
+            b.tiles,
+            b.ext,
+            str(partial_path(state, i)),
+            tuple((file_key(c), chunks[c].box) for c in the_plan.consumers[i] if c in todo),
+        )
         for i, b in the_plan.blocks.items()
     }
-    chunks = {c.index: c for c in the_plan.chunks}
     dsk: dict = {}
     block_keys: dict[tuple[int, ...], tuple] = {}
     chunk_keys: list[tuple] = []

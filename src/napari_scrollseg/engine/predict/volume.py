@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,7 +41,12 @@ from napari_scrollseg.engine.predict import store
 from napari_scrollseg.engine.predict.events import BEAT_S, PredictProgress, Tally, bar_state
 from napari_scrollseg.engine.predict.partials import PartialSums, budget, place
 from napari_scrollseg.engine.predict.plan import Plan, plan
-from napari_scrollseg.engine.predict.schedule import iter_in_thread, run_distributed, run_windowed
+from napari_scrollseg.engine.predict.schedule import (
+    CancelEvent,
+    iter_in_thread,
+    run_distributed,
+    run_windowed,
+)
 from napari_scrollseg.engine.predict.session import ModelRef, Predictor
 from napari_scrollseg.engine.predict.tasks import Job, build_graph, source_of
 from napari_scrollseg.engine.safe_write import run_lock
@@ -197,6 +201,7 @@ def _iter_run(
         # one machine keeps partial sums in memory; a cluster exchanges them through files
         channels = session.model.n_classes + (run.mask is not None)
         held = budget(cfg.chunks, grid.patch, channels) if client is None else 0
+        cancel = CancelEvent()  # set when the run stops: running blocks end after a batch
         session.stats.partial_budget = held
         job = Job(
             model=model_ref if client is not None else session,
@@ -215,6 +220,7 @@ def _iter_run(
             volume_shape=run.shape,
             run=uuid.uuid4().hex,
             partials=PartialSums(held, place(session.device, held)),
+            cancel=cancel,
         )
         done = {c.index for c in the_plan.chunks if store.marker_path(run.state, c.index).exists()}
         pending = [c.index for c in the_plan.chunks if c.index not in done]
@@ -236,9 +242,7 @@ def _iter_run(
         if graph.keys:
             passes0 = session.forward_passes  # threaded: the tasks run in this session
             runner = (
-                run_windowed(
-                    graph.chunk_order, graph.dsk, cfg.num_workers, threading.Event(), every=BEAT_S
-                )
+                run_windowed(graph.chunk_order, graph.dsk, cfg.num_workers, cancel, every=BEAT_S)
                 if client is None
                 else run_distributed(client, graph.dsk, graph.keys)
             )
