@@ -11,6 +11,7 @@ sizes where patches of pure air far from the scroll occur (e.g. ``64x128x128
 ``checkpoint_final.pth``) instead of training from scratch.
 
     .venv/bin/python scripts/train_builtin_model.py --work /tmp/builtin [--install]
+    .venv/bin/python scripts/train_builtin_model.py --work /tmp/builtin --install-only
 """
 
 from __future__ import annotations
@@ -100,15 +101,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--install", action="store_true", help=f"copy the model into {MODELS_DIR / NAME}"
     )
+    p.add_argument(
+        "--install-only",
+        action="store_true",
+        help="install the model the last training in --work made (e.g. after evaluating it)",
+    )
     args = p.parse_args(argv)
 
+    record = args.work / "trained.json"  # what the last training made, for --install-only
+    if args.install_only:
+        if not record.is_file():
+            p.error(f"--install-only: no finished training recorded in {record}")
+        install(**json.loads(record.read_text()))
+        return 0
+    trained = train_model(args)
+    record.write_text(json.dumps(trained, indent=2))
+    if args.install:
+        install(**trained)
+    return 0
+
+
+def train_model(args: argparse.Namespace) -> dict:
+    """Phantoms -> sparse labels -> dataset -> training; what :func:`install` needs."""
     tiny = tiny_network(args.features, args.patch)
     base = None  # what the fine-tuning starts from, for model.json
     if args.pretrained is not None:
-        about = args.pretrained.parent.parent / "model.json"
+        base_json = args.pretrained.parent.parent / "model.json"
         base = {"checkpoint": str(args.pretrained)}
-        if about.is_file():
-            base["model.json"] = json.loads(about.read_text())
+        if base_json.is_file():
+            base["model.json"] = json.loads(base_json.read_text())
     t0 = time.perf_counter()
     cases = [
         case
@@ -150,48 +171,50 @@ def main(argv: list[str] | None = None) -> int:
         if ev.kind == "done":
             model = ev.model_folder
             dice = ev.dice
-    assert model is not None
+    if model is None:
+        raise SystemExit("the training did not finish: nothing to install")
     seconds = round(time.perf_counter() - t0)
-    if args.install:
-        dst = MODELS_DIR / NAME
-        if dst.exists():
-            shutil.rmtree(dst)
-        dst.mkdir(parents=True)
-        for name in (
-            "dataset.json",
-            "plans.json",
-            "dataset_fingerprint.json",
-            "progress.csv",
-            "dice_summary.json",
-        ):
-            if (model / name).exists():  # no dice summary without validation
-                shutil.copy2(model / name, dst / name)
-        strip_checkpoint(
-            model / "fold_0" / "checkpoint_final.pth", dst / "fold_0" / "checkpoint_final.pth"
-        )
-        (dst / "model.json").write_text(
-            json.dumps(
-                {
-                    "name": NAME,
-                    "made_by": "scripts/train_builtin_model.py",
-                    "phantom_shapes": [list(s) for s in args.shapes],
-                    "seeds": args.seeds,
-                    "annotated_z_slices_per_case": args.slices,
-                    "epochs": args.epochs,
-                    "iterations_per_epoch": args.iterations,
-                    "plans_overrides": tiny,
-                    "device": args.device,
-                    "fine_tuned_from": base,
-                    "initial_learning_rate": args.learning_rate or 1e-2,
-                    "validation_dice_fold0": dice or None,
-                    "training_seconds": seconds,
-                },
-                indent=2,
-            )
-        )
-        size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
-        print(f"installed {dst} ({size / 1e6:.2f} MB)")
-    return 0
+    about = {
+        "name": NAME,
+        "made_by": "scripts/train_builtin_model.py",
+        "phantom_shapes": [list(s) for s in args.shapes],
+        "seeds": args.seeds,
+        "annotated_z_slices_per_case": args.slices,
+        "epochs": args.epochs,
+        "iterations_per_epoch": args.iterations,
+        "plans_overrides": tiny,
+        "device": args.device,
+        "fine_tuned_from": base,
+        "initial_learning_rate": args.learning_rate or 1e-2,
+        "validation_dice_fold0": dice or None,
+        "training_seconds": seconds,
+    }
+    return {"model": str(model), "about": about}
+
+
+def install(model: str, about: dict) -> None:
+    """Copy the trained fold (no optimizer state) and its description into the package."""
+    model = Path(model)
+    dst = MODELS_DIR / NAME
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in (
+        "dataset.json",
+        "plans.json",
+        "dataset_fingerprint.json",
+        "progress.csv",
+        "progress.png",
+        "dice_summary.json",
+    ):
+        if (model / name).exists():  # no dice summary without validation
+            shutil.copy2(model / name, dst / name)
+    strip_checkpoint(
+        model / "fold_0" / "checkpoint_final.pth", dst / "fold_0" / "checkpoint_final.pth"
+    )
+    (dst / "model.json").write_text(json.dumps(about, indent=2))
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    print(f"installed {dst} ({size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
