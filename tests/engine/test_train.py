@@ -471,7 +471,7 @@ def test_fine_tuning_starts_from_every_weight_of_the_pretrained_model(run, tmp_p
 def test_pretrained_weights_are_checked_before_any_work(tmp_path):
     from napari_scrollseg.engine.train import train
 
-    with pytest.raises(ScrollsegError, match="pretrained weights .* not found"):
+    with pytest.raises(ScrollsegError, match=r"pretrained weights .* not found"):
         next(train(tmp_path, results_dir=tmp_path / "r", pretrained_weights=tmp_path / "x.pth"))
     ck = tmp_path / "c.pth"
     ck.write_bytes(b"")
