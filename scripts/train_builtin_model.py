@@ -192,8 +192,11 @@ def train_model(args: argparse.Namespace) -> dict:
     return {"model": str(model), "about": about}
 
 
-def install(model: str, about: dict) -> None:
-    """Copy the trained fold (no optimizer state) and its description into the package."""
+def install(model: str, about: dict, checkpoint: str = "checkpoint_final.pth") -> None:
+    """Copy the trained fold (no optimizer state) and its description into the package.
+
+    ``checkpoint``: e.g. ``checkpoint_latest.pth`` of a training stopped early (say so
+    in ``about``); it is installed as ``checkpoint_final.pth``."""
     model = Path(model)
     dst = MODELS_DIR / NAME
     if dst.exists():
@@ -209,9 +212,7 @@ def install(model: str, about: dict) -> None:
     ):
         if (model / name).exists():  # no dice summary without validation
             shutil.copy2(model / name, dst / name)
-    strip_checkpoint(
-        model / "fold_0" / "checkpoint_final.pth", dst / "fold_0" / "checkpoint_final.pth"
-    )
+    strip_checkpoint(model / "fold_0" / checkpoint, dst / "fold_0" / "checkpoint_final.pth")
     (dst / "model.json").write_text(json.dumps(about, indent=2))
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     print(f"installed {dst} ({size / 1e6:.2f} MB)")
