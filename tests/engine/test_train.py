@@ -429,3 +429,53 @@ def test_failure_messages_say_what_happened(tmp_path):
         message
         == f"nnU-Net planning failed (exit 1): ValueError: bad labels -- full output in {log}"
     )
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_every_weight_of_the_pretrained_model(run, tmp_path):
+    """pretrained_weights loads the whole network, segmentation heads included (same
+    classes): with a vanishing learning rate one step leaves every weight as it was."""
+    import torch
+
+    from napari_scrollseg.engine.train import train
+
+    start = run["model"] / "fold_0" / "checkpoint_final.pth"
+    events = list(
+        train(
+            run["raw"],
+            results_dir=tmp_path / "results",
+            preprocessed_dir=run["root"] / "results" / "nnUNet_preprocessed",
+            device="cpu",
+            epochs=1,
+            iterations=1,
+            num_processes=1,
+            da_processes=0,
+            plans_overrides=TINY,
+            validate=False,
+            pretrained_weights=start,
+            learning_rate=1e-12,
+        )
+    )
+    assert any("fine-tuning from" in e.message and "with its" in e.message for e in events)
+    assert events[-1].kind == "done"
+    old = torch.load(start, map_location="cpu", weights_only=False)["network_weights"]
+    ck = events[-1].model_folder / "fold_0" / "checkpoint_final.pth"
+    new = torch.load(ck, map_location="cpu", weights_only=False)["network_weights"]
+    assert any(".seg_layers." in k for k in new)
+    assert set(new) == set(old)
+    for k in old:
+        if old[k].is_floating_point():  # not the norms' step counters
+            assert torch.allclose(new[k], old[k], atol=1e-6), k
+
+
+def test_pretrained_weights_are_checked_before_any_work(tmp_path):
+    from napari_scrollseg.engine.train import train
+
+    with pytest.raises(ScrollsegError, match=r"pretrained weights .* not found"):
+        next(train(tmp_path, results_dir=tmp_path / "r", pretrained_weights=tmp_path / "x.pth"))
+    ck = tmp_path / "c.pth"
+    ck.write_bytes(b"")
+    with pytest.raises(ScrollsegError, match="not with pretrained weights"):
+        next(train(tmp_path, results_dir=tmp_path / "r", pretrained_weights=ck, resume=True))
+    with pytest.raises(ScrollsegError, match="learning_rate must be above 0"):
+        next(train(tmp_path, results_dir=tmp_path / "r", learning_rate=0))

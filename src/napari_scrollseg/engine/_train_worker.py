@@ -111,8 +111,8 @@ def _pick_device(name: str | None):
             if torch.backends.mps.is_available()
             else "cpu"
         )
-    if name == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    if name == "cpu":  # all cores, unless OMP_NUM_THREADS says how many (a shared machine)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     elif name == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
@@ -149,6 +149,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     if args.epochs is not None:
         trainer.num_epochs = args.epochs
+    if args.learning_rate is not None:  # before initialize(), which makes the optimizer
+        trainer.initial_lr = args.learning_rate
     if args.iterations is not None:
         trainer.num_iterations_per_epoch = args.iterations
         trainer.num_val_iterations_per_epoch = max(1, round(args.iterations / 5))
@@ -191,6 +193,8 @@ def _train(args: argparse.Namespace) -> int:
     if start is not None:
         trainer.load_checkpoint(start)
         emit("resumed", checkpoint=start, epoch=trainer.current_epoch)
+    elif args.pretrained_weights:
+        _load_pretrained(trainer, args.pretrained_weights)
     pid_file = os.path.join(trainer.output_folder, PID_FILE)
     os.makedirs(trainer.output_folder, exist_ok=True)
     with open(pid_file, "w") as f:
@@ -202,6 +206,35 @@ def _train(args: argparse.Namespace) -> int:
         stop["in_loop"] = False
         with contextlib.suppress(OSError):
             os.remove(pid_file)
+
+
+def _load_pretrained(trainer, path: str) -> None:
+    """Start from another model's weights (fine-tuning): nnU-Net's
+    ``load_pretrained_weights`` (it checks that the networks match and leaves the
+    segmentation heads out), then the heads too when they have the same shapes (same
+    classes), so that the fine-tuning starts from the whole model."""
+    import torch
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    if not trainer.was_initialized:
+        trainer.initialize()
+    with contextlib.redirect_stdout(sys.stderr):  # its listing is not an event
+        load_pretrained_weights(trainer.network, path, verbose=False)
+    weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    net = getattr(trainer.network, "_orig_mod", trainer.network)
+    own = net.state_dict()
+    heads = {
+        k: v
+        for k, v in weights.items()
+        if ".seg_layers." in k and k in own and own[k].shape == v.shape
+    }
+    own.update(heads)
+    net.load_state_dict(own)
+    emit(
+        "step",
+        message=f"fine-tuning from {path} ({'with' if heads else 'without'} its "
+        "segmentation heads)",
+    )
 
 
 def _run(trainer, args: argparse.Namespace, fold: int | str, stop: dict) -> int:
@@ -243,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--iterations", type=int, default=None)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--pretrained-weights", default=None)
+    t.add_argument("--learning-rate", type=float, default=None)
     t.add_argument("--no-validate", action="store_false", dest="validate")
     args = parser.parse_args(argv)
     if DETACH_SIGNAL is not None:

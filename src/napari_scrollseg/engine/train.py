@@ -545,6 +545,8 @@ def train(
     stop: threading.Event | None = None,
     detach: threading.Event | None = None,
     nice: int = 0,
+    pretrained_weights: str | os.PathLike | None = None,
+    learning_rate: float | None = None,
 ) -> Iterator[TrainEvent]:
     """Plan/preprocess if needed, then train ``folds`` with the sparse-aware trainer.
 
@@ -587,6 +589,13 @@ def train(
     nice
         Lower the training processes' CPU priority by this much (POSIX ``nice``), e.g.
         so that a GUI in the calling process stays responsive on a small machine.
+    pretrained_weights
+        A checkpoint (``checkpoint_final.pth``) of a model with the same network to
+        start from: fine-tuning, as nnU-Net's ``-pretrained_weights`` (here the
+        segmentation heads are loaded too when the classes match). Not with ``resume``.
+    learning_rate
+        Initial learning rate (nnU-Net's ``initial_lr``, 1e-2; it decays to 0 over the
+        epochs), e.g. lower for fine-tuning. None: nnU-Net's.
 
     Yields
     ------
@@ -600,6 +609,14 @@ def train(
             raise ScrollsegError(f"{name} must be at least 1, got {value}")
     if device not in (None, "auto", "cpu", "cuda", "mps"):
         raise ScrollsegError(f"unknown device {device!r}: use cpu, cuda or mps")
+    if learning_rate is not None and not learning_rate > 0:
+        raise ScrollsegError(f"learning_rate must be above 0, got {learning_rate}")
+    if pretrained_weights is not None:
+        pretrained_weights = Path(pretrained_weights).expanduser().resolve()
+        if not pretrained_weights.is_file():
+            raise ScrollsegError(f"pretrained weights {pretrained_weights} not found")
+        if resume:
+            raise ScrollsegError("resume continues a checkpoint: not with pretrained weights")
     folds = [f if f == "all" else int(f) for f in folds]
     ds = _dataset(dataset_dir)
     folds, note = _check_folds(ds, folds)
@@ -654,6 +671,8 @@ def train(
         args += [f"--epochs={epochs}"] if epochs else []
         args += [f"--iterations={iterations}"] if iterations else []
         args += ["--resume"] if resume else []
+        args += [f"--pretrained-weights={pretrained_weights}"] if pretrained_weights else []
+        args += [f"--learning-rate={learning_rate}"] if learning_rate else []
         args += [] if validate else ["--no-validate"]
         log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
         events = _run_worker(
