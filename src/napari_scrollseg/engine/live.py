@@ -468,13 +468,17 @@ class LivePredictor:
     def submit_load(self) -> LiveRequest:
         """Load the model and open the volume on the worker, predicting nothing (e.g. so
         a viewer can make its result layers before the first request). Its final event
-        carries the level's ``scale``/``translate``, or the load's ``error``."""
+        carries the level's ``scale``/``translate``, or the load's ``error``. It cancels
+        no request; a request submitted after it drops it (the request loads too)."""
         return self._enqueue(LiveRequest(0, (), -1, load_only=True))
 
     def _enqueue(self, req: LiveRequest) -> LiveRequest:
         if self._closed:
             raise ScrollsegError("this live predictor is closed: make a new one")
         req.id = next(self._ids)
+        if req.load_only:
+            self._queue.put(req)
+            return req
         with self._lock:
             current = self._current
         if current is not None:
