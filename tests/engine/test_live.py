@@ -45,6 +45,15 @@ def full_run(phantom_zarr: Path, tmp_path_factory: pytest.TempPathFactory, one_t
     return np.asarray(g["0"][:]), np.asarray(g["labels/prediction/0"][:])
 
 
+def test_submit_load_loads_and_predicts_nothing(live: LivePredictor) -> None:
+    before = live.forward_passes
+    req = live.submit_load().wait(600)
+    assert live.model is not None
+    assert (req.level, req.exact, req.probs, req.tiles) == (0, True, None, 0)
+    assert req.scale == pytest.approx((7.91, 7.91, 7.91))
+    assert live.forward_passes == before
+
+
 def test_view_equals_the_full_run_on_the_same_voxels(live: LivePredictor, full_run) -> None:
     events = []
     live.on_event = events.append

@@ -3,7 +3,8 @@
 A :class:`LivePredictor` owns one worker thread (which alone uses the device), a warm
 prediction session (:class:`~napari_scrollseg.engine.predict.Predictor`: the model, its
 lock and forward-pass count) and a :class:`~napari_scrollseg.engine.predict.TileCache`. A request is a box of
-the volume (the view: one slice of a 2D view, or the visible box of a 3D view):
+the volume (the view: one slice of a 2D view, or the visible box of a 3D view), run by
+the session's region generator (:func:`~napari_scrollseg.engine.predict.iter_predict_region`):
 
 * the box is cut into *blocks* (the tile grid's patch size, on a grid aligned with the
   volume) that run nearest the box centre first; each block lands (an event with its
@@ -205,6 +206,8 @@ class LiveRequest:
     label 0 where none has yet, or where the cap or a cancel stopped it). ``level`` is
     the pyramid level it ran on; ``exact`` is False for a coarse preview (a view whose
     request at the model's level would exceed the tile cap ran on a coarser level).
+    Times: ``compute_s`` in the network, ``finish_s`` placing landed blocks, ``read_s`` the
+    rest (reading not hidden behind the network, summing, softmax).
     """
 
     id: int
@@ -299,7 +302,7 @@ class LivePredictor:
         self.session: Predictor | None = None
         self.rate: float | None = None  # tiles per second, last request that ran tiles
         self._volume: Any = None
-        self._levels: dict[int, tuple[Any, Grid, Callable[[Box], np.ndarray]]] = {}
+        self._levels: dict[int, tuple[Any, Grid]] = {}
         self._ids = itertools.count(1)
         self._queue: queue.Queue[LiveRequest | None] = queue.Queue()
         self._current: LiveRequest | None = None
@@ -317,10 +320,10 @@ class LivePredictor:
                 from napari_scrollseg.engine.predict import Predictor
 
                 o = self.options
-                # the tile cache is ours (shared across settings): the session keeps none
+                # the session runs on our tile cache (maybe shared across settings)
                 self.session = Predictor(
                     self._model_arg, folds=o.folds, checkpoint=o.checkpoint, device=o.device,
-                    cache=None,
+                    cache=self.cache,
                 )  # fmt: skip
                 self.model = self.session.model
             if self._volume is None:
@@ -369,8 +372,8 @@ class LivePredictor:
             origin = [o + (s - s0) / 2 for o, s, s0 in zip(origin0, scale, scale0)]
         return tuple(float(s) for s in scale), tuple(float(o) for o in origin)
 
-    def _level(self, lv: int) -> tuple[Any, Grid, Callable[[Box], np.ndarray]]:
-        """The level's volume, its global grid and its reader (statistics computed once)."""
+    def _level(self, lv: int) -> tuple[Any, Grid]:
+        """The level's volume and its global grid (checked against the model once)."""
         if lv not in self._levels:
             model = self.load()
             v = self._volume
@@ -381,9 +384,7 @@ class LivePredictor:
             # a level coarser than the model's, chosen for a preview, is coarse on purpose
             preview = self.options.level is None and lv > self.level()
             model.check_volume(v, ignore_spacing=self.options.ignore_spacing or preview)
-            grid = model.grid(v, self.options.step)
-            reader = model.reader(v, bbox=grid.data)
-            self._levels[lv] = (v, grid, reader)
+            self._levels[lv] = (v, model.grid(v, self.options.step))
         return self._levels[lv]
 
     def shape(self, level: int | None = None) -> tuple[int, ...]:
@@ -408,29 +409,23 @@ class LivePredictor:
             "whole volume, so live results equal the full run's"
         )
 
-    def _prefix(self, lv: int) -> tuple:
-        from napari_scrollseg.engine.volumes import as_czyx
-
+    def _key(self) -> tuple:
+        """What the tile cache keys by besides the model's weights, device, volume, TTA and
+        precision (:func:`~napari_scrollseg.engine.predict.region.cache_prefix`)."""
         model = self.load()
-        v, grid, _ = self._level(lv)
+        return tuple(str(f) for f in model.folds), model.checkpoint, self.options.step
+
+    def _prefix(self, lv: int) -> tuple:
+        from napari_scrollseg.engine.predict.region import cache_prefix
+
+        v, grid = self._level(lv)
         o = self.options
-        return (
-            model.sha256,
-            model.configuration,
-            tuple(str(f) for f in model.folds),
-            model.checkpoint,
-            str(model.device),
-            as_czyx(v)[0].name,
-            repr(grid.data),
-            o.step,
-            "mirror" if o.mirror else "none",
-            model.autocast(o.half),
-        )
+        return (*cache_prefix(self.load(), v, grid, mirror=o.mirror, half=o.half), *self._key())
 
     # -- planning -----------------------------------------------------------------------
     def _plan(self, box: Box, lv: int) -> tuple[list[Box], list[list[tuple[int, ...]]]]:
         """The view's blocks (nearest the centre first) and the tiles touching each."""
-        _, grid, _ = self._level(lv)
+        _, grid = self._level(lv)
         blocks = view_blocks(box, [min(p, b.stop - b.start) or 1 for p, b in zip(grid.patch, box)])
         return blocks, [grid.tiles_intersecting(b) for b in blocks]
 
@@ -468,13 +463,17 @@ class LivePredictor:
     def submit_load(self) -> LiveRequest:
         """Load the model and open the volume on the worker, predicting nothing (e.g. so
         a viewer can make its result layers before the first request). Its final event
-        carries the level's ``scale``/``translate``, or the load's ``error``."""
+        carries the level's ``scale``/``translate``, or the load's ``error``. It cancels
+        no request; a request submitted after it drops it (the request loads too)."""
         return self._enqueue(LiveRequest(0, (), -1, load_only=True))
 
     def _enqueue(self, req: LiveRequest) -> LiveRequest:
         if self._closed:
             raise ScrollsegError("this live predictor is closed: make a new one")
         req.id = next(self._ids)
+        if req.load_only:
+            self._queue.put(req)
+            return req
         with self._lock:
             current = self._current
         if current is not None:
@@ -559,6 +558,7 @@ class LivePredictor:
         self._queue.put(None)
         self._thread.join(timeout=60)
         if self.session is not None:
+            self.session.cache = None  # the cache may outlive us (shared): keep its tiles
             self.session.close()
 
     def __enter__(self) -> LivePredictor:
@@ -601,9 +601,7 @@ class LivePredictor:
                 self._emit(LiveEvent(req, None, None, None, final=True, error=req.error))
 
     def _run(self, req: LiveRequest) -> None:
-        import torch
-
-        from napari_scrollseg.engine.tiling import tile_overlap, weight_map
+        from napari_scrollseg.engine.predict.region import iter_predict_region
 
         model = self.load()
         if req.level >= 0:
@@ -620,137 +618,63 @@ class LivePredictor:
             req.box = self.world_to_box(req.world, lv)
         req.box = _as_box(req.box, self.shape(lv))
         req.scale, req.translate = self.geometry(lv)
-        _, grid, read = self._level(lv)
-        prefix = self._prefix(lv)
-        patch = grid.patch
-        gmap = weight_map(patch, "gaussian")
+        volume, grid = self._level(lv)
         blocks, tiles_of = self._plan(req.box, lv)
         req.blocks_total = len(blocks)
+        req.tiles = len({t for tiles in tiles_of for t in tiles})
         shape = tuple(b.stop - b.start for b in req.box)
         req.probs = np.zeros((model.n_classes, *shape), np.float32)
         req.labels = np.zeros(shape, np.uint8 if model.n_classes <= 255 else np.uint16)
 
-        # the tiles each block needs: from the cache now, or to run (nearest blocks first)
-        have: dict[tuple[int, ...], np.ndarray] = {}
-        users: dict[tuple[int, ...], int] = {}
-        for tiles in tiles_of:
-            for t in tiles:
-                users[t] = users.get(t, 0) + 1
-        req.tiles = len(users)
-        cap = self.options.max_tiles
-        pending: list[int] = []  # blocks still to land, in priority order (indices)
-        planned: set[tuple[int, ...]] = set()
-        served: set[tuple[int, ...]] = set()  # tiles of blocks whose answer is cached whole
-        whole: list[tuple[int, np.ndarray]] = []
-        n_run = 0
-
-        def block_key(i: int) -> tuple:
-            return (*prefix, "block", tuple((s.start, s.stop) for s in blocks[i]))
-
-        for i, tiles in enumerate(tiles_of):
-            answer = self.cache.get(block_key(i))
-            if answer is not None:  # panning back: the block's answer, no tile needed
-                whole.append((i, answer))
-                new = [t for t in tiles if t not in have and t not in planned and t not in served]
-                served.update(new)
-                req.tiles_cached += len(new)
-                continue
-            miss = []
-            for t in tiles:
-                if t in have or t in planned:
-                    continue
-                hit = self.cache.get((*prefix, t))
-                if hit is not None:
-                    have[t] = hit
-                    req.tiles_cached += t not in served
-                else:
-                    miss.append(t)
-            if cap is not None and n_run + len(miss) > cap and n_run:
-                req.capped = True  # the first block with tiles to run runs whatever the cap
-                break
-            planned.update(miss)
-            n_run += len(miss)
-            pending.append(i)
-        req.tiles_dropped = len(set(users) - set(have) - served - planned)
-        gmap_t = torch.from_numpy(gmap.copy()).to(model.device)
-        mode = "mirror" if self.options.mirror else "none"
-        batch_size = self.options.batch_size
-
-        def land(i: int) -> None:
-            t0 = time.perf_counter()
-            b = blocks[i]
-            acc = np.zeros((model.n_classes, *(s.stop - s.start for s in b)), np.float32)
-            weights = np.zeros(acc.shape[1:], np.float32)
-            for t in tiles_of[i]:
-                ov = tile_overlap(t, patch, b)
-                if ov is not None:
-                    acc[(slice(None), *ov[1])] += have[t][(slice(None), *ov[0])]
-                    weights[ov[1]] += gmap[ov[0]]
-                users[t] -= 1
-                if users[t] == 0:
-                    have.pop(t, None)
-            probs, labels = _finish(acc, weights, grid.data, b)
-            self.cache.put(block_key(i), np.concatenate([probs, labels[None].astype(np.float32)]))
-            show(i, probs, labels, t0)
-
-        def show(i: int, probs: np.ndarray, labels: np.ndarray, t0: float) -> None:
-            b = blocks[i]
-            local = tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(b, req.box))
-            req.probs[(slice(None), *local)] = probs  # type: ignore[index]
-            req.labels[local] = labels  # type: ignore[index]
-            req.blocks_done += 1
-            req.finish_s += time.perf_counter() - t0
-            self._emit(LiveEvent(req, b, probs, labels))
-
-        def land_ready() -> None:
-            for i in list(pending):
-                if all(t in have for t in tiles_of[i]):
-                    pending.remove(i)
-                    land(i)
-
-        for i, answer in whole:
-            show(i, answer[:-1], answer[-1].astype(req.labels.dtype), time.perf_counter())
-        land_ready()  # blocks whose tiles are all cached
-        t_run = time.perf_counter()
-        n_done = 0
-        while pending:
+        def keep(pending: list[Box]) -> list[Box]:
+            """Before each batch: nothing once cancelled, else the blocks still in view."""
             if req.cancelled:
-                break
+                return []
             if req.visible_world is not None:
                 req.visible = self.world_to_box(req.visible_world, lv)
-            if req.visible is not None:  # drop the blocks the view has left
-                pending = [i for i in pending if _intersects(blocks[i], req.visible)]
-                if not pending:
-                    req.cancel()
-                    break
-            batch: list[tuple[int, ...]] = []
-            for i in pending:
-                for t in tiles_of[i]:
-                    if t not in have and t not in batch:
-                        batch.append(t)
-                        if len(batch) == batch_size:
-                            break
-                if len(batch) == batch_size:
-                    break
-            if not batch:  # pragma: no cover - every pending block has all tiles
-                land_ready()
-                continue
-            t0 = time.perf_counter()
-            x = np.stack([read(grid.tile_box(t)) for t in batch])
-            req.read_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            weighted = _forward(
-                self.session, x, mode=mode, half=self.options.half, gmap=gmap_t
-            )  # fmt: skip
-            req.compute_s += time.perf_counter() - t0
-            for t, w in zip(batch, weighted):
-                have[t] = w
-                self.cache.put((*prefix, t), w)
-            req.tiles_run += len(batch)
-            n_done += len(batch)
-            land_ready()
-        if n_done:
-            self.rate = n_done / max(time.perf_counter() - t_run, 1e-6)
+            if req.visible is None:
+                return pending
+            kept = [b for b in pending if _intersects(b, req.visible)]
+            if not kept:
+                req.cancel()
+            return kept
+
+        o = self.options
+        network = self.session.stats.seconds  # type: ignore[union-attr]
+        network_before, t_run = network.get("network", 0.0), time.perf_counter()
+        for ev in iter_predict_region(
+            self.session,  # type: ignore[arg-type]
+            volume,
+            req.box,
+            step=o.step,
+            mirror=o.mirror,
+            batch_size=o.batch_size,
+            half=o.half,
+            ignore_spacing=True,  # checked once per level (_level)
+            bbox=grid.data,
+            blocks=blocks,
+            max_tiles=o.max_tiles,
+            keep=keep,
+            key=self._key(),
+        ):
+            req.tiles_run, req.tiles_cached = ev.tiles_done, ev.tiles_cached
+            req.capped, req.tiles_dropped = ev.capped, ev.tiles_capped
+            if ev.block is not None:
+                t0 = time.perf_counter()
+                local = tuple(
+                    slice(s.start - r.start, s.stop - r.start) for s, r in zip(ev.block, req.box)
+                )
+                labels = ev.labels + 1  # the annotation's class ids, as the full run writes them
+                req.probs[(slice(None), *local)] = ev.probs
+                req.labels[local] = labels
+                req.blocks_done += 1
+                req.finish_s += time.perf_counter() - t0
+                self._emit(LiveEvent(req, ev.block, ev.probs, labels))
+        elapsed = time.perf_counter() - t_run
+        req.compute_s = network.get("network", 0.0) - network_before
+        req.read_s = max(elapsed - req.compute_s - req.finish_s, 0.0)
+        if req.tiles_run:
+            self.rate = req.tiles_run / max(elapsed, 1e-6)
         log.debug(
             "live request %d: %d tiles run, %d cached, %d blocks of %d",
             req.id,
@@ -759,25 +683,3 @@ class LivePredictor:
             req.blocks_done,
             req.blocks_total,
         )
-
-
-def _forward(session: Predictor, x: np.ndarray, *, mode: str, half: bool | None, gmap: Any):
-    """Weighted logits ``(n, n_classes, *patch)`` of a batch of tiles, as numpy arrays
-    (a device out of memory is handled by :meth:`Predictor.forward`: batches in halves)."""
-    import torch
-
-    model = session.model
-    inp = torch.from_numpy(x[:, :, 0] if model.is_2d else x)
-    out = session.forward(inp, tta=mode, half=half)
-    if model.is_2d:
-        out = out[:, :, None]
-    return (out * gmap).cpu().numpy()
-
-
-def _finish(acc: np.ndarray, weights: np.ndarray, data: Box, b: Box):
-    """Probabilities and labels of a block from its summed tiles (as the full run)."""
-    from napari_scrollseg.engine.predict import finalize
-    from napari_scrollseg.engine.predict.tiles import data_mask
-
-    probs, labels = finalize(acc, weights, data=data_mask(data, b))
-    return probs, labels + 1  # the annotation's class ids, as the full run writes them
