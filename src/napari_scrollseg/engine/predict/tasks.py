@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -272,6 +273,21 @@ def _as_tensor(array: np.ndarray, device: Any) -> Any:
         return torch.from_numpy(array).to(device)
 
 
+TRIM_EVERY = 8  # chunks finished between two trims: each trim makes freed pages fault again
+_FINISHED = itertools.count(1)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     """Sum the partials over a chunk and finalise it where they are (the session's device),
     write it, then mark it done. Only the uint8 probabilities and labels reach the host."""
@@ -324,6 +340,9 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     for block, consumers in zip(spec.blocks, spec.consumers):
         if all(Path(c).exists() for c in consumers):
             job.partials.drop(block.partial)
+    trim = _malloc_trim()
+    if trim is not None and next(_FINISHED) % TRIM_EVERY == 0:
+        trim(0)  # hand freed sums back to the system: else the heap keeps the front's peak
     return {"chunk": spec.index, "voxels": int(np.prod(shape))}
 
 
