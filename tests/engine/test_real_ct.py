@@ -103,3 +103,32 @@ def test_every_class_is_learned_from_sparse_and_dense_labels(cement):
         for name, floor in FLOORS.items():
             assert dice[name] > floor, (name, dice, result["window"])
     assert np.isfinite(dense["scores"]["mean_dice"])
+
+
+def test_fibre_truth_finds_the_tow_direction_and_the_void(monkeypatch):
+    """scripts/real_ct.py's fibre truth on a synthetic laminate: fibres along z above
+    y = 20, at 135 degrees in the z-x plane below, dark pockets as void."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_ct", ROOT / "scripts" / "real_ct.py")
+    real_ct = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "real_ct", real_ct)  # for its dataclass
+    spec.loader.exec_module(real_ct)
+    z, y, x = np.mgrid[0:48, 0:40, 0:48].astype(np.float32)
+    across_z = np.hypot((x % 6) - 3, (y % 6) - 3)  # fibres along z
+    across_diag = np.hypot(((z + x) / np.sqrt(2)) % 6 - 3, (y % 6) - 3)  # along (-1, 0, 1)
+    fibre = np.where(y < 20, across_z, across_diag) < 2
+    scan = np.where(fibre, 165.0, 125.0)
+    pockets = [(24, 8, 24), (24, 32, 24), (10, 10, 36)]
+    for c in pockets:
+        scan[np.hypot(np.hypot(z - c[0], y - c[1]), x - c[2]) < 3] = 40
+    truth = real_ct.make_fibers_truth(scan.astype(np.uint8))
+    for c in pockets:
+        assert truth[c] == 1
+    inner = (slice(8, 40), slice(None), slice(8, 40))
+    upper, lower = truth[inner][:, 4:16], truth[inner][:, 26:36]
+    assert (upper == 2).mean() > 0.8
+    assert not (upper == 3).any()
+    assert (lower == 3).mean() > 0.8
+    assert not (lower == 2).any()
+    assert (truth[:, 19:21] == 255).mean() > 0.5  # where the plies meet: unsure

@@ -112,7 +112,8 @@ def _pick_device(name: str | None):
             else "cpu"
         )
     if name == "cpu":  # all cores, unless OMP_NUM_THREADS says how many (a shared machine)
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(omp) if omp.isdigit() and int(omp) > 0 else os.cpu_count() or 1)
     elif name == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
