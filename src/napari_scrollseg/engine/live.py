@@ -2,8 +2,8 @@
 
 A :class:`LivePredictor` owns one worker thread (which alone uses the device), a warm
 prediction session (:class:`~napari_scrollseg.engine.predict.Predictor`: the model, its
-lock and forward-pass count) and a :class:`~napari_scrollseg.engine.predict.TileCache`. A request is a box of
-the volume (the view: one slice of a 2D view, or the visible box of a 3D view), run by
+lock and forward-pass count) and a :class:`~napari_scrollseg.engine.predict.TileCache`.
+A request is a box of the volume (the view: one slice of a 2D view, or the visible box of a 3D view), run by
 the session's region generator (:func:`~napari_scrollseg.engine.predict.iter_predict_region`):
 
 * the box is cut into *blocks* (the tile grid's patch size, on a grid aligned with the
@@ -186,7 +186,8 @@ class LiveEvent:
     """One block of a request has landed (or the request ended: ``block`` is None).
 
     ``box``/``block`` are in the coordinates of level ``level``; ``probs`` float32
-    ``(n_classes, *block shape)`` and ``labels`` (class ids 1..K, as the full run writes) cover ``block``.
+    ``(n_classes, *block shape)`` and ``labels`` (class ids 1..K, as the full run writes)
+    cover ``block``.
     ``error`` is set when the request failed (a :class:`ScrollsegError`).
     """
 

@@ -2,8 +2,9 @@
 
 A block task leaves its weighted logit sum (over its extended box, a torch tensor) for
 the up to 2^3 chunks that read it. On one machine it stays in memory as one piece per
-reading chunk, each freed as soon as its chunk has read it (on the device where the budget
-fits its free memory, else host RAM), while the bytes held fit the run's budget (:func:`budget`, computed from the chunk and patch sizes, so memory is flat in the
+reading chunk, each freed as soon as its chunk has read it (on the device where the
+budget fits its free memory, else host RAM), while the bytes held fit the run's budget
+(:func:`budget`, computed from the chunk and patch sizes, so memory is flat in the
 volume size); past it a sum is spilled to ``.scrollseg/partial/<block>.npy``
 (temporary name, then renamed). Pickled for a dask.distributed worker, a store is
 disk-only: files on shared storage are the exchange between workers. A sum lost with
