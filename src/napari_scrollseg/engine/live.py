@@ -3,8 +3,8 @@
 A :class:`LivePredictor` owns one worker thread (which alone uses the device), a warm
 prediction session (:class:`~napari_scrollseg.engine.predict.Predictor`: the model, its
 lock and forward-pass count) and a :class:`~napari_scrollseg.engine.predict.TileCache`.
-A request is a box of the volume (the view: one slice of a 2D view, or the visible box of a 3D view), run by
-the session's region generator (:func:`~napari_scrollseg.engine.predict.iter_predict_region`):
+A request is a box of the volume (the view: one slice of a 2D view, or the visible box
+of a 3D view), run by the session's region generator (:func:`~napari_scrollseg.engine.predict.iter_predict_region`):
 
 * the box is cut into *blocks* (the tile grid's patch size, on a grid aligned with the
   volume) that run nearest the box centre first; each block lands (an event with its
