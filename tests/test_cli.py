@@ -45,3 +45,16 @@ def test_models_lists_the_builtin_model(capsys):
     assert name == "phantom-tiny"
     assert (Path(path) / "plans.json").is_file()
     assert list(Path(path).glob("fold_*/checkpoint_final.pth"))
+
+
+def test_train_fine_tuning_flags_are_checked_before_any_work(tmp_path, capsys):
+    """``--pretrained-weights`` and ``--learning-rate`` reach ``train``: a missing
+    checkpoint or a learning rate of 0 is one error line before planning starts."""
+    dataset = tmp_path / "Dataset001_X"
+    dataset.mkdir()
+    args = ["train", str(dataset), "--out", str(tmp_path / "r")]
+    assert main([*args, "--pretrained-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "pretrained weights" in capsys.readouterr().err
+    assert main([*args, "--learning-rate", "0"]) == 2
+    assert "learning_rate must be above 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -394,6 +394,12 @@ class TrainConfig:
     preprocessed_dir: str | os.PathLike | None = _opt(
         None, "nnUNet_preprocessed (default: OUT/...)", flag="--preprocessed"
     )
+    pretrained_weights: str | os.PathLike | None = _opt(
+        None,
+        "checkpoint to fine-tune from (nnU-Net's -pretrained_weights; the segmentation "
+        "heads too when the classes match)",
+    )
+    learning_rate: float | None = _opt(None, "initial learning rate (nnU-Net: 0.01)", parse=float)
 
     def __post_init__(self) -> None:
         import json
