@@ -603,6 +603,7 @@ class LivePredictor:
 
     def _run(self, req: LiveRequest) -> None:
         from napari_scrollseg.engine.predict.region import iter_predict_region
+        from napari_scrollseg.engine.predict.tiles import label_dtype
 
         model = self.load()
         if req.level >= 0:
@@ -625,7 +626,7 @@ class LivePredictor:
         req.tiles = len({t for tiles in tiles_of for t in tiles})
         shape = tuple(b.stop - b.start for b in req.box)
         req.probs = np.zeros((model.n_classes, *shape), np.float32)
-        req.labels = np.zeros(shape, np.uint8 if model.n_classes <= 255 else np.uint16)
+        req.labels = np.zeros(shape, label_dtype(model.n_classes))
 
         def keep(pending: list[Box]) -> list[Box]:
             """Before each batch: nothing once cancelled, else the blocks still in view."""

@@ -28,6 +28,7 @@ from napari_scrollseg.engine.predict.tiles import (
     _finalize_into,
     data_mask,
     iter_tiles,
+    label_dtype,
     prefetch,
 )
 from napari_scrollseg.engine.tiling import BLEND_MODES, weight_map, weight_sum
@@ -236,9 +237,11 @@ def iter_predict_region(
     pending, summed = plan.pending, plan.summed  # summed: tiles whose logits are in the sums
     gmap = weight_map(patch, blend)
     shape = logit_sum.shape[1:]
-    answer: tuple[np.ndarray, np.ndarray] | None = None
-    if by_block:  # the answer over the box, filled as blocks land
-        answer = (np.zeros_like(logit_sum), np.zeros(shape, _label_dtype(model.n_classes)))
+
+    def empty() -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros_like(logit_sum), np.zeros(shape, label_dtype(model.n_classes))
+
+    answer = empty() if by_block else None  # the answer over the box, filled as blocks land
     n_run = n_done = 0
     out = None  # the running batches' sum (on the device)
 
@@ -328,7 +331,7 @@ def iter_predict_region(
             break
     log.debug("predicted box %s: %d tiles run", box, n_run)
     if answer is None:  # no block landed (the box's one block was dropped)
-        answer = (np.zeros_like(logit_sum), np.zeros(shape, _label_dtype(model.n_classes)))
+        answer = empty()
     yield event(probs=answer[0], labels=answer[1])
     return answer
 
@@ -351,10 +354,6 @@ def cache_prefix(
         model.sha256, model.configuration, str(model.device), arr.name, repr(grid.data),
         mode, model.autocast(half), blend,
     )  # fmt: skip
-
-
-def _label_dtype(n_classes: int) -> type:
-    return np.uint8 if n_classes <= 255 else np.uint16
 
 
 def predict_region(

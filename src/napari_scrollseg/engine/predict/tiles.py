@@ -240,11 +240,16 @@ def _finalize_into(
     return logit_sum, _argmax0(logit_sum)
 
 
+def label_dtype(n_classes: int) -> type:
+    """The labels' dtype: uint8, uint16 past 255 classes."""
+    return np.uint8 if n_classes <= 255 else np.uint16
+
+
 def _argmax0(probs: np.ndarray) -> np.ndarray:
-    """``argmax(probs, axis=0)`` (the first maximum) as uint8 (uint16 past 255 classes),
-    by one comparison per class: numpy's argmax over the outer axis is strided and slow."""
+    """``argmax(probs, axis=0)`` (the first maximum) as :func:`label_dtype`, by one
+    comparison per class: numpy's argmax over the outer axis is strided and slow."""
     n = probs.shape[0]
-    dtype = np.uint8 if n <= 255 else np.uint16
+    dtype = label_dtype(n)
     if n > 16:
         return np.argmax(probs, axis=0).astype(dtype)
     labels = np.zeros(probs.shape[1:], dtype)
