@@ -341,6 +341,30 @@ def test_close_generator_cancels_then_resume(case: dict, tmp_path: Path) -> None
     _assert_same_as(case, out)
 
 
+def test_prepare_output_then_run_fills_it_identically(case: dict, tmp_path: Path) -> None:
+    """The output exists before the run (empty; a viewer opens it first), a
+    second prepare leaves it, and the run fills that store with the reference answer."""
+    import zarr
+
+    from napari_scrollseg.engine.predict import prepare_output
+
+    out = tmp_path / "prepared.zarr"
+    options = {"chunk": CHUNK, "folds": FOLDS, "device": "cpu"}
+    assert prepare_output(case["model"], case["volume"], out, **options) == out
+    group = zarr.open_group(str(out), mode="r")
+    assert group["0"].nchunks_initialized == 0  # nothing written yet
+    assert group["labels/prediction/0"].shape == SHAPE
+    assert group.attrs["scrollseg"]["complete"] is False
+    assert not _done(out)
+    (out / "0" / ".keep-me").write_text("")  # a second prepare does not recreate it
+    prepare_output(case["model"], case["volume"], out, **options)
+    assert (out / "0" / ".keep-me").exists()
+    events = list(_predict(case, out, iterate=True))
+    assert events[-1].stage == "done"
+    assert events[-1].chunks_resumed == 0
+    _assert_same_as(case, out)
+
+
 def test_local_cluster_two_processes_identical(case: dict, tmp_path: Path) -> None:
     from napari_scrollseg.engine.predict_volume import open_client
 

@@ -1,16 +1,21 @@
 """Full-run dock widget: predict the whole scan (or a box of it) into an OME-Zarr.
 
-One engine call (:func:`~napari_scrollseg.engine.predict.iter_predict_volume`) off the
-GUI thread, with a progress bar, ETA and Cancel. A cancelled run started again with the
-same settings resumes (the engine skips the chunks already written). The output opens
-as layers while it is written and is refreshed as chunks land.
+Start runs off the GUI thread, with a progress bar, ETA and Cancel: the engine first
+creates the output (:func:`~napari_scrollseg.engine.predict.prepare_output`: every array
+and pyramid level, empty), the widget adds its layers (lazy, over the store), then
+:func:`~napari_scrollseg.engine.predict.iter_predict_volume` fills it and the layers are
+only refreshed as chunks land (no layer is added while the run goes). A cancelled run
+started again with the same settings resumes (the engine skips the chunks already
+written).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +51,17 @@ log = logging.getLogger(__name__)
 
 WHOLE, VIEW = "whole volume", "current view box"
 REFRESH_S = 2.0
+SHOW_WAIT_S = 60.0  # the run goes on after this even if the viewer never showed it
+
+
+@dataclass(frozen=True)
+class OutputReady:
+    """The run's output exists (empty, every pyramid level) and its layers' data are
+    open: the widget shows them before the run goes on."""
+
+    out: Path
+    layers: list[tuple[Any, dict, str]]
+    stage: str = "opening the output"
 
 
 def run_full(
@@ -55,15 +71,32 @@ def run_full(
     *,
     scheduler: str | None = None,
     cluster: str | None = None,
+    shown: threading.Event | None = None,
     **options: Any,
 ) -> Iterator[Any]:
-    """``iter_predict_volume`` on the threaded scheduler, a scheduler address or a local
+    """Prepare the output (``prepare_output``), yield :class:`OutputReady`, wait until the
+    viewer shows it (``shown``, at most ``SHOW_WAIT_S``), then ``iter_predict_volume`` on
+    the threaded scheduler (one model load for both), a scheduler address or a local
     cluster (the client closes with the run). Returns the output path."""
-    from napari_scrollseg.engine.predict import iter_predict_volume
+    from napari_scrollseg.engine.predict import Predictor, iter_predict_volume, prepare_output
     from napari_scrollseg.engine.predict.schedule import open_client
 
-    with open_client(scheduler=scheduler or None, cluster=cluster or None) as client:
-        return (yield from iter_predict_volume(model, volume, out, client=client, **options))
+    local = not (scheduler or cluster)  # a cluster's workers load the model themselves
+    session = Predictor(model, device=options.pop("device", None), cache=None) if local else None
+    try:
+        path = prepare_output(session or model, volume, out, **options)
+        yield OutputReady(path, output_layers(str(path)))
+        if shown is not None:
+            shown.wait(SHOW_WAIT_S)
+        with open_client(scheduler=scheduler or None, cluster=cluster or None) as client:
+            return (
+                yield from iter_predict_volume(
+                    session or model, volume, out, client=client, **options
+                )
+            )
+    finally:
+        if session is not None:
+            session.close()
 
 
 def layer_location(layer: Any) -> str | None:
@@ -90,6 +123,10 @@ def output_layers(out: str) -> list[tuple[Any, dict, str]]:
             meta["name"], meta["colormap"] = names[-1], "inferno"
             meta["opacity"], meta["contrast_limits"] = 0.6, (0, 255)
         meta["name"] = f"{Path(out).stem}: {meta['name']}"
+        # uncached: chunks written since are read again on refresh, and slicing these
+        # layers never enters napari's global dask cache callback, which is not
+        # thread-safe against the run's own dask computations
+        meta["cache"] = False
         items.append((data, meta, kind))
     return items
 
@@ -145,7 +182,8 @@ class FullRunWidget(Container):
         self.result: Path | None = None
         self.last_event: Any = None
         self._opened: list[Any] = []
-        self._opening = False  # the output's layers are being opened
+        self._opening = False  # the output is being prepared or its layers added
+        self._shown = threading.Event()  # the output's layers are shown: the run goes on
         self._refreshed = 0.0
         self.estimate_button.changed.connect(self.estimate)
         self.start_button.changed.connect(self.start)
@@ -294,8 +332,8 @@ class FullRunWidget(Container):
         self.result = None
         self.last_event = None
         self._opened = []
-        self._opening = False
-        self._t0 = time.perf_counter()
+        self._opening = True  # until the output's layers are shown
+        self._shown = threading.Event()
         self.worker = start_worker(
             run_full,
             model,
@@ -303,6 +341,7 @@ class FullRunWidget(Container):
             out,
             scheduler=scheduler,
             cluster=cluster,
+            shown=self._shown,
             on_event=self._on_event,
             on_done=self._on_done,
             progress=self.progress,
@@ -314,76 +353,64 @@ class FullRunWidget(Container):
 
     @property
     def opening(self) -> bool:
-        """Whether the output's layers are being opened (off the GUI thread)."""
+        """Whether a started run's output is being prepared or its layers added (the run
+        proper starts once they are shown)."""
         return self._opening
 
     def cancel(self) -> None:
         """Cancel the run (the output keeps the chunks written; Start resumes)."""
         self.progress.cancel()
+        self._shown.set()  # a worker waiting for the layers goes on to its cancellation
 
     # -- progress ------------------------------------------------------------------------
     @staticmethod
     def _describe(ev: Any) -> str:
+        if isinstance(ev, OutputReady):
+            return f"{ev.stage}..."
         eta = f", ETA {ev.eta_s:.0f} s" if ev.eta_s is not None else ""
         resumed = f" ({ev.chunks_resumed} resumed)" if ev.chunks_resumed else ""
         return f"{ev.stage}: chunks {ev.chunks_done}/{ev.chunks_total}{resumed}{eta}"
 
     def _on_event(self, ev: Any) -> None:
+        if isinstance(ev, OutputReady):  # before the run: no layer is added while it runs
+            self._add_output(ev.layers)
+            return
         self.last_event = ev
         self.progress.bar.setRange(0, max(ev.chunks_total, 1))
         self.progress.bar.setValue(ev.chunks_done)
         if ev.tiles_computed and ev.elapsed_s > 0:
             self.rate = ev.tiles_computed / ev.elapsed_s
-        if not (Path(ev.out) / "labels").exists():  # not created yet
-            return
-        if not self._opened and not self._opening:
-            self._open_output(ev.out)
-        elif not self._opening and time.perf_counter() - self._refreshed > REFRESH_S:
+        if self._opened and time.perf_counter() - self._refreshed > REFRESH_S:
             self._refresh_output()
 
-    def _open_output(self, out: Path) -> None:
-        """Open the output's layers off the GUI thread (zarr opens, contrast sample), then
-        add them one per event-loop turn (lazy: dask arrays over the zarr being written)."""
-        self._opening = True
-
-        def job(path: str) -> Iterator[Any]:
-            return output_layers(path)
-            yield  # a generator for start_worker
-
-        def failed(_exc: BaseException) -> None:
-            self._opening = False
-
-        start_worker(job, str(out), on_done=self._add_output, on_error=failed)
-
     def _add_output(self, items: list[tuple[Any, dict, str]]) -> None:
-        """Add (or, on a resumed run, re-point) the first output layer not yet shown; the
-        rest on the next turns of the event loop (napari's add_layer: ~0.3 s each)."""
+        """Add (or, on a resumed run, re-point) the first output layer not yet shown, the
+        rest on the next turns of the event loop (napari's add_layer: ~0.3 s each); then
+        let the run go on."""
         from napari.layers import Layer
 
         if not items:
             self._opening = False
             self._refreshed = time.perf_counter()
+            self._shown.set()
             return
         (data, meta, kind), rest = items[0], items[1:]
-        if meta["name"] in self.viewer.layers:  # a resumed run: reuse the layer
-            layer = self.viewer.layers[meta["name"]]
-            layer.data = data
-        else:
-            layer = self.viewer.add_layer(Layer.create(data, meta, kind))
-        self._opened.append(layer)
+        try:
+            if meta["name"] in self.viewer.layers:  # a resumed run: reuse the layer
+                layer = self.viewer.layers[meta["name"]]
+                layer.data = data
+            else:
+                layer = self.viewer.add_layer(Layer.create(data, meta, kind))
+            self._opened.append(layer)
+        except Exception as exc:  # the run goes on without this layer
+            log.exception("could not show %s", meta["name"])
+            notify_error(f"could not show {meta['name']!r} ({exc}); the run goes on")
         QTimer.singleShot(1, lambda: self._add_output(rest))
 
     def _refresh_output(self, layers: list[Any] | None = None) -> None:
-        """Redraw the output layers, one per event-loop turn, so new chunks show.
-
-        napari caches dask chunks by task key, and the zarr arrays behind the layers keep
-        their keys as chunks land: the cache is cleared so the chunks written since are
-        read again (only the chunks on screen, when each layer redraws).
-        """
-        from napari.utils import resize_dask_cache
-
+        """Redraw the output layers, one per event-loop turn, so new chunks show (the
+        layers are uncached: only the chunks on screen are read again)."""
         if layers is None:
-            resize_dask_cache().cache.clear()
             layers = list(self._opened)
             self._refreshed = time.perf_counter()
         if layers:
@@ -393,12 +420,12 @@ class FullRunWidget(Container):
 
     def _on_done(self, out: Any) -> None:
         self.result = Path(out)
-        if self._opened and not self._opening:
+        if self._opened:  # the last chunks and the pyramid
             self._refresh_output()
-        elif not self._opening:  # too quick to have opened while running
-            self._open_output(self.result)
         notify_info(f"prediction written to {out}")
 
     def _finished(self) -> None:
         self.worker = None
+        self._opening = False
+        self._shown.set()
         self.start_button.enabled = True

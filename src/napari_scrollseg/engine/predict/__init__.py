@@ -24,6 +24,7 @@ from napari_scrollseg.engine.predict.volume import (
     PredictProgress,
     iter_predict_volume,
     predict_volume,
+    prepare_output,
 )
 
 __all__ = [
@@ -39,5 +40,6 @@ __all__ = [
     "iter_tiles",
     "predict_region",
     "predict_volume",
+    "prepare_output",
     "run_tiles",
 ]

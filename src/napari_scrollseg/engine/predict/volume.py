@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PredictProgress", "iter_predict_volume", "predict_volume"]
+__all__ = ["PredictProgress", "iter_predict_volume", "predict_volume", "prepare_output"]
 
 
 @dataclass(frozen=True)
@@ -342,6 +342,32 @@ def iter_predict_volume(
     session, model_ref, owned = _session_for(model, cfg, client)
     try:
         return (yield from _iter_run(session, model_ref, volume, out, cfg, client))
+    finally:
+        if owned:
+            session.close()
+
+
+def prepare_output(
+    model: str | os.PathLike | Predictor,
+    volume: str | os.PathLike | Volume,
+    out: str | os.PathLike,
+    config: PredictConfig | None = None,
+    **options: Any,
+) -> Path:
+    """Check a run's inputs and create its output before the run: every array and pyramid
+    level (unwritten chunks read as 0), the provenance and the state folder, so a viewer
+    can open the output first. :func:`iter_predict_volume` with the same arguments then
+    fills it (it resumes into the prepared store). An output already holding this run is
+    left as it is. Arguments as :func:`iter_predict_volume` (``overwrite`` replaces the
+    output here: run without it then). Returns the output path.
+    """
+    cfg = (config or PredictConfig()).replace(**options) if options else config or PredictConfig()
+    session, model_ref, owned = _session_for(model, cfg, None)
+    try:
+        run = _check(session, model_ref, volume, out, cfg)
+        _fingerprints(run, cfg)
+        _open_output(session, run, cfg)
+        return run.out
     finally:
         if owned:
             session.close()
