@@ -431,26 +431,22 @@ class LivePredictor:
         return blocks, [grid.tiles_intersecting(b) for b in blocks]
 
     def estimate(self, box: Any, level: int | None = None) -> Estimate:
-        """Tiles a request for ``box`` would touch, find cached and run (no forward pass)."""
+        """Tiles a request for ``box`` would touch, find cached and run (no forward pass;
+        the region's own plan, looking the cache up without using it)."""
+        from napari_scrollseg.engine.predict.region import block_keys, plan_tiles
+
         lv = self.level() if level is None else level
         box = _as_box(box, self.shape(lv))
-        _, tiles_of = self._plan(box, lv)
+        blocks, tiles_of = self._plan(box, lv)
         prefix = self._prefix(lv)
-        seen: set[tuple[int, ...]] = set()
-        cached = to_run = capped_to = 0
+        keys = block_keys(prefix, blocks)
+        whole = plan_tiles(self.cache.peek, prefix, tiles_of, keys, None)
         cap = self.options.max_tiles
-        for tiles in tiles_of:
-            new = [t for t in tiles if t not in seen]
-            seen.update(new)
-            miss = sum(1 for t in new if (*prefix, t) not in self.cache)
-            cached += len(new) - miss
-            if cap is None or capped_to + miss <= cap or not capped_to:
-                capped_to += miss  # the first block runs whatever the cap
-            else:
-                cap = capped_to  # a block over the cap stops the request there
-            to_run += miss
-        seconds = capped_to / self.rate if self.rate else None
-        return Estimate(len(seen), cached, to_run, capped_to, seconds)
+        capped = whole if cap is None else plan_tiles(self.cache.peek, prefix, tiles_of, keys, cap)
+        seconds = len(capped.to_run) / self.rate if self.rate else None
+        return Estimate(
+            whole.tiles_total, whole.tiles_cached, len(whole.to_run), len(capped.to_run), seconds
+        )
 
     # -- requests -----------------------------------------------------------------------
     def submit(self, box: Any, level: int | None = None) -> LiveRequest:

@@ -43,6 +43,12 @@ class TileCache:
         with self._lock:
             return key in self._items
 
+    def peek(self, key: Hashable) -> np.ndarray | None:
+        """The stored array for ``key``, or None, without counting a hit or a miss or
+        marking it used (to plan a request)."""
+        with self._lock:
+            return self._items.get(key)
+
     def get(self, key: Hashable) -> np.ndarray | None:
         """The stored array for ``key`` (marked as recently used), or None."""
         with self._lock:

@@ -106,24 +106,30 @@ class _Plan:
     tiles_capped: int
 
 
-def _plan(
-    cache: TileCache | None,
+def block_keys(prefix: tuple, blocks: Sequence[Box]) -> list[tuple]:
+    """The tile cache's keys of blocks' whole answers."""
+    return [(*prefix, "block", tuple((s.start, s.stop) for s in b)) for b in blocks]
+
+
+def plan_tiles(
+    lookup: Callable[[tuple], np.ndarray | None] | None,
     prefix: tuple,
     tiles_of: list[list[tuple[int, ...]]],
     block_keys: list[tuple] | None,
     max_tiles: int | None,
-    add: Callable[[tuple[int, ...], np.ndarray], None],
+    add: Callable[[tuple[int, ...], np.ndarray], None] | None = None,
 ) -> _Plan:
-    """Look the blocks' answers and tiles up in the cache (``add`` sums each tile hit),
-    nearest block first; stop at the first block past ``max_tiles`` (the first block with
-    tiles to run runs whatever the cap)."""
+    """Look the blocks' answers and tiles up (``lookup``: the cache's ``get``, or
+    ``peek`` to plan without using it; ``add`` sums each tile hit), nearest block first;
+    stop at the first block past ``max_tiles`` (the first block with tiles to run runs
+    whatever the cap)."""
     whole, pending = [], []
     summed: set[tuple[int, ...]] = set()
     served: set[tuple[int, ...]] = set()  # tiles of blocks answered whole
     to_run: dict[tuple[int, ...], None] = {}  # ordered: nearest block first
     n_cached, capped = 0, False
     for i, tiles in enumerate(tiles_of):
-        answer = cache.get(block_keys[i]) if cache is not None and block_keys else None
+        answer = lookup(block_keys[i]) if lookup is not None and block_keys else None
         if answer is not None:  # panning back: the block's answer, no tile needed
             whole.append((i, answer))
             new = [t for t in tiles if t not in summed and t not in to_run and t not in served]
@@ -134,11 +140,12 @@ def _plan(
         for t in tiles:
             if t in summed or t in to_run:
                 continue
-            hit = cache.get((*prefix, t)) if cache is not None else None
+            hit = lookup((*prefix, t)) if lookup is not None else None
             if hit is None:
                 miss.append(t)
             else:
-                add(t, hit)
+                if add is not None:
+                    add(t, hit)
                 summed.add(t)
                 n_cached += t not in served
         if max_tiles is not None and len(to_run) + len(miss) > max_tiles and to_run:
@@ -220,17 +227,13 @@ def iter_predict_region(
     by_block = blocks is not None
     blocks = [_as_box(b, tuple(arr.shape[1:])) for b in blocks] if by_block else [box]
     tiles_of = [grid.tiles_intersecting(b) for b in blocks]
-    block_keys = (
-        [(*prefix, "block", tuple((s.start, s.stop) for s in b)) for b in blocks]
-        if by_block
-        else None
-    )
+    keys = block_keys(prefix, blocks) if by_block else None
     logit_sum = np.zeros((model.n_classes, *(b.stop - b.start for b in box)), np.float32)
-    plan = _plan(
-        cache,
+    plan = plan_tiles(
+        cache.get if cache is not None else None,
         prefix,
         tiles_of,
-        block_keys,
+        keys,
         max_tiles,
         lambda t, hit: _add_tile(logit_sum, t, patch, hit, box),
     )
@@ -262,8 +265,8 @@ def iter_predict_region(
                 acc += out[(slice(None), *local)].cpu().numpy()
             weights = weight_sum(grid, b, gmap)
             probs, labels = _finalize_into(acc, weights, data_mask(grid.data, b))
-            if block_keys and cache is not None:
-                cache.put(block_keys[i], np.concatenate([probs, labels[None].astype(np.float32)]))
+            if keys and cache is not None:
+                cache.put(keys[i], np.concatenate([probs, labels[None].astype(np.float32)]))
         n_done += 1
         if not by_block:
             answer = (probs, labels)
