@@ -258,6 +258,31 @@ def test_bad_form_values_are_one_message_each(widget, dataset, messages):
     assert not widget.running
 
 
+def test_fine_tuning_fields_reach_the_training(widget, dataset, tmp_path, messages):
+    """Fine-tune from a checkpoint at another learning rate: both reach ``train``'s
+    options (the fields the CLI's ``--pretrained-weights``/``--learning-rate`` set)."""
+    import inspect
+
+    from napari_scrollseg.engine.train import train
+
+    widget.dataset.value = dataset["raw"]
+    options = widget.options()
+    assert options["pretrained_weights"] is None  # empty fields: from scratch, nnU-Net's rate
+    assert options["learning_rate"] is None
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    checkpoint.write_bytes(b"")
+    widget.pretrained.value = checkpoint
+    widget.learning_rate.value = "0.001"
+    options = widget.options()
+    assert options["pretrained_weights"] == checkpoint
+    assert options["learning_rate"] == 0.001
+    inspect.signature(train).bind(options.pop("dataset_dir"), **options)  # train takes them
+    widget.learning_rate.value = "fast"
+    widget.train_button.clicked()
+    assert messages == ["error: learning rate must be a number above 0 (e.g. 0.001), got 'fast'"]
+    assert not widget.running
+
+
 @pytest.mark.slow
 def test_closing_napari_while_training_can_stop_it(widget, dataset, qtbot, messages):
     widget.dataset.value = dataset["raw"]

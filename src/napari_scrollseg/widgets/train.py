@@ -103,6 +103,19 @@ class TrainWidget(QWidget):
         self.iterations = SpinBox(label="iterations / epoch", value=250, min=1, max=100_000)
         self.small = CheckBox(text="small network for CPU", value=False)
         self.validate = CheckBox(text="validate each fold (Dice per class)", value=True)
+        self.pretrained = FileEdit(
+            label="fine-tune from",
+            mode="r",
+            filter="*.pth",
+            nullable=True,
+            value=None,
+            tooltip="a checkpoint to start from (nnU-Net's -pretrained_weights); empty: scratch",
+        )
+        self.learning_rate = LineEdit(
+            label="learning rate",
+            value="",
+            tooltip="empty: nnU-Net's 0.01; e.g. 0.001 to fine-tune",
+        )
         self.train_button = PushButton(text="Train")
         self.resume_button = PushButton(text="Resume")
         self.form = Container(
@@ -116,6 +129,8 @@ class TrainWidget(QWidget):
                 self.iterations,
                 self.small,
                 self.validate,
+                self.pretrained,
+                self.learning_rate,
                 Container(
                     widgets=[self.train_button, self.resume_button],
                     layout="horizontal",
@@ -185,7 +200,27 @@ class TrainWidget(QWidget):
             "num_processes": 1 if small else 2,
             "da_processes": 0 if small else None,
             "nice": NICE,
+            "pretrained_weights": self._pretrained(),
+            "learning_rate": self._learning_rate(),
         }
+
+    def _pretrained(self) -> Path | None:
+        value = self.pretrained.value
+        return None if value is None or str(value) in ("", ".") else Path(value)
+
+    def _learning_rate(self) -> float | None:
+        text = str(self.learning_rate.value).strip()
+        if not text:
+            return None
+        try:
+            rate = float(text)
+        except ValueError:
+            rate = 0.0
+        if not rate > 0:
+            raise ScrollsegError(
+                f"learning rate must be a number above 0 (e.g. 0.001), got {text!r}"
+            )
+        return rate
 
     # -- running ---------------------------------------------------------------------------
     @property
