@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -244,3 +245,22 @@ def test_plans_json_is_untouched(tiny_model_3d):
     before = json.loads((tiny_model_3d / "plans.json").read_text())
     load_model(tiny_model_3d, device="cpu")
     assert json.loads((tiny_model_3d / "plans.json").read_text()) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux wheels' layout")
+def test_preload_torch_loads_libtorch_before_the_import() -> None:
+    """``load_model`` first loads libtorch with the GIL released (a viewer's GUI thread runs
+    meanwhile); the import of torch then uses those libraries."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from napari_scrollseg.engine.model import preload_torch\n"
+        "preload_torch()\n"
+        "assert 'torch' not in sys.modules\n"
+        "maps = Path('/proc/self/maps').read_text()\n"
+        "assert 'libtorch_cpu.so' in maps, 'not preloaded'\n"
+        "import torch\n"
+        "assert float(torch.ones(2).sum()) == 2.0\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)

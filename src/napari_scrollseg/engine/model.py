@@ -65,6 +65,37 @@ _MODELS: weakref.WeakValueDictionary[tuple, LoadedModel] = weakref.WeakValueDict
 _MODELS_LOCK = threading.Lock()
 
 
+# -- torch's shared libraries ---------------------------------------------------------------
+def preload_torch() -> None:
+    """Load libtorch's shared libraries with Python's GIL released, before ``import torch``.
+
+    CPython's import, and ``ctypes.CDLL``, call ``dlopen`` holding the GIL: libtorch's load
+    (0.4-0.9 s here) stalls every other Python thread, napari's GUI included. The C
+    library's ``dlopen`` called through a ctypes function pointer releases the GIL; the
+    import that follows finds the libraries loaded. Best effort (Linux wheels' layout):
+    anything not found is left to the import.
+    """
+    import importlib.util
+    import sys
+
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or spec.origin is None:
+            return
+        import ctypes
+
+        dlopen = ctypes.CDLL(None).dlopen
+        dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+        lib = Path(spec.origin).parent / "lib"
+        for name in ("libc10.so", "libtorch_cpu.so", "libtorch.so"):  # the last: CUDA's too
+            if (lib / name).is_file() and not dlopen(str(lib / name).encode(), os.RTLD_NOW):
+                return  # the import will say what is missing
+    except (OSError, AttributeError, ValueError):  # pragma: no cover - unusual layouts
+        log.debug("preloading torch's libraries failed", exc_info=True)
+
+
 # -- devices --------------------------------------------------------------------------------
 def choose_device(device: str | None = None) -> torch.device:
     """The torch device to run on: ``device`` if given, else CUDA, else MPS, else CPU."""
@@ -551,6 +582,7 @@ def load_model(
     """
     from napari_scrollseg.engine.builtin import builtin_models, resolve_model
 
+    preload_torch()  # a viewer's GUI thread keeps running while libtorch loads
     p = resolve_model(path)
     if not p.exists():
         raise ScrollsegError(
