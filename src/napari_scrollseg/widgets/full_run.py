@@ -373,7 +373,10 @@ class FullRunWidget(Container):
 
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, OutputReady):  # before the run: no layer is added while it runs
-            self._add_output(ev.layers)
+            if self.worker is None or self.worker.abort_requested:  # cancelled meanwhile
+                self._shown.set()
+            else:
+                self._add_output(ev.layers)
             return
         self.last_event = ev
         self.progress.bar.setRange(0, max(ev.chunks_total, 1))
