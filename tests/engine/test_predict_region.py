@@ -388,6 +388,7 @@ def test_finalize_on_the_device_equals_finalize(device: str) -> None:
     data = np.ones(weights.shape, bool)
     data[:, :2] = False  # outside the nonzero box
     probs, labels = finalize(acc.copy(), weights, data=data)
+    np.testing.assert_array_equal(labels, probs.argmax(0))  # the first maximum, as numpy's
     probs8 = np.rint(probs * 255).astype(np.uint8)
     t = [torch.from_numpy(a).to(device) for a in (acc, weights, data)]
     for fn in (finalize_torch, finalize_uint8):

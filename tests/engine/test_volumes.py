@@ -431,3 +431,36 @@ def test_volume_contract_fields():
     assert vol.level_spacing(1) == (2.0, 4.0, 6.0)  # from the shape ratio
     assert "path:     mem" in describe(vol)
     assert "size:     1.5 KiB of voxels, unknown" in describe(vol)
+
+
+def test_chunk_cache_serves_boxes_decoding_each_chunk_once(tmp_path, monkeypatch):
+    """Prediction's box reads (``read_box``) equal zarr's, decode a chunk once while it
+    is cached (one zarr read for all the chunks a box misses) and stay within the bound."""
+    from napari_scrollseg.engine import volumes
+
+    data = np.random.default_rng(0).integers(0, 255, (20, 30, 40), dtype=np.uint8)
+    omezarr.write_image(tmp_path / "v.zarr", data, spacing=(1.0, 1.0, 1.0), chunks=(8, 8, 8))
+    direct = volumes.direct_array(open_volume(tmp_path / "v.zarr").data)
+    cache = volumes.ChunkCache(16 * 8**3)  # chunks of 512 bytes: 16 of them fit
+    reads = []
+    real = volumes.read_block
+    monkeypatch.setattr(volumes, "read_block", lambda a, k, s: reads.append(k) or real(a, k, s))
+
+    box = (slice(3, 12), slice(5, 14), slice(30, 40))  # 2 x 2 x 2 chunks, one at the edge
+    np.testing.assert_array_equal(direct.read_box(box, cache), data[box])
+    assert len(reads) == 1
+    np.testing.assert_array_equal(direct.read_box(box, cache), data[box])
+    assert len(reads) == 1  # all cached
+    near = (slice(3, 12), slice(10, 20), slice(30, 40))  # 4 of its 8 chunks are cached
+    np.testing.assert_array_equal(direct.read_box(near, cache), data[near])
+    assert reads[-1] == (slice(0, 16), slice(16, 24), slice(24, 40))  # the missing ones only
+    for z in range(0, 20, 5):  # a sweep: the bound holds, the answers stay right
+        for y in range(0, 30, 7):
+            b = (slice(z, z + 6), slice(y, y + 9), slice(0, 40))
+            np.testing.assert_array_equal(direct.read_box(b, cache), data[b])
+    assert 0 < cache.held <= cache.max_bytes
+    n = len(reads)
+    assert pickle.loads(pickle.dumps(direct)).token != direct.token  # another process's own
+    assert pickle.loads(pickle.dumps(cache)).held == 0  # a worker's cache starts empty
+    assert direct.read_box(box).shape == (9, 9, 10)  # no cache: zarr directly
+    assert len(reads) == n + 1

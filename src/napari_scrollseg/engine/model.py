@@ -46,6 +46,8 @@ from napari_scrollseg.engine.volumes import as_czyx
 if TYPE_CHECKING:
     import torch
 
+    from napari_scrollseg.engine.volumes import ChunkCache
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -416,6 +418,7 @@ class LoadedModel:
         *,
         bbox: Box | None = None,
         normalizer: Callable[[np.ndarray], np.ndarray] | None = None,
+        cache: ChunkCache | None = None,
     ) -> Callable[[Box], np.ndarray]:
         """``read(box)``: the normalised ``(c, *box)`` input as nnU-Net's network sees it.
 
@@ -423,6 +426,8 @@ class LoadedModel:
         ``box`` leaves the volume (negative or past-the-end coordinates are fine). One dask
         compute per call. Pass ``bbox`` (``grid.data``) and ``normalizer`` computed once
         elsewhere (e.g. on a dask.distributed driver) to skip the whole-volume reductions.
+        ``cache`` (:func:`~napari_scrollseg.engine.volumes.input_cache`) keeps decoded zarr
+        chunks for the next reads.
         """
         from napari_scrollseg.engine.volumes import check_finite, direct_array, read_block
 
@@ -440,9 +445,9 @@ class LoadedModel:
             if direct is None:
                 raw = read_block(arr, (slice(None), *inter), source)
             elif direct.ndim == 3:
-                raw = direct[tuple(inter)][None]
+                raw = direct.read_box(tuple(inter), cache)[None]
             else:
-                raw = direct[(slice(None), *inter)]
+                raw = direct.read_box((slice(0, direct.shape[0]), *inter), cache)
             check_finite(raw, [i.start for i in inter], source)
             dst = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box))
             out[(slice(None), *dst)] = norm(raw)

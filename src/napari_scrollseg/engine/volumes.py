@@ -17,13 +17,17 @@ computed: one zarr chunk, one TIFF slice or one HDF5 block at a time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import re
+import threading
 import time
+import uuid
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -657,14 +661,140 @@ def _from_zarr(arr: zarr.Array, source: str) -> da.Array:
 
 
 class _CheckedZarr:
-    """A zarr array whose reads raise one clear error for a damaged or unreachable chunk."""
+    """A zarr array whose reads raise one clear error for a damaged or unreachable chunk.
+
+    :meth:`read_box` with a :class:`ChunkCache` (a prediction run's reader) serves boxes
+    from decoded chunks: neighbouring boxes decode each chunk once instead of once per
+    box. Indexing (dask's reads) reads zarr directly."""
 
     def __init__(self, array: zarr.Array, source: str) -> None:
         self.array, self.source = array, source
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.token = uuid.uuid4().hex  # this open array's entries in the cache
 
     def __getitem__(self, key: Any) -> np.ndarray:
         return read_block(self.array, key, self.source)
+
+    def read_box(self, key: tuple[slice, ...], cache: ChunkCache | None = None) -> np.ndarray:
+        """``self[key]``, through ``cache`` when given and its chunks are small enough."""
+        box = _plain_box(key, self.shape)
+        if cache is None or box is None or not cache.fits(self.chunk_bytes):
+            return read_block(self.array, key, self.source)
+        return cache.read(self, box)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return math.prod(self.chunks) * self.dtype.itemsize
+
+    def __getstate__(self) -> dict:  # another process: a new token (its own cache)
+        return {k: v for k, v in self.__dict__.items() if k != "token"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, token=uuid.uuid4().hex)
+
+
+def _plain_box(key: Any, shape: Sequence[int]) -> tuple[slice, ...] | None:
+    """``key`` as one in-bounds, non-empty ``slice(start, stop)`` per axis, else None."""
+    if not isinstance(key, tuple) or len(key) != len(shape):
+        return None
+    box = []
+    for k, n in zip(key, shape):
+        if not isinstance(k, slice) or k.step not in (None, 1):
+            return None
+        start, stop, _ = k.indices(int(n))
+        if start >= stop:
+            return None
+        box.append(slice(start, stop))
+    return tuple(box)
+
+
+class ChunkCache:
+    """Decoded zarr chunks, least recently used first out, within ``max_bytes``.
+
+    One per prediction run (:func:`input_cache` sizes it), read through
+    :meth:`_CheckedZarr.read_box`; keys hold the array's token. A miss reads the box of
+    all the missing chunks of a read in one zarr call (remote stores fetch them
+    concurrently). Thread-safe; a chunk two threads miss at once is decoded twice, never
+    served half-written. Pickled (for a dask.distributed worker) it arrives empty."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.held = 0
+        self._chunks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple:
+        return (ChunkCache, (self.max_bytes,))
+
+    def fits(self, chunk_bytes: int) -> bool:
+        """Whether chunks of this size are cached (at most a sixteenth of the bound)."""
+        return 0 < chunk_bytes * 16 <= self.max_bytes
+
+    def read(self, arr: _CheckedZarr, box: tuple[slice, ...]) -> np.ndarray:
+        """``arr[box]`` assembled from cached chunks, reading the missing ones first."""
+        ranges = [range(b.start // c, (b.stop - 1) // c + 1) for b, c in zip(box, arr.chunks)]
+        found: dict[tuple, np.ndarray] = {}
+        with self._lock:
+            for index in itertools.product(*ranges):
+                chunk = self._chunks.get((arr.token, index))
+                if chunk is not None:
+                    self._chunks.move_to_end((arr.token, index))
+                    found[index] = chunk
+        missing = [i for i in itertools.product(*ranges) if i not in found]
+        if missing:
+            found.update(self._load(arr, missing))
+        out = np.empty(tuple(b.stop - b.start for b in box), arr.dtype)
+        for index, chunk in found.items():
+            lo = [i * c for i, c in zip(index, arr.chunks)]
+            src, dst = [], []
+            for b, o, n in zip(box, lo, chunk.shape):
+                a, z = max(b.start, o), min(b.stop, o + n)
+                src.append(slice(a - o, z - o))
+                dst.append(slice(a - b.start, z - b.start))
+            out[tuple(dst)] = chunk[tuple(src)]
+        return out
+
+    def _load(self, arr: _CheckedZarr, missing: list[tuple]) -> dict[tuple, np.ndarray]:
+        """Read the chunks ``missing`` (one zarr read of their box) and cache them."""
+        lo = [min(i[a] for i in missing) * c for a, c in enumerate(arr.chunks)]
+        hi = [
+            min((max(i[a] for i in missing) + 1) * c, n)
+            for a, (c, n) in enumerate(zip(arr.chunks, arr.shape))
+        ]
+        block = read_block(arr.array, tuple(slice(a, b) for a, b in zip(lo, hi)), arr.source)
+        loaded = {}
+        for index in missing:
+            start = [i * c - o for i, c, o in zip(index, arr.chunks, lo)]
+            box = tuple(slice(a, a + c) for a, c in zip(start, arr.chunks))
+            loaded[index] = block[box].copy()  # its own memory: the block is not kept
+        with self._lock:
+            for index, chunk in loaded.items():
+                key = (arr.token, index)
+                old = self._chunks.pop(key, None)
+                self.held += chunk.nbytes - (0 if old is None else old.nbytes)
+                self._chunks[key] = chunk
+            while self.held > self.max_bytes and self._chunks:
+                self.held -= self._chunks.popitem(last=False)[1].nbytes
+        return loaded
+
+
+def input_cache(
+    volume: Volume, block: Sequence[int], patch: Sequence[int], *, cap: int = 1 << 30
+) -> ChunkCache | None:
+    """A :class:`ChunkCache` for a sweep of ``block``-sized reads (plus a ``patch`` of
+    overlap) over a zarr ``volume`` in C order: room for two rows of blocks along the
+    last axis (whole chunks), so the next block and the next row find their shared
+    chunks decoded; it grows with one axis of the volume only, up to ``cap``. None for
+    volumes that are not zarr."""
+    direct = direct_array(getattr(volume, "data", None))
+    if direct is None:
+        return None
+    chunks, shape = direct.chunks[-3:], direct.shape[-3:]
+    depth = [(math.ceil((b + p) / c) + 1) * c for b, p, c in zip(block, patch, chunks)]
+    row = depth[0] * depth[1] * (math.ceil(shape[2] / chunks[2]) * chunks[2])
+    channels = direct.shape[0] if direct.ndim == 4 else 1
+    return ChunkCache(min(2 * row * channels * direct.dtype.itemsize, cap))
 
 
 def direct_array(data: Any) -> Any:

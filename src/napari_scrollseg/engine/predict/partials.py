@@ -1,13 +1,13 @@
 """Partial sums of a whole-volume run: in memory within a budget, on disk past it.
 
-A block task leaves its weighted logit sum (over its extended box, a torch tensor) for
-the up to 2^3 chunks that read it. On one machine it stays in memory as one piece per
-reading chunk, each freed as soon as its chunk has read it (on the device where the
-budget fits its free memory, else host RAM), while the bytes held fit the run's budget
-(:func:`budget`, computed from the chunk and patch sizes, so memory is flat in the
-volume size); past it a sum is spilled to ``.scrollseg/partial/<block>.npy``
-(temporary name, then renamed). Pickled for a dask.distributed worker, a store is
-disk-only: files on shared storage are the exchange between workers. A sum lost with
+A block task leaves its weighted logit sums for the up to 2^3 chunks that read it, as one
+*piece* per reading chunk (the part of the chunk its tiles touch, a torch tensor summed
+there directly). On one machine the pieces stay in memory, each freed as soon as its
+chunk has read it (on the device where the budget fits its free memory, else host RAM),
+while the bytes held fit the run's budget (:func:`budget`, computed from the chunk and
+patch sizes, so memory is flat in the volume size); past it a block's pieces are
+spilled to ``.scrollseg/partial/<block>.npz`` (temporary name, then renamed). Pickled
+for a dask.distributed worker, a store is disk-only: files on shared storage are the exchange between workers. A sum lost with
 its process (kill -9) is simply computed again by the rerun.
 """
 
@@ -74,35 +74,30 @@ class PartialSums:
                 return True
         return Path(path).exists()
 
-    def put(self, path: str, array: Any, pieces: Mapping[str, tuple[slice, ...]]) -> bool:
-        """Keep the ``pieces`` of ``array`` (a tensor) that its readers need (each reader's
-        name: the spatial slices it reads) in memory if they fit the budget, else write the
-        whole array; True if written. Each piece is a copy, freed when its reader takes it
-        (:meth:`take`): a block's sum is not held whole until its last reader has run."""
-        sizes = {n: math.prod(s.stop - s.start for s in sl) for n, sl in pieces.items()}
-        nbytes = array.shape[0] * sum(sizes.values()) * array.element_size()
+    def put(self, path: str, pieces: Mapping[str, Any]) -> bool:
+        """Keep a block's ``pieces`` (each reader's name: its tensor) in memory if they fit
+        the budget, else write them to ``path``; True if written. A held piece is freed
+        when its reader takes it (:meth:`take`)."""
+        nbytes = sum(p.numel() * p.element_size() for p in pieces.values())
         with self._lock:
             fits = self.held_bytes + nbytes <= self.budget
             if fits:
                 self.held_bytes += nbytes
         if fits:
-            held = {
-                n: array[(slice(None), *sl)].to(self.device, copy=True) for n, sl in pieces.items()
-            }
+            held = {n: p.to(self.device) for n, p in pieces.items()}
             with self._lock:
                 self._held[path] = held
             return False
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp.npy")
-        np.save(tmp, array.cpu().numpy())
+        tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp.npz")
+        np.savez(tmp, **{n: p.cpu().numpy() for n, p in pieces.items()})
         os.replace(tmp, target)
         return True
 
-    def take(self, path: str, name: str, src: tuple[slice, ...]) -> tuple[Any, bool]:
-        """Reader ``name``'s piece (``src`` of the sum) and whether it came from disk: from
-        memory the piece, which is then freed; from disk a memory-mapped view (the file
-        stays until :meth:`drop`)."""
+    def take(self, path: str, name: str) -> tuple[Any, bool]:
+        """Reader ``name``'s piece and whether it came from disk: from memory the tensor,
+        which is then freed; from disk a numpy array (the file stays until :meth:`drop`)."""
         with self._lock:
             held = self._held.get(path)
             piece = None if held is None else held.pop(name, None)
@@ -112,7 +107,8 @@ class PartialSums:
                     del self._held[path]
         if piece is not None:
             return piece, False
-        return np.load(path, mmap_mode="r")[(slice(None), *src)], True
+        with np.load(path) as saved:
+            return saved[name], True
 
     def drop(self, path: str) -> None:
         """Forget a sum every reader has consumed (what is left of it in memory, or its file)."""

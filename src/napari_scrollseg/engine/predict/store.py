@@ -3,7 +3,7 @@ lock, done markers and partial sums, the pyramid.
 
 An output is an OME-Zarr (probabilities, ``labels/prediction``) with its provenance in
 the ``scrollseg`` attributes; ``OUT.zarr/.scrollseg/`` holds the run's state: ``done/<chunk>``
-markers (empty files, written to a temporary name then renamed), ``partial/<block>.npy``
+markers (empty files, written to a temporary name then renamed), ``partial/<block>.npz``
 partial sums and a ``lock`` file that keeps two live runs off one output.
 """
 
@@ -44,8 +44,8 @@ def marker_path(state: Path, index: Sequence[int]) -> Path:
 
 
 def partial_path(state: Path, index: Sequence[int]) -> Path:
-    """The partial sum file of a block."""
-    return state / "partial" / f"{key(index)}.npy"
+    """The partial sums file of a block (its pieces, by reading chunk)."""
+    return state / "partial" / f"{key(index)}.npz"
 
 
 def config_hash(config: dict) -> str:

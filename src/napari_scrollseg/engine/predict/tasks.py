@@ -1,8 +1,10 @@
 """The tasks of a whole-volume run (picklable: they travel to dask.distributed workers).
 
-A block task runs its tiles once and leaves their gaussian-weighted logit sum over its
-extended box in the run's :class:`~.partials.PartialSums` (memory within a budget on one
-machine, else a file); a chunk task adds the partial sums overlapping it, divides by the
+A block task runs its tiles once and adds their gaussian-weighted logits straight into one
+piece per chunk that reads it (the part of the chunk its tiles touch), left in the run's
+:class:`~.partials.PartialSums` (memory within a budget on one machine, else a file); a
+chunk task adds its pieces in its fixed order of source blocks (the sum does not depend on
+which block finished first, so a rerun gives the same bits), divides by the
 weight sum (analytic; with a mask, the weights of the tiles that ran), writes the uint8
 probabilities and the argmax labels as whole zarr chunks, then its done marker, and drops
 the partials all their readers have consumed (a piece held in memory is freed as soon as
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from napari_scrollseg.engine.predict.plan import Plan
     from napari_scrollseg.engine.predict.session import ModelRef, Predictor
     from napari_scrollseg.engine.tiling import Grid
-    from napari_scrollseg.engine.volumes import Volume
+    from napari_scrollseg.engine.volumes import ChunkCache, Volume
 
 Span = tuple[int, int]
 
@@ -66,6 +68,7 @@ class Job:
     run: str = ""  # unique per run: keys the output arrays opened once per process
     partials: PartialSums = field(default_factory=PartialSums)  # disk only unless budgeted
     cancel: CancelEvent = field(default_factory=CancelEvent)  # set: block tasks stop early
+    inputs: ChunkCache | None = None  # decoded input chunks shared by neighbouring blocks
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,32 @@ def _check_cancel(job: Job) -> None:
         raise Cancelled
 
 
+def _piece_box(box: tuple[Span, ...], ext: tuple[Span, ...]) -> tuple[slice, ...]:
+    """The part of a chunk ``box`` that a block with extended box ``ext`` touches (volume
+    coordinates): where the block's piece for that chunk lies."""
+    return tuple(slice(max(c0, e0), min(c1, e1)) for (c0, c1), (e0, e1) in zip(box, ext))
+
+
+def _with_weights(
+    piece: Any, box: tuple[slice, ...], tiles: Sequence[tuple[int, ...]], patch: tuple[int, ...]
+) -> Any:
+    """``piece`` with one more channel: the summed gaussian weights of ``tiles`` in ``box``."""
+    import torch
+
+    from napari_scrollseg.engine.tiling import tile_overlap
+
+    weights = np.zeros(tuple(piece.shape[1:]), dtype=np.float32)
+    gmap = _weights(patch)
+    for t in tiles:
+        ov = tile_overlap(t, patch, box)
+        if ov is not None:
+            weights[ov[1]] += gmap[ov[0]]
+    return torch.cat([piece, torch.from_numpy(weights[None]).to(piece.device)])
+
+
 def run_block(job: Job, spec: BlockSpec) -> dict:
-    """Run a block's tiles once; save their weighted logit sum over its extended box.
+    """Run a block's tiles once; leave their weighted logit sums, one piece per chunk
+    still to read them (:func:`_piece_box`), in ``job.partials``.
 
     A cancelled run (``job.cancel``) stops it between two tile batches, keeping nothing
     (:class:`~.schedule.Cancelled`): a rerun computes the block again."""
@@ -194,10 +221,8 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
     _check_cancel(job)
     import dask
-    import torch
 
-    from napari_scrollseg.engine.predict.tiles import iter_tiles, prefetch
-    from napari_scrollseg.engine.tiling import tile_overlap
+    from napari_scrollseg.engine.predict.tiles import iter_tile_sums, prefetch
 
     session = _session(job)
     stats = session.stats
@@ -218,23 +243,24 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     # prefetch: read + normalise the union of the tiles outside the device lock, with the
     # driver's bbox and normaliser (workers do no whole-volume reductions); the read runs
     # in this task's thread (parallelism comes from tasks, not nested thread pools)
-    read_all = model.reader(volume, bbox=job.grid.data, normalizer=normalize)
+    read_all = model.reader(volume, bbox=job.grid.data, normalizer=normalize, cache=job.inputs)
     t0 = time.perf_counter()
     with dask.config.set(scheduler="synchronous"):
         read = prefetch(read_all, tiles, patch)
     stats.add("read", time.perf_counter() - t0 - spent[0])
     stats.add("normalize", spent[0])
 
-    out_box = tuple(slice(a, b) for a, b in spec.ext)
+    names = [name for name, _ in spec.readers]
+    boxes = [_piece_box(box, spec.ext) for _, box in spec.readers]
     with session.lock:  # one block on the device at a time: bounded device memory
         _check_cancel(job)
         t0, net0 = time.perf_counter(), stats.seconds["network"]
-        logits = None
-        batches = iter_tiles(  # the sum stays on the device
+        sums: list = []
+        batches = iter_tile_sums(  # the sums stay on the device
             session,
             read,
             [tuple(t) for t in tiles],
-            out_box=out_box,
+            out_boxes=boxes,
             mirror=job.mirror,
             batch_size=job.batch_size,
             half=job.half,
@@ -242,22 +268,16 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
         with contextlib.closing(batches):
             for _, running in batches:
                 _check_cancel(job)  # between two batches: a cancel waits for one batch only
-                logits = running
+                sums = running
         # the session's lock keeps other blocks' network time out of this difference
         stats.add("accumulate", time.perf_counter() - t0 - (stats.seconds["network"] - net0))
-    with stats.time("accumulate"):
-        part = logits
-        if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
-            weights = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
-            gmap = _weights(tuple(patch))
-            for t in tiles:  # the extended box holds every tile of the block whole
-                src, dst = tile_overlap(t, patch, out_box)
-                weights[dst] += gmap[src]
-            part = torch.cat([logits, torch.from_numpy(weights[None]).to(logits.device)])
+    if job.mask is not None:  # tiles were skipped: the weights of the run ones are needed
+        with stats.time("accumulate"):
+            sums = [_with_weights(s, box, tiles, patch) for s, box in zip(sums, boxes)]
     with stats.time("partial_write"):
-        pieces = {name: _overlap(box, spec.ext)[0] for name, box in spec.readers}
-        if job.partials.put(spec.partial, part, pieces):
-            stats.count("partial_bytes_written", part.numel() * part.element_size())
+        pieces = dict(zip(names, sums))
+        if job.partials.put(spec.partial, pieces):
+            stats.count("partial_bytes_written", sum(p.numel() * 4 for p in sums))
         stats.peak(job.partials.held_bytes)
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
 
@@ -298,21 +318,26 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     session = _session(job)
     stats, device = session.stats, session.device
     shape = tuple(b - a for a, b in spec.box)
-    acc = torch.zeros((job.n_classes, *shape), dtype=torch.float32, device=device)
-    weights = (
-        torch.zeros(shape, dtype=torch.float32, device=device) if job.mask is not None else None
-    )
+    channels = job.n_classes + (job.mask is not None)  # the weights last, with a mask
+    acc = None
     with stats.time("partial_read"):
-        for block in spec.blocks:
-            src, dst = _overlap(spec.box, block.ext)
-            piece, from_disk = job.partials.take(block.partial, file_key(spec.index), src)
+        for block in spec.blocks:  # in the chunk's fixed order: the same sum on every run
+            piece, from_disk = job.partials.take(block.partial, file_key(spec.index))
             if from_disk:
-                piece = torch.from_numpy(np.ascontiguousarray(piece))
+                piece = torch.from_numpy(np.array(piece))  # writable: it may become ``acc``
                 stats.count("partial_bytes_read", piece.numel() * 4)
             piece = piece.to(device)
-            acc[(slice(None), *dst)] += piece[: job.n_classes]
-            if weights is not None:
-                weights[tuple(dst)] += piece[job.n_classes]
+            dst = _overlap(spec.box, block.ext)[1]
+            if acc is None and tuple(piece.shape[1:]) == shape:
+                acc = piece  # the first piece covers the chunk: it is the sum so far
+                continue
+            if acc is None:
+                acc = torch.zeros((channels, *shape), dtype=torch.float32, device=device)
+            acc[(slice(None), *dst)] += piece
+    if acc is None:  # no tile touched the chunk (a mask skipped them all)
+        acc = torch.zeros((channels, *shape), dtype=torch.float32, device=device)
+    weights = acc[job.n_classes] if job.mask is not None else None
+    acc = acc[: job.n_classes]
     with stats.time("finalize"):
         if weights is None:  # read-only, shared: never written to
             weights = _as_tensor(_weight_sum(job.grid, spec.box), device)

@@ -1,7 +1,7 @@
 """Run tiles of the global grid through a model, and turn summed logits into an answer.
 
-:func:`iter_tiles` (and :func:`run_tiles`, which drains it) is the one place tiles go
-through the network: it sums gaussian-weighted logits of some tiles of the global grid
+:func:`iter_tile_sums` (behind :func:`iter_tiles` and :func:`run_tiles`) is the one place
+tiles go through the network: it sums gaussian-weighted logits of some tiles of the global grid
 inside an output box, so callers can add partial sums from different tiles (overlap-add)
 and divide by :func:`~napari_scrollseg.engine.tiling.weight_sum` at the end
 (:func:`finalize`).
@@ -30,6 +30,7 @@ __all__ = [
     "finalize",
     "finalize_uint8",
     "grid_patch",
+    "iter_tile_sums",
     "iter_tiles",
     "prefetch",
     "run_tiles",
@@ -55,18 +56,36 @@ def iter_tiles(
     tiles: Sequence[tuple[int, ...]],
     *,
     out_box: Box,
-    mirror: bool = True,
-    batch_size: int = 4,
-    half: bool | None = None,
-    tta: str | None = None,
-    blend: str = "gaussian",
-    on_tile: Callable[[tuple[int, ...], Any], None] | None = None,
+    **options: Any,
 ) -> Iterator[tuple[int, Any]]:
     """Run ``tiles`` batch by batch, yielding ``(tiles_done, sum)`` after each batch.
 
     ``sum`` is the float32 ``(n_classes, *out_box shape)`` tensor of weighted logits so
     far, kept on the model's device. Closing the generator stops before the next batch.
     Arguments as :func:`run_tiles` (which documents the options).
+    """
+    for done, sums in iter_tile_sums(model, read, tiles, out_boxes=[out_box], **options):
+        yield done, sums[0]
+
+
+def iter_tile_sums(
+    model: LoadedModel | Predictor,
+    read: Callable[[Box], np.ndarray],
+    tiles: Sequence[tuple[int, ...]],
+    *,
+    out_boxes: Sequence[Box],
+    mirror: bool = True,
+    batch_size: int = 4,
+    half: bool | None = None,
+    tta: str | None = None,
+    blend: str = "gaussian",
+    on_tile: Callable[[tuple[int, ...], Any], None] | None = None,
+) -> Iterator[tuple[int, list[Any]]]:
+    """:func:`iter_tiles` into several output boxes at once: each tile's weighted logits
+    are added straight into the part of every box it overlaps (no sum over a box holding
+    them all). Yields ``(tiles_done, sums)``, one float32 tensor per box in ``out_boxes``
+    order. Each box's sum adds the tiles in ``tiles`` order: the result does not depend
+    on the other boxes.
     """
     import torch
 
@@ -79,11 +98,12 @@ def iter_tiles(
     if hasattr(model, "batch_for"):  # a session: what fits the device's free memory
         batch_size = model.batch_for(batch_size)
     patch = grid_patch(lm)
-    out = torch.zeros(
-        (lm.n_classes, *(b.stop - b.start for b in out_box)),
-        dtype=torch.float32,
-        device=lm.device,
-    )
+    outs = [
+        torch.zeros(
+            (lm.n_classes, *(b.stop - b.start for b in box)), dtype=torch.float32, device=lm.device
+        )
+        for box in out_boxes
+    ]
     gmap_t = torch.from_numpy(weight_map(patch, blend).copy()).to(lm.device)
     tiles = list(tiles)
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
@@ -107,15 +127,19 @@ def iter_tiles(
             for tile, tile_logits in zip(batch, logits):
                 if on_tile is not None:
                     weighted = tile_logits * gmap_t
-                    _add_tile(out, tile, patch, weighted, out_box)
+                    for out, box in zip(outs, out_boxes):
+                        _add_tile(out, tile, patch, weighted, box)
                     on_tile(tile, weighted)
                     continue
-                ov = tile_overlap(tile, patch, out_box)
-                if ov is not None:  # in place: no weighted temporary
-                    src, dst = ov
-                    out[(slice(None), *dst)].addcmul_(tile_logits[(slice(None), *src)], gmap_t[src])
+                for out, box in zip(outs, out_boxes):
+                    ov = tile_overlap(tile, patch, box)
+                    if ov is not None:  # in place: no weighted temporary
+                        src, dst = ov
+                        out[(slice(None), *dst)].addcmul_(
+                            tile_logits[(slice(None), *src)], gmap_t[src]
+                        )
             done += len(batch)
-            yield done, out
+            yield done, outs
 
 
 def run_tiles(
@@ -247,17 +271,23 @@ def label_dtype(n_classes: int) -> type:
 
 def _argmax0(probs: np.ndarray) -> np.ndarray:
     """``argmax(probs, axis=0)`` (the first maximum) as :func:`label_dtype`, by one
-    comparison per class: numpy's argmax over the outer axis is strided and slow."""
+    comparison per class without branches (numpy's argmax over the outer axis is strided,
+    a boolean-mask assignment mispredicts on noisy maps: both are far slower)."""
     n = probs.shape[0]
     dtype = label_dtype(n)
     if n > 16:
         return np.argmax(probs, axis=0).astype(dtype)
-    labels = np.zeros(probs.shape[1:], dtype)
-    best = probs[0].copy()
+    shape = probs.shape[1:]
+    labels = np.zeros(shape, dtype)
+    top = probs[0].copy()
+    better = np.empty(shape, bool)
+    step = np.empty(shape, dtype)
     for c in range(1, n):
-        better = probs[c] > best
-        labels[better] = c
-        np.maximum(best, probs[c], out=best)
+        np.greater(probs[c], top, out=better)
+        np.maximum(top, probs[c], out=top)
+        np.subtract(dtype(c), labels, out=step)  # labels += better * (c - labels)
+        np.multiply(step, better.view(np.uint8), out=step)
+        labels += step
     return labels
 
 

@@ -50,6 +50,7 @@ from napari_scrollseg.engine.predict.schedule import (
 from napari_scrollseg.engine.predict.session import ModelRef, Predictor
 from napari_scrollseg.engine.predict.tasks import Job, build_graph, source_of
 from napari_scrollseg.engine.safe_write import run_lock
+from napari_scrollseg.engine.volumes import input_cache
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.tiling import Grid
@@ -221,6 +222,7 @@ def _iter_run(
             run=uuid.uuid4().hex,
             partials=PartialSums(held, place(session.device, held)),
             cancel=cancel,
+            inputs=None if client is not None else input_cache(run.vol, cfg.chunks, grid.patch),
         )
         done = {c.index for c in the_plan.chunks if store.marker_path(run.state, c.index).exists()}
         pending = [c.index for c in the_plan.chunks if c.index not in done]
