@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --system
 .venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/ruff format --check src tests benchmarks scripts
-exec xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m pytest "$@"
+# two workers (SCROLLSEG_TEST_WORKERS), each test file on one worker so its module
+# fixtures (trained models, fetched scans) are built once; most tests keep one core busy
+workers="${SCROLLSEG_TEST_WORKERS:-2}"
+exec xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
