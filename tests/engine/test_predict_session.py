@@ -116,6 +116,7 @@ def test_a_whole_volume_pass_stops_when_its_generator_is_closed():
 
     import dask.array as da
 
+    from napari_scrollseg.engine.dask_compute import compute
     from napari_scrollseg.engine.predict.schedule import iter_in_thread
     from napari_scrollseg.engine.progress import drive
 
@@ -129,7 +130,7 @@ def test_a_whole_volume_pass_stops_when_its_generator_is_closed():
         return block
 
     arr = da.zeros((200, 4), chunks=(1, 4)).map_blocks(slow, dtype=float)
-    gen = iter_in_thread(lambda: float(arr.sum().compute(scheduler="sync")), every=0.01)
+    gen = iter_in_thread(lambda: float(compute(arr.sum(), scheduler="sync")[0]), every=0.01)
     assert next(gen) is None  # still running
     started.wait(5)
     gen.close()
