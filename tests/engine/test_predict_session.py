@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -12,9 +16,12 @@ from tests.engine.conftest import blocky_volume
 BOX = ((2, 12), (0, 30), (0, 27))
 
 
-def _dask_tasks():
-    """A dask callback counting the tasks run while it is active (``.n``)."""
+@contextlib.contextmanager
+def _dask_tasks() -> Iterator[Any]:
+    """A dask callback counting the tasks this thread's engine computes run (``.n``)."""
     from dask.callbacks import Callback
+
+    from napari_scrollseg.engine.dask_compute import thread_callbacks
 
     class Count(Callback):
         def __init__(self) -> None:
@@ -24,7 +31,9 @@ def _dask_tasks():
         def _pretask(self, key, dsk, state):
             self.n += 1
 
-    return Count()
+    count = Count()
+    with thread_callbacks(count):
+        yield count
 
 
 def test_region_request_closed_after_its_first_batch_stops(tiny_model_3d):
