@@ -132,3 +132,35 @@ def test_engine_computes_skip_the_local_callbacks_argument_on_a_distributed_clie
     assert total == 10
     with dask.config.set(scheduler="sync"), thread_callbacks(Callback()):
         assert compute(da.ones(4, chunks=2).sum()) == (4,)
+
+
+def test_a_thread_scheduler_is_this_threads_only():
+    from napari_scrollseg.engine.dask_compute import compute, thread_scheduler
+
+    def threads_used(arr: da.Array) -> set[int]:
+        def ident(block: np.ndarray) -> np.ndarray:
+            return np.full(block.shape, threading.get_ident())
+
+        return set(np.unique(compute(arr.map_blocks(ident, dtype=np.int64))[0]).tolist())
+
+    arr = da.zeros(8, chunks=1)
+    inside, outside, done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, set[int]] = {}
+
+    def worker() -> None:  # overlaps the main thread's compute, as full-run blocks do
+        with thread_scheduler("synchronous"):
+            inside.set()
+            assert outside.wait(WAIT)
+            seen["worker"] = threads_used(arr)
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(WAIT)
+    seen["main"] = threads_used(arr)  # threaded, while the worker's default is synchronous
+    outside.set()
+    thread.join(WAIT)
+    assert done.is_set()
+    assert seen["worker"] == {thread.ident}
+    assert threading.get_ident() not in seen["main"]  # ran on the thread pool
+    assert dask.config.get("scheduler", None) is None  # nothing global changed
