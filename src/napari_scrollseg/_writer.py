@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
@@ -212,11 +213,11 @@ def _write_tiff(
 def _planes(array: np.ndarray | da.Array) -> Iterator[np.ndarray]:
     """The 2D planes of ``array``, computing a dask array one z-slab at a time."""
     if array.ndim == 2:
-        yield np.asarray(array)
+        yield to_numpy(array)
         return
     plane_bytes = max(1, int(np.prod(array.shape[1:])) * np.dtype(array.dtype).itemsize)
     step = max(1, _SLAB_BYTES // plane_bytes)
     for z0 in range(0, array.shape[0], step):
         slab = array[z0 : z0 + step]
-        slab = np.asarray(slab.compute() if hasattr(slab, "compute") else slab)
+        slab = to_numpy(slab)
         yield from slab

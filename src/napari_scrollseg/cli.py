@@ -55,7 +55,9 @@ def _dask_progress():
         return contextlib.nullcontext()
     from dask.diagnostics import ProgressBar
 
-    return ProgressBar(minimum=2, dt=0.5, out=sys.stderr)
+    from napari_scrollseg.engine.dask_compute import thread_callbacks
+
+    return thread_callbacks(ProgressBar(minimum=2, dt=0.5, out=sys.stderr))
 
 
 class _Lines:

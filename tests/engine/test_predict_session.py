@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -12,9 +16,12 @@ from tests.engine.conftest import blocky_volume
 BOX = ((2, 12), (0, 30), (0, 27))
 
 
-def _dask_tasks():
-    """A dask callback counting the tasks run while it is active (``.n``)."""
+@contextlib.contextmanager
+def _dask_tasks() -> Iterator[Any]:
+    """A dask callback counting the tasks this thread's engine computes run (``.n``)."""
     from dask.callbacks import Callback
+
+    from napari_scrollseg.engine.dask_compute import thread_callbacks
 
     class Count(Callback):
         def __init__(self) -> None:
@@ -24,7 +31,9 @@ def _dask_tasks():
         def _pretask(self, key, dsk, state):
             self.n += 1
 
-    return Count()
+    count = Count()
+    with thread_callbacks(count):
+        yield count
 
 
 def test_region_request_closed_after_its_first_batch_stops(tiny_model_3d):
@@ -116,6 +125,7 @@ def test_a_whole_volume_pass_stops_when_its_generator_is_closed():
 
     import dask.array as da
 
+    from napari_scrollseg.engine.dask_compute import compute
     from napari_scrollseg.engine.predict.schedule import iter_in_thread
     from napari_scrollseg.engine.progress import drive
 
@@ -129,7 +139,7 @@ def test_a_whole_volume_pass_stops_when_its_generator_is_closed():
         return block
 
     arr = da.zeros((200, 4), chunks=(1, 4)).map_blocks(slow, dtype=float)
-    gen = iter_in_thread(lambda: float(arr.sum().compute(scheduler="sync")), every=0.01)
+    gen = iter_in_thread(lambda: float(compute(arr.sum(), scheduler="sync")[0]), every=0.01)
     assert next(gen) is None  # still running
     started.wait(5)
     gen.close()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from napari_scrollseg.engine.colors import IGNORE_COLOR, TRANSPARENT, label_colormap, palette_color
+from napari_scrollseg.engine.dask_compute import compute, to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.volumes import read_block, volume_parts
 
@@ -779,7 +780,7 @@ class AnnotationStore:
             if cid is not None and cid not in self.classes.ids():
                 raise ScrollsegError(f"class {cid} is not in the table {self.classes.ids()}")
         if threshold_from == "slice":
-            thresholds = _otsu_of(np.asarray(data[z]), len(bands))
+            thresholds = _otsu_of(to_numpy(data[z]), len(bands))
         elif threshold_from == "volume":
             thresholds = volume_thresholds(data, len(bands), max_blocks=max_blocks)
         else:
@@ -788,7 +789,7 @@ class AnnotationStore:
             )
         filled = 0
         for zi in range(z, z_stop):
-            plane = np.asarray(data[zi])
+            plane = to_numpy(data[zi])
             band = np.digitize(plane, thresholds, right=True)  # 0 dark .. n-1 bright
             current = self[zi]
             free = current == UNLABELED
@@ -849,7 +850,6 @@ def volume_thresholds(
     data: Any, n_bands: int = 2, *, max_blocks: int = 256, bins: int = 1024
 ) -> list[float]:
     """Otsu (2 bands) or multi-Otsu thresholds of a volume from sampled blocks' histogram."""
-    import dask
     import dask.array as da
     from skimage.filters import threshold_multiotsu, threshold_otsu
 
@@ -862,11 +862,11 @@ def volume_thresholds(
         lo, hi = float(np.iinfo(arr.dtype).min), float(np.iinfo(arr.dtype).max) + 1
         bins = int(hi - lo)
     else:
-        mins, maxs = dask.compute([b.min() for b in blocks], [b.max() for b in blocks])
+        mins, maxs = compute([b.min() for b in blocks], [b.max() for b in blocks])
         lo, hi = float(min(mins)), float(max(maxs))
         if hi <= lo:
             raise ScrollsegError("the volume is uniform: Otsu needs at least two grey levels")
-    hists = dask.compute(*[da.histogram(b, bins=bins, range=(lo, hi))[0] for b in blocks])
+    hists = compute(*[da.histogram(b, bins=bins, range=(lo, hi))[0] for b in blocks])
     counts = np.sum(hists, axis=0)
     edges = np.linspace(lo, hi, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
@@ -962,6 +962,6 @@ def annotations_from_prediction(
     step = slab or store.chunks[0]
     for z in range(box[0].start, box[0].stop, step):
         part = (slice(z, min(z + step, box[0].stop)), *box[1:])
-        store[part] = np.asarray(labels[part])
+        store[part] = to_numpy(labels[part])
         store.save()
     return store

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import compute, to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
@@ -111,17 +112,15 @@ def sample(levels: Array | Sequence[Array], max_voxels: int = SAMPLE_VOXELS) -> 
     if not _is_dask(arr):
         values = np.asarray(arr)
     elif arr.size <= max_voxels:
-        values = np.asarray(arr.compute())
+        values = to_numpy(arr)
     else:
-        import dask
-
         picks = sorted(
             {
                 tuple(round(float(t) * (n - 1)) for n in arr.numblocks)
                 for t in np.linspace(0.2, 0.8, _SAMPLE_BLOCKS)
             }
         )
-        blocks = dask.compute(*(arr.blocks[idx] for idx in picks))
+        blocks = compute(*(arr.blocks[idx] for idx in picks))
         values = np.concatenate([np.asarray(b).ravel() for b in blocks])
     values = values.ravel()
     if values.size > max_voxels:
@@ -202,7 +201,7 @@ def map_max(levels: Array | Sequence[Array], max_voxels: int = SAMPLE_VOXELS) ->
     else the maximum of a bounded :func:`sample` (coarsest level or a few blocks)."""
     finest = levels[0] if isinstance(levels, list | tuple) else levels
     if not _is_dask(finest) or finest.size <= max_voxels:
-        return float(np.asarray(finest).max()) if finest.size else 0.0
+        return float(to_numpy(finest).max()) if finest.size else 0.0
     values = sample(levels, max_voxels)
     return float(values.max()) if values.size else 0.0
 
@@ -372,9 +371,7 @@ def save_png(arr: Array, path: str | Path, region: tuple[slice | int, ...] | Non
     from PIL import Image
 
     part = arr[region] if region is not None else arr
-    if _is_dask(part):
-        part = part.compute()
-    part = np.asarray(part)
+    part = to_numpy(part)
     if part.ndim != 2:
         raise ScrollsegError(
             f"the region to save must be 2D, got shape {part.shape}: give a slice index for "

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_scrollseg.engine.annotations import ClassTable, _writable, ignore_value
+from napari_scrollseg.engine.dask_compute import compute, to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.safe_write import partial_dir, swap_in, tidy
 from napari_scrollseg.engine.volumes import as_czyx, volume_parts
@@ -563,7 +564,7 @@ def _scan_labels(lab: da.Array, ign: int) -> tuple[list[int], tuple[slice, ...] 
         )
         for idx in np.ndindex(*lab.numblocks)
     ]
-    results = dask.compute(*tasks)
+    results = compute(*tasks)
     values = sorted({int(v) for vals, _ in results for v in vals})
     lo, hi = [None] * 3, [None] * 3
     for _, spans in results:
@@ -585,9 +586,8 @@ def _crop_box(bbox: tuple[slice, ...], margins: tuple[int, ...], shape: Sequence
 
 
 def _minmax(image: da.Array) -> dict[str, float]:
-    import dask
 
-    lo, hi = dask.compute(image.min(), image.max())
+    lo, hi = compute(image.min(), image.max())
     return {"min": float(lo), "max": float(hi)}
 
 
@@ -615,7 +615,7 @@ def _label_lut(k: int, dtype: np.dtype) -> np.ndarray:
 
 def _image_slab(case: _Case, channel: int, z0: int, z1: int, norm: str) -> np.ndarray:
     _, ys, xs = case.crop
-    slab = np.asarray(case.image[channel, z0:z1, ys, xs])
+    slab = to_numpy(case.image[channel, z0:z1, ys, xs])
     if norm == "rescale_to_0_1":
         lo, hi = case.norm_params["min"], case.norm_params["max"]
         return ((slab.astype(np.float32) - lo) / max(hi - lo, 1e-8)).astype(np.float32)
@@ -627,7 +627,7 @@ def _image_slab(case: _Case, channel: int, z0: int, z1: int, norm: str) -> np.nd
 def _label_slab(case: _Case, z0: int, z1: int, lut: np.ndarray | None, k: int) -> np.ndarray:
     _, ys, xs = case.crop
     lab = case.labels[slice(z0, z1), ys, xs]
-    lab = np.asarray(lab.compute() if hasattr(lab, "compute") else lab)
+    lab = to_numpy(lab)
     if lut is not None:
         return lut[lab]
     out = np.full(lab.shape, k, np.uint8 if k < 255 else np.uint16)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def phantom_cases(
         path = Path(folder) / f"seed{seed}_ink{contrast:g}.zarr"
         if not path.exists():
             write_phantom(path, shape, seed=seed, ink_contrast=contrast)
-        truth = np.asarray(open_volume(path).labels["truth"][0])
+        truth = to_numpy(open_volume(path).labels["truth"][0])
         labels = truth if n_slices is None else sparse_slices(truth, n_slices=n_slices)
         cases.append((path, labels))
     return cases

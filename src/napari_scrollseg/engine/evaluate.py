@@ -108,6 +108,7 @@ def evaluate(
 
     from napari_scrollseg.engine.annotations import ignore_value
     from napari_scrollseg.engine.config import parse_roi
+    from napari_scrollseg.engine.dask_compute import compute, thread_callbacks
 
     p, p_names = _label_array(pred, prefer=PREDICTION_LABELS)
     t, t_names = _label_array(truth, prefer=None)
@@ -136,8 +137,8 @@ def evaluate(
             progress(done[0], len(parts))
 
     counts: dict[tuple[int, int], int] = {}
-    with Callback(posttask=counted):
-        results = dask.compute(*parts, **kwargs)
+    with thread_callbacks(Callback(posttask=counted)):
+        results = compute(*parts, **kwargs)
     for part in results:
         for key, n in part.items():
             pair = (key >> 32, key & 0xFFFFFFFF)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.volumes import URL_PATTERN
 
@@ -84,7 +85,7 @@ def _samples(data: Any, n: int = SAMPLES) -> str:
     h = hashlib.sha256()
     for flat in picks:
         idx = np.unravel_index(flat, data.numblocks)
-        block = np.ascontiguousarray(np.asarray(data.blocks[tuple(int(i) for i in idx)]))
+        block = np.ascontiguousarray(to_numpy(data.blocks[tuple(int(i) for i in idx)]))
         h.update(f"{flat}:{block.shape}:{block.dtype}:".encode())
         h.update(hashlib.sha256(block.tobytes()).digest())
     return h.hexdigest()

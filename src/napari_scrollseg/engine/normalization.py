@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import compute
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -62,7 +64,6 @@ def nonzero_bbox(arr: Any, source: str = "the volume") -> Box:
     any channel is nonzero. One dask reduction. An all-zero volume gives the whole volume.
     (nnU-Net fills holes in the mask first; that cannot change the box.) Float volumes
     with NaN or infinite voxels are refused in the same pass, naming ``source``."""
-    import dask
     import dask.array as da
 
     nz = (arr != 0).any(axis=0)
@@ -72,11 +73,11 @@ def nonzero_bbox(arr: Any, source: str = "the volume") -> Box:
 
         bad = (~da.isfinite(arr)).any(axis=0)
         spans = [bad.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)]
-        got = dask.compute(*projections, bad.sum(), *spans)
+        got = compute(*projections, bad.sum(), *spans)
         check_all_finite(int(got[3]), got[4:], source)
         projections = got[:3]
     else:
-        projections = dask.compute(*projections)
+        projections = compute(*projections)
     box = []
     for p, n in zip(projections, arr.shape[1:]):
         idx = np.flatnonzero(p)
@@ -90,8 +91,6 @@ def volume_stats(
     """Per channel, the whole-volume statistics its scheme needs over ``bbox`` (one dask
     compute): ``mean``/``std`` for zscore (inside the nonzero mask with ``use_mask``),
     ``min``/``max`` for rescale, nothing for the others."""
-    import dask
-
     todo: dict[tuple[int, str], Any] = {}
     for c, scheme in enumerate(schemes):
         x = arr[(c, *bbox)].astype(np.float64)
@@ -108,7 +107,7 @@ def volume_stats(
                 todo[(c, "mean")], todo[(c, "std")] = x.mean(), x.std()
         elif scheme == "RescaleTo01Normalization":
             todo[(c, "min")], todo[(c, "max")] = x.min(), x.max()
-    values = dict(zip(todo, dask.compute(*todo.values()))) if todo else {}
+    values = dict(zip(todo, compute(*todo.values()))) if todo else {}
     stats: list[dict[str, float]] = []
     for c in range(len(schemes)):
         d = {k: float(v) for (cc, k), v in values.items() if cc == c}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import store
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.safe_write import check_replaceable
 
@@ -354,7 +355,7 @@ def write_image(
         group = create_labels(labels_of, name, colors=label_colors, names=label_names, **common)
     else:
         group = create_image(path, **common)
-    da.store(darr.rechunk(group["0"].chunks), group["0"], lock=False)
+    store(darr.rechunk(group["0"].chunks), group["0"], lock=False)
     write_pyramid(group, reduction=reduction)
     return group
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
@@ -265,7 +266,7 @@ def check_geometry(volume: Volume) -> None:
 def read_block(arr: Any, index: tuple, source: str) -> np.ndarray:
     """``np.asarray(arr[index])``, a damaged chunk or lost connection as one clear error."""
     try:
-        return np.asarray(arr[index])
+        return to_numpy(arr[index])
     except ScrollsegError:
         raise
     except Exception as exc:  # codecs, zarr, tifffile, h5py, fsspec raise their own types

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def mask_filter(
                 f"the mask {tuple(mshape)} is larger than the volume {tuple(volume_shape)}; "
                 "give a mask of the volume's shape or a coarser level of it"
             )
-    nz = np.asarray(data != 0) if not hasattr(data, "compute") else (data != 0).compute()
+    nz = to_numpy(data != 0)
     sat = np.pad(nz.astype(np.int64), [(1, 0)] * nz.ndim)
     for a in range(nz.ndim):
         sat = np.cumsum(sat, axis=a)
@@ -75,9 +76,7 @@ def mask_region(mask: Volume, box: tuple[Span, ...], shape: Sequence[int]) -> np
     lo = [int(i[0]) for i in idx]
     hi = [int(i[-1]) + 1 for i in idx]
     region = mdata[(..., *(slice(a, b) for a, b in zip(lo, hi)))]
-    region = np.asarray(
-        region.compute(scheduler="synchronous") if hasattr(region, "compute") else region
-    )
+    region = to_numpy(region, scheduler="synchronous")
     if region.ndim > len(shape):
         region = region.reshape(-1, *region.shape[-len(shape) :]).any(axis=0)
     return region[np.ix_(*(i - o for i, o in zip(idx, lo)))] != 0

@@ -220,10 +220,13 @@ def iter_in_thread(
     """Run ``fn()`` in a thread, yielding ``beat()`` every ``every`` seconds until it
     returns; the generator's value is ``fn()``'s.
 
-    Closing the generator stops ``fn``'s dask computations at their next task (raising
-    inside that thread) and waits for the thread.
+    Closing the generator stops ``fn``'s dask computations (made through
+    :mod:`~napari_scrollseg.engine.dask_compute`) at their next task, raising inside that
+    thread, and waits for the thread.
     """
     from dask.callbacks import Callback
+
+    from napari_scrollseg.engine.dask_compute import thread_callbacks
 
     cancel = threading.Event()
     result: dict[str, Any] = {}
@@ -235,7 +238,7 @@ def iter_in_thread(
 
     def target() -> None:
         try:
-            with _Stop():
+            with thread_callbacks(_Stop()):
                 result["value"] = fn()
         except BaseException as exc:  # handed to the caller
             result["error"] = exc

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_scrollseg.engine.dask_compute import thread_scheduler
 from napari_scrollseg.engine.predict.mask import mask_region
 from napari_scrollseg.engine.predict.partials import PartialSums
 from napari_scrollseg.engine.predict.schedule import CancelEvent, Cancelled
@@ -220,8 +221,6 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     if job.partials.has(spec.partial):  # computed earlier (an interrupted run's file)
         return {"block": spec.index, "tiles": len(spec.tiles), "computed": 0}
     _check_cancel(job)
-    import dask
-
     from napari_scrollseg.engine.predict.tiles import iter_tile_sums, prefetch
 
     session = _session(job)
@@ -245,7 +244,7 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     # in this task's thread (parallelism comes from tasks, not nested thread pools)
     read_all = model.reader(volume, bbox=job.grid.data, normalizer=normalize, cache=job.inputs)
     t0 = time.perf_counter()
-    with dask.config.set(scheduler="synchronous"):
+    with thread_scheduler("synchronous"):  # not dask.config.set: that is every thread's
         read = prefetch(read_all, tiles, patch)
     stats.add("read", time.perf_counter() - t0 - spent[0])
     stats.add("normalize", spent[0])
