@@ -7,7 +7,8 @@ into ``src/napari_scrollseg/data/models/phantom-tiny/``.
 
 Several ``--shapes`` (each used with every seed) let the model see the phantom at
 sizes where patches of pure air far from the scroll occur (e.g. ``64x128x128
-32x384x384``); ``--pretrained`` fine-tunes an existing model (its
+32x512x512``, or a wide field of view such as ``32x256x1024``, where a quarter of
+the patches are pure air); ``--pretrained`` fine-tunes an existing model (its
 ``checkpoint_final.pth``) instead of training from scratch.
 
     .venv/bin/python scripts/train_builtin_model.py --work /tmp/builtin [--install]

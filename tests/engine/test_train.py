@@ -54,6 +54,81 @@ def test_sparse_bbox_keeps_the_centre_inside_small_images():
         assert all(a <= v < b for v, a, b in zip(voxel, lo, hi))
 
 
+def _anchor_labels(tmp_path, sparse: bool, force_fg: bool, n: int = 2000) -> dict:
+    """Labels of the anchor voxels that our loader (and stock nnU-Net's) pick on one case
+    saved as nnU-Net preprocesses it (blosc2 files, nnU-Net's own location sampling).
+
+    Papyrus (1) fills the annotated slices but for an 8 x 8 corner of background (0)
+    and a 6 x 6 ink (2) square: background is 1.6 % of the annotated voxels. Sparse:
+    three annotated z-slices, the rest ignore (3). A 1-voxel patch is its own anchor.
+    """
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from napari_scrollseg.nnunet_trainers.sparse import SparseDataLoader
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    labels = {"background": 0, "papyrus": 1, "ink": 2} | ({"ignore": 3} if sparse else {})
+    lm = LabelManager(labels, None)
+    seg = np.full((1, 16, 64, 64), 3 if sparse else 1, np.int8)
+    for z in (2, 8, 13) if sparse else range(16):
+        seg[0, z] = 1
+        seg[0, z, :8, :8] = 0
+        seg[0, z, 30:36, 30:36] = 2
+    wanted = [*lm.foreground_labels] + ([[-1, *lm.all_labels]] if sparse else [])
+    props = {"class_locations": DefaultPreprocessor._sample_foreground_locations(seg, wanted)}
+    data = np.random.default_rng(0).normal(size=seg.shape).astype(np.float32)
+    blocks = dict(chunks=(1, 16, 64, 64), blocks=(1, 8, 32, 32))
+    nnUNetDatasetBlosc2.save_case(
+        data,
+        seg,
+        props,
+        str(tmp_path / "case_000"),
+        **blocks,
+        chunks_seg=(1, 16, 64, 64),
+        blocks_seg=(1, 8, 32, 32),
+    )
+    ds = nnUNetDatasetBlosc2(str(tmp_path))
+    np.random.seed(0)
+    out = {}
+    for name, cls in (("stock", nnUNetDataLoader), ("ours", SparseDataLoader)):
+        dl = cls(ds, 2, (1, 1, 1), (1, 1, 1), lm, oversample_foreground_percent=0.0)
+        _, _, _, case = dl._data.load_case("case_000")
+        got = [
+            seg[0][tuple(dl.get_bbox(seg.shape[1:], force_fg, case["class_locations"])[0])]
+            for _ in range(n)
+        ]
+        out[name] = {v: float(np.mean(np.array(got) == v)) for v in range(4)}
+    return out
+
+
+def test_sparse_sampler_anchors_on_background_as_on_any_other_class(tmp_path):
+    """Sparse labels: background (nnU-Net's label 0, e.g. air far from a scroll) is one of
+    the four equally likely anchors (background, papyrus, ink, any annotated voxel).
+    Stock nnU-Net only anchors on any annotated voxel, so on background at its share."""
+    got = _anchor_labels(tmp_path, sparse=True, force_fg=False)
+    print(got)
+    share = 64 / (64 * 64)  # background among the annotated voxels
+    assert got["stock"][0] < 3 * share  # ~1.6 %: background is rarely under a patch
+    assert 0.21 < got["ours"][0] < 0.30  # 1/4 + share/4
+    assert 0.21 < got["ours"][2] < 0.30  # ink as before: 1/4 + its share/4
+    assert got["ours"][3] == 0  # never on an ignore voxel
+
+
+def test_sampler_keeps_nnunet_semantics_for_forced_and_dense_patches(tmp_path):
+    """Forced-foreground patches never anchor on background; dense labels get no
+    background key (their random patches are mostly background already)."""
+    forced = _anchor_labels(tmp_path / "forced", sparse=True, force_fg=True)
+    assert forced["ours"][0] == forced["ours"][3] == 0
+    assert 0.4 < forced["ours"][2] < 0.6  # papyrus or ink, as nnU-Net
+    dense = _anchor_labels(tmp_path / "dense", sparse=False, force_fg=False, n=1500)
+    # a third each: papyrus, ink, a random patch (background at its share of the image)
+    assert 0.28 < dense["ours"][2] < 0.40
+    assert dense["ours"][0] < 0.05
+
+
 # -- one real training, cancelled then resumed ----------------------------------------------
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:

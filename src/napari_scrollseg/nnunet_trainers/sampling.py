@@ -11,7 +11,7 @@ offset in ``[-min(s, (p - 1) // 2), min(d - 1 - s, p // 2)]`` (both inclusive).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -85,3 +85,20 @@ def sparse_bbox(
     centre = offset_centre(voxel, data_shape, final_patch_size, rng)
     lower = patch_lower_corner(centre, patch_size, lower_bounds)
     return lower, [lo + int(p) for lo, p in zip(lower, patch_size, strict=False)]
+
+
+#: ``class_locations`` key of the annotated background voxels (nnU-Net's label 0)
+BACKGROUND = 0
+
+
+def background_locations(annotated: np.ndarray | list, seg: Any) -> np.ndarray:
+    """Rows of ``annotated`` (``(channel, *voxel)`` locations) whose label is background.
+
+    ``seg`` is the case's ``(1, *shape)`` segmentation as nnU-Net preprocessed it (numpy
+    or blosc2): background is 0, and -1 outside the nonzero crop (training sets it to 0).
+    """
+    annotated = np.asarray(annotated, dtype=np.int64)
+    if annotated.size == 0:
+        return annotated.reshape(0, len(seg.shape))
+    labels = np.asarray(seg[:])[tuple(annotated.T)]
+    return annotated[labels <= 0]

@@ -24,7 +24,7 @@ from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from napari_scrollseg.nnunet_trainers.sampling import sparse_bbox
+from napari_scrollseg.nnunet_trainers.sampling import BACKGROUND, background_locations, sparse_bbox
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,18 +38,57 @@ class TrainingCancelled(Exception):
     """Raised inside the training loop when a stop was requested."""
 
 
+class _WithBackgroundLocations:
+    """A preprocessed nnU-Net dataset whose cases also locate their annotated background.
+
+    nnU-Net's preprocessing samples locations per foreground class, and with an ignore
+    label for "any annotated voxel" (key ``(-1, *all_labels)``), but never for the
+    background class alone. ``load_case`` adds key :data:`BACKGROUND`: the rows of the
+    annotated key whose label is background (0, or -1 outside the nonzero crop, which
+    training turns into 0). They are a uniform sample of the annotated background
+    voxels, as the foreground keys are of theirs; computed once per case and cached.
+    """
+
+    def __init__(self, dataset, annotated_key: tuple):
+        self._dataset = dataset
+        self._annotated_key = annotated_key
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._dataset, name)
+
+    def load_case(self, identifier: str):
+        data, seg, seg_prev, properties = self._dataset.load_case(identifier)
+        locations = properties["class_locations"]
+        if identifier not in self._cache:
+            self._cache[identifier] = background_locations(
+                locations.get(self._annotated_key, []), seg
+            )
+        locations[BACKGROUND] = self._cache[identifier]
+        return data, seg, seg_prev, properties
+
+
 class SparseDataLoader(nnUNetDataLoader):
     """nnU-Net's data loader with class-balanced anchors placed anywhere in the patch."""
+
+    def __init__(self, data, *args, **kwargs):
+        super().__init__(data, *args, **kwargs)
+        if self.has_ignore:
+            self._data = _WithBackgroundLocations(data, self.annotated_classes_key)
 
     def _pick_voxels(self, force_fg: bool, class_locations: dict | None, overwrite_class=None):
         """Candidate voxels for the patch's anchor (None: a random patch).
 
         Forced-foreground patches: a random foreground class, as nnU-Net. Other patches:
-        class-balanced. Each annotated class present in the case, and "anywhere" (any
+        class-balanced. Each annotated class present in the case, the background one
+        included (key :data:`BACKGROUND`, sparse labels only), and "anywhere" (any
         annotated voxel with sparse labels, a random patch with dense ones), is equally
         likely. Stock nnU-Net takes any annotated voxel (sparse) or a random patch
         (dense), so a rare class is seldom under a patch, and with sparse labels it is
-        rarer still: it exists only on the painted slices.
+        rarer still: it exists only on the painted slices. Dense labels need no
+        background key: random patches are mostly background already.
         """
         if class_locations is None:
             return None
@@ -59,6 +98,7 @@ class SparseDataLoader(nnUNetDataLoader):
                 keys.append(None)
             key = keys[np.random.choice(len(keys))] if keys else None
             return None if key is None else class_locations[key]
+        keys = [k for k in keys if not (isinstance(k, int) and k == BACKGROUND)]
         if len(keys) > 1 and self.annotated_classes_key in keys:
             keys.remove(self.annotated_classes_key)
         if not keys:
@@ -298,7 +338,10 @@ class nnUNetTrainerSparse(nnUNetTrainer):
             "init_args": self.my_init_kwargs,
             "trainer_name": self.record_as,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "scrollseg": {"trainer": type(self).__name__, "sampling": "annotated voxel off-centre"},
+            "scrollseg": {
+                "trainer": type(self).__name__,
+                "sampling": "annotated voxel off-centre, background a class",
+            },
         }
         torch.save(checkpoint, filename + ".tmp")
         os.replace(filename + ".tmp", filename)
