@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --system
 .venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/ruff format --check src tests benchmarks scripts
-# two workers (SCROLLSEG_TEST_WORKERS), each test file on one worker so its module
-# fixtures (trained models, fetched scans) are built once; most tests keep one core busy
+# Two workers (SCROLLSEG_TEST_WORKERS; 0: one process), each test file on one worker so
+# its module fixtures (trained models, a fetched scan) are built once, the dearest files
+# first (tests/conftest.py); one torch/OpenMP thread per process, as many as cores.
 workers="${SCROLLSEG_TEST_WORKERS:-2}"
-exec xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m pytest \
+    -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
