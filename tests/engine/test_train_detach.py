@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from napari_scrollseg.engine.demo import tiny_network
-from napari_scrollseg.engine.train import read_progress, running_worker, train
+from napari_scrollseg.engine.train import read_progress, running_worker, split_event, train
 from tests.engine.test_train_signals import SRC, _tiny_dataset
 
 # the caller (a stand-in for napari): detach after the first epoch, then exit
@@ -41,6 +41,38 @@ def _gone(pid: int) -> bool:
     except OSError:
         return True
     return state == "Z"  # ended, not yet reaped by its (dead) parent's adopter
+
+
+# a worker whose detach request lands in the middle of a line it prints (as nnU-Net's
+# "<timestamp>: <message>" lines): the request's event must still reach the caller
+MID_LINE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from napari_scrollseg.engine import _train_worker
+    signal.signal(_train_worker.DETACH_SIGNAL, _train_worker._detach)
+    sys.stdout.write("2026-11-30 09:10:06.718208: ")
+    sys.stdout.flush()
+    os.kill(os.getpid(), _train_worker.DETACH_SIGNAL)
+    print("Epoch 3")
+    """
+)
+
+
+def test_a_detach_request_in_the_middle_of_a_printed_line_still_reaches_the_caller(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "worker.log"
+    env = {**os.environ, "PYTHONPATH": SRC, "SCROLLSEG_WORKER_LOG": str(log)}
+    out = subprocess.run(
+        [sys.executable, "-c", MID_LINE], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = [e for _, e in map(split_event, out.stdout.split("\n")) if e]
+    assert [e["kind"] for e in events] == ["detached"]
+    assert "Epoch 3" in log.read_text()  # what it printed after went to its log
+    # the line as a worker wrote it before the fix: the event after the interrupted text
+    text, event = split_event('2026-11-30 09:10:06: \x1escrollseg-event {"kind": "detached"}\n')
+    assert (text, event) == ("2026-11-30 09:10:06: ", {"kind": "detached"})
 
 
 @pytest.mark.slow

@@ -291,8 +291,10 @@ def _detach(signum: int, frame: object) -> None:
     """Go on alone: answer the parent, then write output to the log, not its pipe, and
     no longer stop when the parent exits."""
     # os.write, not sys.stdout: this may interrupt a write of sys.stdout (PYTHONUNBUFFERED
-    # is set, so nothing waits in its buffer)
-    os.write(1, (MARKER + json.dumps({"kind": "detached", "pid": os.getpid()}) + "\n").encode())
+    # is set, so nothing waits in its buffer) in the middle of a line, hence the newline
+    # first: the event starts a line of its own
+    event = json.dumps({"kind": "detached", "pid": os.getpid()})
+    os.write(1, ("\n" + MARKER + event + "\n").encode())
     fd = os.open(
         os.environ.get("SCROLLSEG_WORKER_LOG", os.devnull),
         os.O_WRONLY | os.O_APPEND | os.O_CREAT,

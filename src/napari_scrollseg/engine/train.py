@@ -245,10 +245,16 @@ def _run_worker(
                 except queue.Empty:
                     continue
                 if line is None:
+                    if detaching is not None and proc.poll() is None:  # gone on alone
+                        finished = True
+                        yield {"kind": "detached", "pid": proc.pid}
+                        return
                     break
-                if line.startswith(MARKER):
+                text, event = split_event(line)
+                if event is not None:
+                    if text.strip():
+                        out.write(text + "\n")
                     ready = True  # its first event: it handles the detach signal now
-                    event = json.loads(line[len(MARKER) :])
                     if event["kind"] == "detached":
                         finished = True  # it goes on: leave it alone
                         yield event
@@ -268,6 +274,13 @@ def _run_worker(
             _stop(proc, grace)
     if rc != 0:
         raise ScrollsegError(_failure(what, rc, tail, log_path, resumable))
+
+
+def split_event(line: str) -> tuple[str, dict | None]:
+    """A worker's output line -> (plain output, its event or None). An event may follow
+    the start of a line it interrupted (a signal handler's write in a ``print``)."""
+    text, marker, body = line.partition(MARKER)
+    return (text, json.loads(body)) if marker else (line, None)
 
 
 def _failure(what: str, rc: int, tail: Sequence[str], log_path: Path, resumable: bool) -> str:
