@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# Triton (imported by torch._dynamo, e.g. at a torch optimizer's first use) carries its own
+# LLVM and segfaults while loading in a process that already holds Mesa's (llvmpipe:
+# napari's OpenGL under Xvfb), as when a test worker runs widget tests, then engine tests.
+# Nothing here needs it: make it unimportable, as on a machine without it.
+sys.modules.setdefault("triton", None)
 
 
 @pytest.fixture(scope="session")
