@@ -120,6 +120,25 @@ def test_an_error_becomes_one_notification(qtbot, gen, args, expected):
     assert row.status.text() == "failed"
 
 
+def test_a_worker_that_ends_before_the_gui_looks_still_reports_its_end(qtbot):
+    """A failure at once (e.g. "not a dataset") ends the worker before the caller's next
+    line: ``on_finished`` is connected before the start, so its end is not lost (a
+    ``finished.connect`` after ``start_worker`` missed it and left a widget "running")."""
+    import time
+
+    ended, late = [], []
+    worker = start_worker(failing, "at once", on_finished=lambda: ended.append(1))
+    time.sleep(1.0)  # the GUI thread busy: the worker fails meanwhile (in ms)
+    deadline = time.monotonic() + 10
+    while worker.is_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # its `finished` is emitted right after `is_running` turns False
+    worker.finished.connect(lambda: late.append(1))  # what the widgets did before
+    qtbot.waitUntil(lambda: ended == [1], timeout=10_000)
+    qtbot.wait(200)
+    assert late == []  # connected after the end: never called
+
+
 def test_session_is_shared_and_signals():
     s = session()
     assert session() is s

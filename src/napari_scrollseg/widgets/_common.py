@@ -113,6 +113,7 @@ def start_worker(
     on_event: Callable[[Any], None] | None = None,
     on_done: Callable[[Any], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
+    on_finished: Callable[[], None] | None = None,
     progress: ProgressRow | None = None,
     **kwargs: Any,
 ) -> EngineWorker:
@@ -128,6 +129,9 @@ def start_worker(
         Called in the GUI thread with the generator's return value (not after Cancel).
     on_error
         Called in the GUI thread with the exception, after the notification is shown.
+    on_finished
+        Called in the GUI thread when the worker has stopped, in every case (done,
+        failed or cancelled).
     progress
         A :class:`ProgressRow` to follow the worker (bar, status, Cancel).
 
@@ -162,6 +166,8 @@ def start_worker(
         worker.returned.connect(on_done)
     if progress is not None:
         progress.attach(worker)
+    if on_finished is not None:
+        worker.finished.connect(on_finished)
     worker.start()
     return worker
 

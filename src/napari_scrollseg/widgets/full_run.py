@@ -345,9 +345,9 @@ class FullRunWidget(Container):
             on_event=self._on_event,
             on_done=self._on_done,
             progress=self.progress,
+            on_finished=self._finished,
             **opts,
         )
-        self.worker.finished.connect(self._finished)
         self.start_button.enabled = False
         return self.worker
 

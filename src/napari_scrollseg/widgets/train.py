@@ -254,8 +254,8 @@ class TrainWidget(QWidget):
             **options,
             on_event=self._on_event,
             progress=self.progress,
+            on_finished=self._finished,
         )
-        self.worker.finished.connect(self._finished)
         return self.worker
 
     def _cancel_clicked(self) -> None:
