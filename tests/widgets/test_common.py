@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from napari_scrollseg.widgets._common import (
     ProgressRow,
     image_layers,
     pick_image_layer,
+    qt_alive,
     session,
     start_worker,
 )
@@ -166,3 +168,27 @@ def test_image_layers_picks_3d_images(make_napari_viewer):
     assert pick_image_layer(viewer) is vol
     with pytest.raises(ScrollsegError, match="not a 3D"):
         pick_image_layer(viewer, "flat")
+
+
+def test_a_closed_widget_no_longer_follows_the_session(make_napari_viewer, qtbot, tmp_path):
+    """A closed train / live widget (its Qt object deleted, its Python object kept, as in
+    a dock closed in napari) is not called by the next session change: before
+    ``Session.follow`` the export widget's "exported" then raised "wrapped C/C++ object
+    ... has been deleted" and the export never reported its end."""
+    from napari_scrollseg.widgets.live import LiveWidget
+    from napari_scrollseg.widgets.train import TrainWidget
+
+    viewer = make_napari_viewer()
+    followers = len(session().changed)
+    closed_train, closed_live = TrainWidget(viewer), LiveWidget(viewer)
+    closed_train.deleteLater()
+    closed_live.native.deleteLater()
+    qtbot.waitUntil(lambda: not qt_alive(closed_train) and not qt_alive(closed_live.native))
+    open_train = TrainWidget(viewer)
+    dataset = tmp_path / "nnUNet_raw" / "Dataset001_x"
+
+    session().last_dataset = dataset  # raised EmitLoopError before
+    session().add_trained_model(tmp_path / "model")
+
+    assert Path(str(open_train.dataset.value)) == dataset  # the open one still follows
+    assert len(session().changed) == followers + 1  # the closed ones' relays dropped

@@ -16,7 +16,9 @@ Building these imports no torch; the engine's heavy parts load in the worker.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import weakref
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,7 @@ from napari_scrollseg.engine.errors import ScrollsegError
 if TYPE_CHECKING:
     import napari
     from napari.layers import Image
+    from qtpy.QtCore import QObject
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ __all__ = [
     "notify_error",
     "notify_info",
     "pick_image_layer",
+    "qt_alive",
     "session",
     "start_worker",
 ]
@@ -292,6 +296,30 @@ class Session:
             self._trained_models.append(path)
         self.changed.emit("trained_models")
 
+    def follow(self, widget: QObject, callback: Callable[[str], None]) -> None:
+        """Call ``callback(what)`` on each change while ``widget`` lives.
+
+        A widget closed in napari has its Qt object deleted while its Python object may
+        live on; a plain ``changed.connect`` would then call into the deleted widget
+        (``RuntimeError: wrapped C/C++ object ... has been deleted``) from whichever
+        widget changes the session next. The relay holds neither strongly and drops
+        itself when the widget is destroyed.
+        """
+        widget_ref = weakref.ref(widget)
+        callback_ref = (
+            weakref.WeakMethod(callback) if inspect.ismethod(callback) else (lambda: callback)
+        )
+
+        def relay(what: str) -> None:
+            owner, target = widget_ref(), callback_ref()
+            if owner is None or target is None or not qt_alive(owner):
+                self.changed.disconnect(relay)
+                return
+            target(what)
+
+        self.changed.connect(relay)
+        widget.destroyed.connect(lambda *_: self.changed.disconnect(relay, missing_ok=True))
+
 
 _SESSION: Session | None = None
 
@@ -302,6 +330,15 @@ def session() -> Session:
     if _SESSION is None:
         _SESSION = Session()
     return _SESSION
+
+
+def qt_alive(obj: QObject) -> bool:
+    """False once the C++ side of a Qt object has been deleted."""
+    try:
+        obj.objectName()
+    except RuntimeError:
+        return False
+    return True
 
 
 # -- layers -----------------------------------------------------------------------------

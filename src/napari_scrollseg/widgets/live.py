@@ -192,7 +192,7 @@ class LiveWidget(Container):
         camera_of(viewer).events.center.connect(self._view_changed)
         camera_of(viewer).events.zoom.connect(self._view_changed)
         viewer.dims.events.point.connect(self._view_changed)
-        session().changed.connect(self._session_changed)
+        session().follow(self.native, self._session_changed)
         viewer.bind_key(KEY, lambda _v: self.predict_view(), overwrite=True)
         self._model_changed()
         # the first request must not import the engine on the GUI thread (~0.5 s)

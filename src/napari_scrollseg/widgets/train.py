@@ -151,7 +151,7 @@ class TrainWidget(QWidget):
         self.train_button.changed.connect(lambda _=None: self.start(resume=False))
         self.resume_button.changed.connect(lambda _=None: self.start(resume=True))
         self.dataset.changed.connect(self._default_results)
-        session().changed.connect(self._on_session)
+        session().follow(self, self._on_session)
         self._default_results()
         self.worker: Any = None
         self._stop_event: threading.Event | None = None
