@@ -52,6 +52,7 @@ ReaderFunction = Callable[[str | Sequence[str]], list[LayerData]]
 RENDERING_3D = "attenuated_mip"
 ATTENUATION_3D = 0.5
 TRANSPARENT_LABEL = 1
+AXIS_LABELS = ("z", "y", "x")  # every volume opens as (z, y, x), channels split off
 
 
 def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
@@ -194,6 +195,7 @@ def _image_layer(volume: Volume, name: str) -> LayerData:
     levels = list(volume.levels)
     meta: dict[str, Any] = {
         "name": name,
+        "axis_labels": AXIS_LABELS,
         "scale": tuple(volume.spacing),
         "translate": tuple(volume.origin),
         "contrast_limits": contrast_limits(levels[-1]),
@@ -245,6 +247,7 @@ def _labels_layer(
     scale = tuple(s * f / n for s, f, n in zip(volume.spacing, full, levels[0].shape[-3:]))
     meta: dict[str, Any] = {
         "name": name,
+        "axis_labels": AXIS_LABELS,
         "scale": scale,
         "translate": tuple(volume.origin),
         "multiscale": len(levels) > 1,

@@ -128,6 +128,28 @@ def test_estimate_and_bad_inputs(full, qtbot, tmp_path: Path) -> None:
     assert widget.worker is None
 
 
+def test_napari_exit_while_the_output_opens_does_not_hang(full, qtbot, tmp_path) -> None:
+    """napari's exit quits every worker, then waits for them all: a run waiting for its
+    layers (the viewer closed before showing them) stops at once (it waited up to
+    ``SHOW_WAIT_S``, 60 s, before) and writes nothing."""
+    from superqt.utils._qthreading import WorkerBase
+
+    _, widget = full
+    ready = []
+    widget._add_output = ready.append  # the viewer closes: the layers are never shown
+    widget.output.value = out = tmp_path / "closing.zarr"
+    worker = widget.start()
+    assert worker is not None
+    qtbot.waitUntil(lambda: bool(ready), timeout=300_000)  # the output prepared, the run waiting
+    t0 = time.perf_counter()
+    WorkerBase.await_workers(msecs=30_000)  # what napari connects to QApplication.aboutToQuit
+    waited = time.perf_counter() - t0
+    assert waited < 15, waited
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert widget.result is None
+    assert not list((out / ".scrollseg" / "done").iterdir())  # no chunk written
+
+
 def test_remote_volume_that_stops_answering(
     make_napari_viewer, phantom_zarr, qtbot, tmp_path, monkeypatch
 ) -> None:

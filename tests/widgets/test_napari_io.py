@@ -63,6 +63,8 @@ def test_open_ome_zarr_pyramid_with_labels(viewer, phantom_zarr):
         assert all(isinstance(level, da.Array) for level in layer.data)
         assert layer.data[0].shape == (64, 128, 128)
         np.testing.assert_allclose(layer.scale, SPACING)
+        assert layer.axis_labels == ("z", "y", "x")
+    assert viewer.dims.axis_labels == ("z", "y", "x")  # the sliders say z, not -3
     # CT display defaults: percentile contrast for uint8 too, attenuated MIP, air transparent
     scan = np.asarray(zarr.open_array(str(phantom_zarr / str(len(image.data) - 1)))[...])
     assert tuple(image.contrast_limits) == tuple(np.percentile(scan, [0.5, 99.5]))
@@ -98,6 +100,7 @@ def test_open_prediction_channels(viewer, tmp_path):
         assert all(isinstance(level, da.Array) for level in layer.data)
         np.testing.assert_allclose(layer.scale, (2.0, 1.0, 1.0))
         np.testing.assert_array_equal(layer.data[0].compute(), probs[c])
+    assert all(layer.axis_labels == ("z", "y", "x") for layer in layers)
     assert layers[3].name == "prediction"
 
 

@@ -92,6 +92,15 @@ class EngineWorker(_SuperqtGeneratorWorker):
     would only warn about) reach ``errored``. Pausing is not supported.
     """
 
+    on_quit: Callable[[], None] | None = None  # wakes what the generator waits on
+
+    def quit(self) -> None:
+        """Ask the generator to stop at its next yield, and wake it if it waits
+        (``on_quit``): napari's exit quits every worker, then waits for them all."""
+        super().quit()
+        if self.on_quit is not None:
+            self.on_quit()
+
     def work(self) -> Any:
         try:
             while not self.abort_requested:
@@ -118,6 +127,7 @@ def start_worker(
     on_done: Callable[[Any], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
     on_finished: Callable[[], None] | None = None,
+    on_quit: Callable[[], None] | None = None,
     progress: ProgressRow | None = None,
     **kwargs: Any,
 ) -> EngineWorker:
@@ -136,6 +146,9 @@ def start_worker(
     on_finished
         Called in the GUI thread when the worker has stopped, in every case (done,
         failed or cancelled).
+    on_quit
+        Called (in the quitting thread) when the worker is asked to stop: it should wake
+        the generator if it blocks between two yields (e.g. set the event it waits on).
     progress
         A :class:`ProgressRow` to follow the worker (bar, status, Cancel).
 
@@ -163,6 +176,7 @@ def start_worker(
         if on_error is not None:
             on_error(exc)
 
+    worker.on_quit = on_quit
     worker.errored.connect(failed)
     if on_event is not None:
         worker.yielded.connect(on_event)

@@ -346,6 +346,7 @@ class FullRunWidget(Container):
             on_done=self._on_done,
             progress=self.progress,
             on_finished=self._finished,
+            on_quit=self._shown.set,  # Cancel or napari's exit: stop waiting for the layers
             **opts,
         )
         self.start_button.enabled = False
@@ -360,7 +361,6 @@ class FullRunWidget(Container):
     def cancel(self) -> None:
         """Cancel the run (the output keeps the chunks written; Start resumes)."""
         self.progress.cancel()
-        self._shown.set()  # a worker waiting for the layers goes on to its cancellation
 
     # -- progress ------------------------------------------------------------------------
     @staticmethod
