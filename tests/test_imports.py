@@ -64,3 +64,25 @@ def test_napari_startup_with_plugin_imports_no_torch():
     assert _loaded(result.stdout) == set()
     ours = [line for line in result.stderr.splitlines() if "napari_scrollseg" in line]
     assert ours, "no napari_scrollseg module was imported"
+
+
+def test_in_process_prediction_imports_no_compiler(phantom_zarr):
+    """napari's process loads the model and predicts (live widget, full run, evaluate);
+    none of it may import ``torch._dynamo`` or triton: triton's own LLVM segfaults on load
+    next to Mesa's llvmpipe (napari under software OpenGL, common on remote desktops).
+    Training, which builds an optimizer (and so imports torch._dynamo), runs in a
+    subprocess."""
+    code = f"""
+        import json, sys, tempfile
+        from napari_scrollseg.engine.builtin import builtin_model
+        from napari_scrollseg.engine.evaluate import evaluate
+        from napari_scrollseg.engine.predict import predict_region, predict_volume
+        from napari_scrollseg.engine.volumes import open_volume
+        model = str(builtin_model())
+        predict_region(model, open_volume({str(phantom_zarr)!r}), (slice(0, 32),) * 3, mirror=False)
+        out = tempfile.mkdtemp() + "/out.zarr"
+        predict_volume(model, {str(phantom_zarr)!r}, out, mirror=False)
+        evaluate(out, {str(phantom_zarr)!r})
+        print(json.dumps([m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules]))
+    """
+    assert _loaded(_run(code).stdout) == set()
