@@ -164,3 +164,27 @@ def test_a_thread_scheduler_is_this_threads_only():
     assert seen["worker"] == {thread.ident}
     assert threading.get_ident() not in seen["main"]  # ran on the thread pool
     assert dask.config.get("scheduler", None) is None  # nothing global changed
+
+
+def test_every_dask_computation_goes_through_dask_compute() -> None:
+    """No module but ``engine/dask_compute.py`` calls dask's ``compute`` / ``persist`` /
+    ``store`` itself: those calls, given no ``callbacks=``, swap dask's process-global
+    callback set, which napari's cache uses on the GUI thread at the same time."""
+    import ast
+    from pathlib import Path
+
+    import napari_scrollseg
+
+    root = Path(napari_scrollseg.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "engine" / "dask_compute.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("compute", "persist", "store")
+            ):
+                found.append(f"{path.relative_to(root)}:{node.lineno} .{node.func.attr}(...)")
+    assert found == [], "use napari_scrollseg.engine.dask_compute instead:\n" + "\n".join(found)
