@@ -141,6 +141,40 @@ def test_a_worker_that_ends_before_the_gui_looks_still_reports_its_end(qtbot):
     assert late == []  # connected after the end: never called
 
 
+def blocking(release: threading.Event):
+    """A long job (a training watched for hours): waits until released."""
+    while not release.wait(0.05):
+        yield None
+
+
+def quick(value: int):
+    yield value
+    return value
+
+
+def test_a_job_never_queues_behind_long_ones(qtbot):
+    """Workers share Qt's global thread pool, sized to the CPU count: with every thread
+    taken by long jobs, the next job (an export, a live request) still starts at once (it
+    waited for a long job to end before; CI's 2-CPU machine timed out on an export)."""
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    saved = pool.maxThreadCount()
+    release = threading.Event()
+    pool.setMaxThreadCount(max(1, pool.activeThreadCount() + 1))
+    try:
+        long_jobs = [start_worker(blocking, release) for _ in range(2)]
+        qtbot.waitUntil(lambda: all(w.is_running for w in long_jobs), timeout=10_000)
+        done = []
+        start_worker(quick, 7, on_done=done.append)
+        qtbot.waitUntil(lambda: done == [7], timeout=10_000)
+        assert all(w.is_running for w in long_jobs)  # still going meanwhile
+    finally:
+        release.set()
+        qtbot.waitUntil(lambda: not any(w.is_running for w in long_jobs), timeout=10_000)
+        pool.setMaxThreadCount(saved)
+
+
 def test_session_is_shared_and_signals():
     s = session()
     assert session() is s

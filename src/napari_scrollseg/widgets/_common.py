@@ -186,8 +186,21 @@ def start_worker(
         progress.attach(worker)
     if on_finished is not None:
         worker.finished.connect(on_finished)
+    _make_room()
     worker.start()
     return worker
+
+
+def _make_room() -> None:
+    """Let the next worker start at once: napari's workers share Qt's global thread pool,
+    sized to the CPU count (2 on a small laptop), and a job the user starts (an export,
+    a live request) must not queue behind long ones (a training watched for hours, a full
+    run)."""
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    if pool.activeThreadCount() >= pool.maxThreadCount():
+        pool.setMaxThreadCount(pool.activeThreadCount() + 1)
 
 
 def event_fraction(event: Any) -> tuple[int, int] | None:
