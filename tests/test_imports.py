@@ -86,3 +86,24 @@ def test_in_process_prediction_imports_no_compiler(phantom_zarr):
         print(json.dumps([m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules]))
     """
     assert _loaded(_run(code).stdout) == set()
+
+
+def test_the_live_widget_warms_torch_off_the_gui_thread():
+    """Opening the live widget imports torch and nnU-Net in a background thread (libtorch
+    loaded with the GIL released), not at napari's start-up and not on the GUI thread: the
+    first Load / Predict spends no time importing."""
+    code = """
+        import json, sys, threading
+        from napari.components import ViewerModel
+        from qtpy.QtWidgets import QApplication
+        app = QApplication.instance() or QApplication([])
+        from napari_scrollseg.widgets.live import WARM_MODULES, LiveWidget
+        before = "torch" in sys.modules
+        widget = LiveWidget(ViewerModel())
+        (warm,) = [t for t in threading.enumerate() if t.name == "scrollseg-warm"]
+        warm.join(300)
+        print(json.dumps([before, [m for m in WARM_MODULES if m not in sys.modules]]))
+    """
+    before, missing = json.loads(_run(code).stdout.strip().splitlines()[-1])
+    assert before is False
+    assert missing == []

@@ -95,12 +95,28 @@ def _inside(layer: Any, ranges: Any) -> bool:
     )
 
 
+#: what loading a model imports, warmed when the widget opens
+WARM_MODULES = (
+    "napari_scrollseg.engine.predict",
+    "napari_scrollseg.engine.live",
+    "torch",
+    "nnunetv2.utilities.plans_handling.plans_handler",
+)
+
+
 def _warm_imports() -> None:
-    """Import the engine's live machinery (no torch) off the GUI thread, once."""
-    for name in ("napari_scrollseg.engine.predict", "napari_scrollseg.engine.live"):
+    """Import the engine's live machinery, then torch and nnU-Net's plans handling (libtorch
+    loaded with the GIL released: ``preload_torch``), off the GUI thread, once. The first
+    Load / Predict then spends no time importing (3-4 s here), and napari meets torch's
+    import-time GIL holds while the user is still choosing a model."""
+    from napari_scrollseg.engine.model import preload_torch
+
+    for name in WARM_MODULES:
+        if name == "torch":
+            preload_torch()
         try:
             importlib.import_module(name)
-        except Exception:  # the GUI thread's own import will report it
+        except Exception:  # the model's own load will report it
             log.debug("warming %s failed", name, exc_info=True)
 
 
@@ -195,7 +211,7 @@ class LiveWidget(Container):
         session().follow(self.native, self._session_changed)
         viewer.bind_key(KEY, lambda _v: self.predict_view(), overwrite=True)
         self._model_changed()
-        # the first request must not import the engine on the GUI thread (~0.5 s)
+        # the first request must not import the engine (GUI thread) nor torch (worker)
         threading.Thread(target=_warm_imports, name="scrollseg-warm", daemon=True).start()
 
     # -- choices -------------------------------------------------------------------------
