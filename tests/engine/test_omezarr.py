@@ -100,3 +100,27 @@ def test_independent_reader_opens_it(phantom_zarr):
     assert len(image.data) >= 2
     assert tuple(image.data[0].shape) == (64, 128, 128)
     assert any("truth" in str(n.zarr) for n in nodes)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "mode"])
+def test_pyramid_is_the_same_on_any_number_of_threads(tmp_path, reduction):
+    """Levels are written one target chunk per task: 8 threads (a many-CPU GPU machine,
+    ``pyramid_threads``) give the same bytes as one."""
+    from napari_scrollseg.engine.predict.store import pyramid_threads
+
+    assert [pyramid_threads(n) for n in (1, 2, 6, 16, 64)] == [2, 2, 3, 8, 8]
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 4 if reduction == "mode" else 255, (3, 70, 66, 90), dtype=np.uint8)
+    levels = []
+    for threads in (1, 8):
+        path = tmp_path / f"t{threads}.zarr"
+        group = omezarr.create_image(
+            path, shape=data.shape, dtype=np.uint8, chunks=(1, 16, 16, 16),
+            spacing=(1.0, 1.0, 1.0), axes="czyx", n_levels=3,
+        )  # fmt: skip
+        group["0"][...] = data
+        omezarr.write_pyramid(group, reduction=reduction, threads=threads)
+        levels.append([np.asarray(group[str(k)][...]) for k in range(1, len(group))])
+    assert len(levels[0]) >= 2
+    for one, eight in zip(*levels):
+        np.testing.assert_array_equal(one, eight)
