@@ -175,6 +175,26 @@ def test_a_job_never_queues_behind_long_ones(qtbot):
         pool.setMaxThreadCount(saved)
 
 
+def test_progress_row_follows_the_last_worker(qtbot):
+    """A worker attached while the previous one is still ending (the export's integrity
+    check starts from the export's result, before the export's own end): the earlier
+    end does not stop the row following the later worker (its Cancel stayed disabled,
+    and the export widget took a click for "still running" and ignored it)."""
+    row = ProgressRow()
+    qtbot.addWidget(row)
+    release = threading.Event()
+    first = start_worker(quick, 1, progress=row)
+    second = start_worker(blocking, release, progress=row)  # attached before first's end
+    qtbot.waitUntil(lambda: not first.is_running, timeout=10_000)
+    qtbot.wait(200)  # first's `finished` delivered
+    assert row.running
+    assert row.worker is second
+    assert row.cancel_button.isEnabled()
+    release.set()
+    qtbot.waitUntil(lambda: not row.running, timeout=10_000)
+    assert not row.cancel_button.isEnabled()
+
+
 def test_session_is_shared_and_signals():
     s = session()
     assert session() is s

@@ -16,6 +16,7 @@ Building these imports no torch; the engine's heavy parts load in the worker.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import weakref
@@ -253,7 +254,7 @@ class ProgressRow(QWidget):
         worker.errored.connect(lambda exc: self.status.setText("failed"))
         worker.aborted.connect(lambda: self.status.setText("cancelled"))
         worker.returned.connect(self._done)
-        worker.finished.connect(self._finished)
+        worker.finished.connect(functools.partial(self._finished, worker))
 
     def show_event(self, event: Any) -> None:
         """Move the bar and status to ``event``."""
@@ -279,7 +280,9 @@ class ProgressRow(QWidget):
             self.status.setText("cancelling...")
             self.cancel_button.setEnabled(False)
 
-    def _finished(self) -> None:
+    def _finished(self, worker: EngineWorker) -> None:
+        if worker is not self.worker:  # an earlier worker, ended after the next one started
+            return
         self.worker = None
         self.cancel_button.setEnabled(False)
         if self.bar.maximum() == 0:

@@ -224,6 +224,7 @@ class ExportWidget(QWidget):
     def export(self) -> None:
         """Export the pairs off the GUI thread; verify with nnU-Net when done."""
         if self.progress.running:
+            notify_info("an export is running: wait for it, or cancel it")
             return
         self.verdict.setText("")
         self.warning_label.setText("")
@@ -265,6 +266,7 @@ class ExportWidget(QWidget):
             append=self.append_check.isChecked(),
             on_done=self._exported,
             on_error=lambda exc: self._finished("export failed: " + str(exc)),
+            on_finished=self._idle,
             progress=self.progress,
         )
         # Cancel needs a click, so this connects long before the worker could abort
@@ -282,14 +284,20 @@ class ExportWidget(QWidget):
             self.dataset,
             on_done=lambda d: self._finished(f"{d.name}: nnU-Net's integrity check passed"),
             on_error=lambda exc: self._finished(f"{self.dataset.name}: {exc}"),
+            on_finished=self._idle,
             progress=self.progress,
         )
 
     def _finished(self, text: str) -> None:
         self.verdict.setText(text)
-        self.export_button.setEnabled(True)
         if "passed" in text:
             notify_info(text)
+
+    def _idle(self) -> None:
+        """A worker has ended: Export again once none runs (the export's own end comes
+        after its result, and the integrity check may have started meanwhile)."""
+        if not self.progress.running:
+            self.export_button.setEnabled(True)
 
 
 class _LayerVolume:
