@@ -111,9 +111,8 @@ def _warm_imports() -> None:
     import-time GIL holds while the user is still choosing a model."""
     from napari_scrollseg.engine.model import preload_torch
 
+    preload_torch()
     for name in WARM_MODULES:
-        if name == "torch":
-            preload_torch()
         try:
             importlib.import_module(name)
         except Exception:  # the model's own load will report it
