@@ -285,6 +285,15 @@ def _label_group_meta(source: str, name: str) -> Mapping[str, Any] | None:
         return None
 
 
+def see_through_background(colormap: dict) -> dict:
+    """``colormap`` (a napari direct colour dict) with class 1, the annotation's
+    background (e.g. air), transparent: over the scan, a prediction shows its other
+    classes only. Changed in place and returned."""
+    rgba = colormap.get(TRANSPARENT_LABEL, DEFAULT_LABEL_COLOR)
+    colormap[TRANSPARENT_LABEL] = (*rgba[:3], 0.0)
+    return colormap
+
+
 def _label_style(
     label_meta: Mapping[str, Any],
 ) -> tuple[dict[Any, tuple[float, ...]] | None, dict[str, list] | None]:
@@ -301,11 +310,7 @@ def _label_style(
             names[int(entry["label-value"])] = str(entry["class"])
     colormap = None
     if colors:
-        colormap = label_colormap(colors)
-        colormap[TRANSPARENT_LABEL] = (
-            *colormap.get(TRANSPARENT_LABEL, DEFAULT_LABEL_COLOR)[:3],
-            0.0,
-        )
+        colormap = see_through_background(label_colormap(colors))
     features = None
     if names:
         values = sorted(set(names) | {0})

@@ -7,8 +7,8 @@ from typing import Any
 from napari_scrollseg._reader import (
     ATTENUATION_3D,
     RENDERING_3D,
-    TRANSPARENT_LABEL,
     contrast_limits,
+    see_through_background,
 )
 from napari_scrollseg.engine.colors import label_colormap
 from napari_scrollseg.engine.phantom import CLASSES, COLORS, DEFAULT_SHAPE, SPACING, make_phantom
@@ -24,8 +24,7 @@ def phantom_sample() -> list[LayerData]:
     Display defaults as the reader's (percentile contrast, attenuated MIP, air transparent).
     """
     image, truth = make_phantom(DEFAULT_SHAPE)
-    colormap = label_colormap(COLORS)
-    colormap[TRANSPARENT_LABEL] = (*colormap[TRANSPARENT_LABEL][:3], 0.0)  # as the reader
+    colormap = see_through_background(label_colormap(COLORS))  # as the reader
     names = {v: k for k, v in CLASSES.items()}
     values = [0, *sorted(names)]
     image_meta = {

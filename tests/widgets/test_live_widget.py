@@ -101,6 +101,12 @@ def test_predict_view_equals_the_full_run_and_never_stalls(live, qtbot, tmp_path
     ink = list(widget.show_class.choices).index(widget.show_class.value)
     assert np.abs(np.asarray(prob.data) - g["0"][ink] / 255).max() <= 1 / 255
     assert (np.asarray(labels.data) == g["labels/prediction/0"][:]).mean() == 1.0
+    # the annotation's classes by name; the background (class 1, air) see-through, as a
+    # prediction opened from a file, so the scan shows under the other classes
+    assert list(labels.features["class"]) == ["unlabeled", "air", "papyrus", "ink"]
+    rgba = np.asarray(labels.colormap.map(np.array([1, 2, 3])))
+    assert rgba[0, 3] == 0
+    assert (rgba[1:, 3] > 0).all()
     assert "tiles run" in widget.timing.value
     # the layers are added when the model loads, one per event-loop turn; requests add none
     assert len(load.add_layer_gaps) == 2, load.summary()

@@ -490,13 +490,16 @@ class LiveWidget(Container):
         return layer
 
     def _style_labels(self, layer: Any, model: Any) -> None:
-        """The annotation's class names and colours (labels hold class ids 1..K)."""
+        """The annotation's class names and colours (labels hold class ids 1..K), class 1
+        (the background) transparent, as a prediction opened from a file."""
         from napari.utils.colormaps import DirectLabelColormap
 
+        from napari_scrollseg._reader import see_through_background
         from napari_scrollseg.engine.annotations import ClassTable
 
         table = ClassTable.from_dataset_json(model.dataset_json)
-        layer.colormap = DirectLabelColormap(color_dict=table.as_napari_colors(ignore=None))
+        colors = see_through_background(table.as_napari_colors(ignore=None))  # as the reader
+        layer.colormap = DirectLabelColormap(color_dict=colors)
         layer.features = {
             "index": [0, *table.ids()],
             "class": ["unlabeled", *(c.name for c in table.classes)],
