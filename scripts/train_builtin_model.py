@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--learning-rate", type=float, default=None, help="initial (default: nnU-Net's 1e-2)"
     )
+    p.add_argument(
+        "--sampling",
+        choices=("balanced", "nnunet"),
+        default="balanced",
+        help="random patches' anchors (engine.train's sampling; nnunet: ink over-predicted less)",
+    )
     p.add_argument("--nice", type=int, default=0, help="lower the training's CPU priority")
     p.add_argument(
         "--no-validate",
@@ -166,6 +172,7 @@ def train_model(args: argparse.Namespace) -> dict:
         pretrained_weights=args.pretrained,
         validate=args.validate,
         learning_rate=args.learning_rate,
+        sampling=args.sampling,
         nice=args.nice,
     ):
         print(f"[{time.perf_counter() - t0:7.1f} s] {ev}", flush=True)
@@ -187,6 +194,7 @@ def train_model(args: argparse.Namespace) -> dict:
         "device": args.device,
         "fine_tuned_from": base,
         "initial_learning_rate": args.learning_rate or 1e-2,
+        "sampling": args.sampling,
         "validation_dice_fold0": dice or None,
         "training_seconds": seconds,
     }

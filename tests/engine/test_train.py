@@ -6,6 +6,7 @@ after its first epoch, then resumed to the end. Everything else reads its output
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from napari_scrollseg.engine.demo import tiny_network
 from napari_scrollseg.engine.errors import ScrollsegError
-from napari_scrollseg.nnunet_trainers.sampling import sparse_bbox
+from napari_scrollseg.nnunet_trainers.sampling import random_patch_keys, sparse_bbox
 
 TINY = tiny_network()
 
@@ -54,7 +55,9 @@ def test_sparse_bbox_keeps_the_centre_inside_small_images():
         assert all(a <= v < b for v, a, b in zip(voxel, lo, hi))
 
 
-def _anchor_labels(tmp_path, sparse: bool, force_fg: bool, n: int = 2000) -> dict:
+def _anchor_labels(
+    tmp_path, sparse: bool, force_fg: bool, n: int = 2000, sampling: str = "balanced"
+) -> dict:
     """Labels of the anchor voxels that our loader (and stock nnU-Net's) pick on one case
     saved as nnU-Net preprocesses it (blosc2 files, nnU-Net's own location sampling).
 
@@ -93,7 +96,8 @@ def _anchor_labels(tmp_path, sparse: bool, force_fg: bool, n: int = 2000) -> dic
     ds = nnUNetDatasetBlosc2(str(tmp_path))
     np.random.seed(0)
     out = {}
-    for name, cls in (("stock", nnUNetDataLoader), ("ours", SparseDataLoader)):
+    ours = functools.partial(SparseDataLoader, sampling=sampling)
+    for name, cls in (("stock", nnUNetDataLoader), ("ours", ours)):
         dl = cls(ds, 2, (1, 1, 1), (1, 1, 1), lm, oversample_foreground_percent=0.0)
         _, _, _, case = dl._data.load_case("case_000")
         got = [
@@ -115,6 +119,24 @@ def test_sparse_sampler_anchors_on_background_as_on_any_other_class(tmp_path):
     assert 0.21 < got["ours"][0] < 0.30  # 1/4 + share/4
     assert 0.21 < got["ours"][2] < 0.30  # ink as before: 1/4 + its share/4
     assert got["ours"][3] == 0  # never on an ignore voxel
+
+
+def test_nnunet_sampling_keeps_nnunet_foreground_shares(tmp_path):
+    """``sampling="nnunet"``: a random patch anchors on any annotated voxel or on annotated
+    background, never on a chosen class, so a rare class (ink) is anchored on at nnU-Net's
+    rate (its forced-foreground patches): half as often as with "balanced" (1 in 6 instead
+    of 1 in 3 with one patch in three forced), and the model over-predicts it less."""
+    got = _anchor_labels(tmp_path, sparse=True, force_fg=False, sampling="nnunet")
+    print(got)
+    ink = 36 / (64 * 64)  # ink among the annotated voxels
+    assert got["ours"][2] < 3 * ink  # ~0.4 %, as stock nnU-Net's random patches
+    assert abs(got["ours"][2] - got["stock"][2]) < 0.02
+    assert 0.45 < got["ours"][0] < 0.56  # background key: 1/2 + its share/2
+    assert got["ours"][3] == 0  # never on an ignore voxel
+    forced = _anchor_labels(tmp_path / "forced", sparse=True, force_fg=True, sampling="nnunet")
+    assert 0.4 < forced["ours"][2] < 0.6  # forced patches as nnU-Net: papyrus or ink
+    with pytest.raises(ValueError, match="unknown sampling"):
+        random_patch_keys([None], "rare-first", (1, 2))
 
 
 def test_sampler_keeps_nnunet_semantics_for_forced_and_dense_patches(tmp_path):
@@ -554,3 +576,38 @@ def test_pretrained_weights_are_checked_before_any_work(tmp_path):
         next(train(tmp_path, results_dir=tmp_path / "r", pretrained_weights=ck, resume=True))
     with pytest.raises(ScrollsegError, match="learning_rate must be above 0"):
         next(train(tmp_path, results_dir=tmp_path / "r", learning_rate=0))
+
+
+@pytest.mark.slow
+def test_nnunet_sampling_reaches_the_trainer(run, tmp_path):
+    """``train(sampling="nnunet")`` reaches the trainer's loader: the checkpoint records it
+    (one epoch of one iteration on the module's dataset)."""
+    import torch
+
+    from napari_scrollseg.engine.train import train
+
+    with pytest.raises(ScrollsegError, match="unknown sampling"):
+        next(train(run["raw"], results_dir=tmp_path, sampling="rare-first"))
+    events = list(
+        train(
+            run["raw"],
+            results_dir=tmp_path / "results",
+            device="cpu",
+            epochs=1,
+            iterations=1,
+            num_processes=1,
+            da_processes=0,
+            plans_overrides=TINY,
+            validate=False,
+            sampling="nnunet",
+        )
+    )
+    model = events[-1].model_folder
+    ck = torch.load(
+        model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    assert ck["scrollseg"]["sampling"].endswith("; nnunet")
+    default = torch.load(
+        run["model"] / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    assert default["scrollseg"]["sampling"].endswith("; balanced")

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from napari_scrollseg.nnunet_trainers.sampling import SAMPLINGS
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -152,6 +154,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer.num_epochs = args.epochs
     if args.learning_rate is not None:  # before initialize(), which makes the optimizer
         trainer.initial_lr = args.learning_rate
+    trainer.sampling = args.sampling
     if args.iterations is not None:
         trainer.num_iterations_per_epoch = args.iterations
         trainer.num_val_iterations_per_epoch = max(1, round(args.iterations / 5))
@@ -279,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--pretrained-weights", default=None)
     t.add_argument("--learning-rate", type=float, default=None)
+    t.add_argument("--sampling", choices=sorted(SAMPLINGS), default="balanced")
     t.add_argument("--no-validate", action="store_false", dest="validate")
     args = parser.parse_args(argv)
     if DETACH_SIGNAL is not None:

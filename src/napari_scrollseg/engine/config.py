@@ -18,6 +18,7 @@ import numpy as np
 from napari_scrollseg.engine.dataset import ENDINGS, NORMS
 from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.train import PLANNERS
+from napari_scrollseg.nnunet_trainers.sampling import SAMPLINGS
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.volumes import Volume
@@ -400,6 +401,12 @@ class TrainConfig:
         "heads too when the classes match)",
     )
     learning_rate: float | None = _opt(None, "initial learning rate (nnU-Net: 0.01)", parse=float)
+    sampling: str = _opt(
+        "balanced",
+        "random patches' anchors with sparse labels: balanced (every class as often, for "
+        "rare classes) or nnunet (nnU-Net's shares: a rare class over-predicted less)",
+        choices=tuple(SAMPLINGS),
+    )
 
     def __post_init__(self) -> None:
         import json

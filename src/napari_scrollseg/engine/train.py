@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from napari_scrollseg.engine._train_worker import DETACH_SIGNAL, MARKER, PID_FILE
 from napari_scrollseg.engine._train_worker import PLANNERS as _WORKER_PLANNERS
 from napari_scrollseg.engine.errors import ScrollsegError
+from napari_scrollseg.nnunet_trainers.sampling import SAMPLINGS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -560,6 +561,7 @@ def train(
     nice: int = 0,
     pretrained_weights: str | os.PathLike | None = None,
     learning_rate: float | None = None,
+    sampling: str = "balanced",
 ) -> Iterator[TrainEvent]:
     """Plan/preprocess if needed, then train ``folds`` with the sparse-aware trainer.
 
@@ -609,6 +611,12 @@ def train(
     learning_rate
         Initial learning rate (nnU-Net's ``initial_lr``, 1e-2; it decays to 0 over the
         epochs), e.g. lower for fine-tuning. None: nnU-Net's.
+    sampling
+        How a random (not forced-foreground) patch picks its anchor with sparse labels
+        (:data:`~napari_scrollseg.nnunet_trainers.sampling.SAMPLINGS`): ``"balanced"``,
+        each annotated class, the background included, as likely as "any annotated
+        voxel" (a rare class is seen far more often); ``"nnunet"``, nnU-Net's
+        foreground shares plus the background key (a rare class is over-predicted less).
 
     Yields
     ------
@@ -624,6 +632,8 @@ def train(
         raise ScrollsegError(f"unknown device {device!r}: use cpu, cuda or mps")
     if learning_rate is not None and not learning_rate > 0:
         raise ScrollsegError(f"learning_rate must be above 0, got {learning_rate}")
+    if sampling not in SAMPLINGS:
+        raise ScrollsegError(f"unknown sampling {sampling!r}: use {' or '.join(SAMPLINGS)}")
     if pretrained_weights is not None:
         pretrained_weights = Path(pretrained_weights).expanduser().resolve()
         if not pretrained_weights.is_file():
@@ -686,6 +696,7 @@ def train(
         args += ["--resume"] if resume else []
         args += [f"--pretrained-weights={pretrained_weights}"] if pretrained_weights else []
         args += [f"--learning-rate={learning_rate}"] if learning_rate else []
+        args += [f"--sampling={sampling}"] if sampling != "balanced" else []
         args += [] if validate else ["--no-validate"]
         log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
         events = _run_worker(

@@ -11,6 +11,7 @@ defaults. Because the network is the stock one, checkpoints record the stock
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import shutil
@@ -24,7 +25,12 @@ from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from napari_scrollseg.nnunet_trainers.sampling import BACKGROUND, background_locations, sparse_bbox
+from napari_scrollseg.nnunet_trainers.sampling import (
+    BACKGROUND,
+    background_locations,
+    random_patch_keys,
+    sparse_bbox,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -73,8 +79,9 @@ class _WithBackgroundLocations:
 class SparseDataLoader(nnUNetDataLoader):
     """nnU-Net's data loader with class-balanced anchors placed anywhere in the patch."""
 
-    def __init__(self, data, *args, **kwargs):
+    def __init__(self, data, *args, sampling: str = "balanced", **kwargs):
         super().__init__(data, *args, **kwargs)
+        self.sampling = sampling  # sampling.SAMPLINGS
         if self.has_ignore:
             self._data = _WithBackgroundLocations(data, self.annotated_classes_key)
 
@@ -96,6 +103,7 @@ class SparseDataLoader(nnUNetDataLoader):
         if not force_fg:
             if not self.has_ignore:
                 keys.append(None)
+            keys = random_patch_keys(keys, self.sampling, self.annotated_classes_key)
             key = keys[np.random.choice(len(keys))] if keys else None
             return None if key is None else class_locations[key]
         keys = [k for k in keys if not (isinstance(k, int) and k == BACKGROUND)]
@@ -137,8 +145,9 @@ class nnUNetTrainerSparse(nnUNetTrainer):
 
     Attributes set by the engine before ``initialize``: ``num_epochs``,
     ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``;
-    ``should_stop`` (a callable checked before every training step) and
-    ``epoch_callback`` (called with a dict after every epoch).
+    ``should_stop`` (a callable checked before every training step),
+    ``epoch_callback`` (called with a dict after every epoch) and ``sampling`` (random
+    patches' anchors, :data:`~napari_scrollseg.nnunet_trainers.sampling.SAMPLINGS`).
     """
 
     record_as = "nnUNetTrainer"
@@ -154,6 +163,7 @@ class nnUNetTrainerSparse(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.should_stop: Callable[[], bool] | None = None
         self.epoch_callback: Callable[[dict], None] | None = None
+        self.sampling = "balanced"  # random patches' anchors: sampling.SAMPLINGS
         self._use_stock_folder()
 
     def _use_stock_folder(self) -> None:
@@ -182,7 +192,7 @@ class nnUNetTrainerSparse(nnUNetTrainer):
         import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
 
         original = stock.nnUNetDataLoader
-        stock.nnUNetDataLoader = SparseDataLoader
+        stock.nnUNetDataLoader = functools.partial(SparseDataLoader, sampling=self.sampling)
         try:
             return super().get_dataloaders()
         finally:
@@ -340,7 +350,7 @@ class nnUNetTrainerSparse(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "scrollseg": {
                 "trainer": type(self).__name__,
-                "sampling": "annotated voxel off-centre, background a class",
+                "sampling": f"annotated voxel off-centre, background a class; {self.sampling}",
             },
         }
         torch.save(checkpoint, filename + ".tmp")
