@@ -200,6 +200,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "after_cancel": after_cancel,
         "model": model,
         "root": root,
+        "options": options,
     }
 
 
@@ -588,20 +589,8 @@ def test_nnunet_sampling_reaches_the_trainer(run, tmp_path):
 
     with pytest.raises(ScrollsegError, match="unknown sampling"):
         next(train(run["raw"], results_dir=tmp_path, sampling="rare-first"))
-    events = list(
-        train(
-            run["raw"],
-            results_dir=tmp_path / "results",
-            device="cpu",
-            epochs=1,
-            iterations=1,
-            num_processes=1,
-            da_processes=0,
-            plans_overrides=TINY,
-            validate=False,
-            sampling="nnunet",
-        )
-    )
+    options = {**run["options"], "results_dir": tmp_path / "results", "epochs": 1, "iterations": 1}
+    events = list(train(run["raw"], **options, validate=False, sampling="nnunet"))
     model = events[-1].model_folder
     ck = torch.load(
         model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False
