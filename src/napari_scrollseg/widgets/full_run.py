@@ -373,10 +373,8 @@ class FullRunWidget(Container):
 
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, OutputReady):  # before the run: no layer is added while it runs
-            if self.worker is None or self.worker.abort_requested:  # cancelled meanwhile
-                self._shown.set()
-            else:
-                self._add_output(ev.layers)
+            if self.worker is not None and not self.worker.abort_requested:  # not cancelled
+                self._add_output(ev.layers)  # (a cancel already woke the run: on_quit)
             return
         self.last_event = ev
         self.progress.bar.setRange(0, max(ev.chunks_total, 1))

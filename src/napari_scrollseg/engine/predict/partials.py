@@ -7,8 +7,9 @@ chunk has read it (on the device where the budget fits its free memory, else hos
 while the bytes held fit the run's budget (:func:`budget`, computed from the chunk and
 patch sizes, so memory is flat in the volume size); past it a block's pieces are
 spilled to ``.scrollseg/partial/<block>.npz`` (temporary name, then renamed). Pickled
-for a dask.distributed worker, a store is disk-only: files on shared storage are the exchange between workers. A sum lost with
-its process (kill -9) is simply computed again by the rerun.
+for a dask.distributed worker, a store is disk-only: files on shared storage are the
+exchange between workers. A sum lost with its process (kill -9) is simply computed
+again by the rerun.
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ def run_block(job: Job, spec: BlockSpec) -> dict:
     with stats.time("partial_write"):
         pieces = dict(zip(names, sums))
         if job.partials.put(spec.partial, pieces):
-            stats.count("partial_bytes_written", sum(p.numel() * 4 for p in sums))
+            stats.count("partial_bytes_written", sum(p.numel() * p.element_size() for p in sums))
         stats.peak(job.partials.held_bytes)
     return {"block": spec.index, "tiles": len(tiles), "computed": len(tiles)}
 
