@@ -4,16 +4,18 @@ labels, the same tiny CPU network, Dice per class on a held-out part of the scan
 
 Floors (see the tutorial for the full-size figures): every class, background included,
 must be learned from both label sets; matrix (class 1, nnU-Net's background) above 0.9
-and pore above 0.5. Budgets: dense 4 x 16 iterations (2 x 16 gave pore pseudo Dice
-0.8-0.94 after the first epoch in every run seen until one fresh-clone CI run ended at
-held-out pore Dice 0.0 with 2 epochs), sparse 6 x 16. A sparse run can sit at pore pseudo
-Dice 0.0 for its first epochs: once with 2 x 16 it ended there (pore Dice 0.0; the
-earlier 2 x 8 budget failed 1 run in 4 the same way), and once with 4 x 16 it only
-left it in the fourth epoch. Such a model ranks
-pores (mean pore probability 0.26 on pore voxels, 0.10 on matrix) but has not yet
-crossed 0.5 anywhere; the sampler drew pore in every patch and the clip windows of the
-two label sets agree, so it is too little training, not a fault of the sampler or the
-normalisation. Skipped, with the reason, where PyPI cannot be reached.
+and pore above 0.5. A rare class sits at pseudo Dice 0.0 until a jump, whose iteration
+varies from run to run. Here, unseeded: dense 4 x 16 iterations, 7 of 10 runs jumped in
+the first epoch, 3 in the second or third; dense 4 x 32, 4 of 6 in the first, one in
+the third, one only in the fourth and last; sparse 6 x 16, one of 4 in the fifth; sparse
+6 x 32, 5 of 7 in the first, 2 in the second. CI saw held-out pore Dice 0.0 once with
+dense 2 x 16 and once with dense 4 x 16. Before the jump the model ranks pores (mean
+pore probability 0.26 on pore voxels, 0.10 on matrix) but has crossed 0.5 nowhere: too
+little training, not a fault of the sampler or the normalisation, and the fold's end
+says so (``TrainEvent.warning``). So the trainings are seeded (``SEED``: both jumped in
+their first epoch here, and two runs with one seed gave the same losses to the last
+digit) and their budgets leave room for another machine's rounding: dense 6 x 32,
+sparse 8 x 32. Skipped, with the reason, where PyPI cannot be reached.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOORS = {"matrix": 0.9, "pore": 0.5}
 CROP = (slice(None), slice(0, 64), slice(0, 64))  # reduced: a quarter of each slice
 TINY = {"n_stages": 3, "features_per_stage": [4, 8, 16], "patch_size": [16, 32, 32]}
-EPOCHS = {"train_truth": 4, "train_sparse": 6}  # x 16 iterations (see above)
+EPOCHS = {"train_truth": 6, "train_sparse": 8}  # x ITERATIONS (see above)
+ITERATIONS = 32
+SEED = 0
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,8 @@ def _train_and_score(cement: dict, labels: str, dataset_id: int) -> dict:
             folds=("all",),
             device="cpu",
             epochs=EPOCHS[labels],
-            iterations=16,
+            iterations=ITERATIONS,
+            seed=SEED,
             num_processes=1,
             da_processes=0,
             validate=False,
@@ -84,10 +89,11 @@ def _train_and_score(cement: dict, labels: str, dataset_id: int) -> dict:
     )
     model = events[-1].model_folder
     window = next(e.message for e in events if "clip window" in e.message)
+    warnings = [e.warning for e in events if e.warning]
     out = predict_volume(
         model, cement["test_path"], root / "pred.zarr", mirror=False, bar=False, device="cpu"
     )
-    return {"scores": evaluate(out, cement["test_truth"]), "window": window}
+    return {"scores": evaluate(out, cement["test_truth"]), "window": window, "warnings": warnings}
 
 
 @pytest.mark.slow
@@ -102,7 +108,7 @@ def test_every_class_is_learned_from_sparse_and_dense_labels(cement):
         print("held-out Dice:", dice, result["window"])
         assert set(dice) == set(FLOORS)
         for name, floor in FLOORS.items():
-            assert dice[name] > floor, (name, dice, result["window"])
+            assert dice[name] > floor, (name, dice, result["window"], result["warnings"])
     assert np.isfinite(dense["scores"]["mean_dice"])
 
 

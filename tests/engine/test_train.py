@@ -453,13 +453,14 @@ def test_train_command_line(run, tmp_path):
     common = ["--out", str(tmp_path / "results"), "--device", "cpu", "-np", "1"]
     common += ["--epochs", "1", "--iterations", "2", "--da-processes", "0", "--fold", "all"]
     proc = subprocess.run(
-        [*cli, *common, "--no-validate", "--plans-overrides", json.dumps(TINY)],
+        [*cli, *common, "--no-validate", "--seed", "5", "--plans-overrides", json.dumps(TINY)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1/1" in proc.stdout + proc.stderr
+    assert "2 iterations, seed 5" in proc.stdout + proc.stderr
     models = list((tmp_path / "results").glob("Dataset901_Tiny/nnUNetTrainer__*__3d_fullres"))
     assert len(models) == 1
     assert (models[0] / "fold_all" / "checkpoint_final.pth").is_file()
@@ -600,3 +601,57 @@ def test_nnunet_sampling_reaches_the_trainer(run, tmp_path):
         run["model"] / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False
     )
     assert default["scrollseg"]["sampling"].endswith("; balanced")
+
+
+@pytest.mark.slow
+def test_a_class_left_unlearned_is_reported_at_the_fold_end(run, tmp_path):
+    """The fold's end names every class whose last-epoch pseudo Dice is below
+    ``UNLEARNED_DICE`` (what a healthy-looking loss hides), and no other."""
+    import csv
+    import shutil
+
+    from napari_scrollseg.engine.train import UNLEARNED_DICE, unlearned_classes
+
+    text = (run["model"] / "fold_0" / "progress.csv").read_text()
+    last = list(csv.DictReader(text.splitlines()))[-1]
+    low = {k[5:] for k, v in last.items() if k.startswith("dice_") and float(v) < UNLEARNED_DICE}
+    fold_done = run["second"][-2]
+    assert set(unlearned_classes(run["model"], 0)) == low
+    assert bool(fold_done.warning) == bool(low)
+    for name in ("air", "papyrus", "ink"):
+        assert (f"{name} (pseudo Dice" in fold_done.warning) == (name in low)
+    # the same run, had its last epoch never predicted ink
+    copy = tmp_path / run["model"].name
+    shutil.copytree(run["model"], copy)
+    rows = list(csv.reader(text.splitlines()))
+    rows[-1][-1] = "0.0"  # dice_ink
+    with open(copy / "fold_0" / "progress.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    expected = {**{k: float(last[f"dice_{k}"]) for k in low}, "ink": 0.0}
+    assert unlearned_classes(copy, 0) == expected
+    assert unlearned_classes(copy, 1) == {}  # no such fold
+
+
+@pytest.mark.slow
+def test_a_seed_makes_a_training_repeatable(run, tmp_path):
+    """Two trainings with one seed (augmentation in the training process) give the same
+    losses and weights; another seed does not."""
+    import torch
+
+    from napari_scrollseg.engine.train import read_progress, train
+
+    options = {**run["options"], "epochs": 1, "iterations": 2, "validate": False}
+    options["preprocessed_dir"] = run["root"] / "results" / "nnUNet_preprocessed"
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        events = list(train(run["raw"], **{**options, "results_dir": tmp_path / name}, seed=seed))
+        model = events[-1].model_folder
+        weights = torch.load(
+            model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+        )["network_weights"]
+        runs[name] = (read_progress(model)[0], weights)
+    (a, wa), (b, wb), (c, wc) = runs["a"], runs["b"], runs["c"]
+    assert (a["train_loss"], a["val_loss"]) == (b["train_loss"], b["val_loss"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["train_loss"] != c["train_loss"]
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)

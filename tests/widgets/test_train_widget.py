@@ -19,7 +19,7 @@ from qtpy.QtGui import QCloseEvent
 from qtpy.QtWidgets import QApplication, QMessageBox
 
 from napari_scrollseg.engine._train_worker import FAULT_ENV
-from napari_scrollseg.engine.train import OOM_HINT, read_progress, running_worker
+from napari_scrollseg.engine.train import OOM_HINT, UNLEARNED_DICE, read_progress, running_worker
 from napari_scrollseg.widgets import _common
 from napari_scrollseg.widgets import train as train_module
 from napari_scrollseg.widgets._common import session
@@ -62,6 +62,7 @@ def messages(monkeypatch) -> list[str]:
     monkeypatch.setattr(_common, "notify_error", error)  # start_worker's failures
     monkeypatch.setattr(train_module, "notify_error", error)
     monkeypatch.setattr(train_module, "notify_info", lambda m: shown.append(f"info: {m}"))
+    monkeypatch.setattr(train_module, "notify_warning", lambda m: shown.append(f"warning: {m}"))
     return shown
 
 
@@ -142,6 +143,11 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     rows = read_progress(model)
     assert len(rows) == 1
     assert {"dice_air", "dice_papyrus", "dice_ink", "epoch_time"} <= set(rows[0])
+    # a class the one epoch left unpredicted is a napari warning, naming it
+    low = [k[5:] for k, v in rows[0].items() if k.startswith("dice_") and v < UNLEARNED_DICE]
+    warnings = [m for m in messages if m.startswith("warning: ")]
+    assert len(warnings) == bool(low), (low, messages)
+    assert all(f"{name} (pseudo Dice" in warnings[0] for name in low)
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
     assert model in session().trained_models
     assert "fold 0 validation Dice: air" in widget.dice_label.text()  # every class

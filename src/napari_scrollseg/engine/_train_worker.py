@@ -122,6 +122,18 @@ def _pick_device(name: str | None):
     return torch.device(name)
 
 
+def _seed(seed: int) -> None:
+    """Seed every generator the training draws from (weights, patches, augmentation)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -143,6 +155,8 @@ def _train(args: argparse.Namespace) -> int:
     plans = load_json(os.path.join(base, args.plans + ".json"))
     plans["continue_training"] = args.resume
     fold = args.fold if args.fold == "all" else int(args.fold)
+    if args.seed is not None:  # before the trainer: its network's weights are drawn too
+        _seed(args.seed)
     trainer = nnUNetTrainerSparse(
         plans=plans,
         configuration=args.configuration,
@@ -184,7 +198,8 @@ def _train(args: argparse.Namespace) -> int:
     emit(
         "step",
         message=f"fold {fold}: training on {device.type}, {trainer.num_epochs} epochs x "
-        f"{trainer.num_iterations_per_epoch} iterations",
+        f"{trainer.num_iterations_per_epoch} iterations"
+        + (f", seed {args.seed}" if args.seed is not None else ""),
         output_folder=trainer.output_folder_base,
     )
     start = None
@@ -283,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--pretrained-weights", default=None)
     t.add_argument("--learning-rate", type=float, default=None)
     t.add_argument("--sampling", choices=sorted(SAMPLINGS), default="balanced")
+    t.add_argument("--seed", type=int, default=None)
     t.add_argument("--no-validate", action="store_false", dest="validate")
     args = parser.parse_args(argv)
     if DETACH_SIGNAL is not None:

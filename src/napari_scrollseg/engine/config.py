@@ -407,6 +407,11 @@ class TrainConfig:
         "rare classes) or nnunet (nnU-Net's shares: a rare class over-predicted less)",
         choices=tuple(SAMPLINGS),
     )
+    seed: int | None = _opt(
+        None,
+        "seed the training's random generators (reproducible with --da-processes 0)",
+        parse=int,
+    )
 
     def __post_init__(self) -> None:
         import json

@@ -58,6 +58,8 @@ _OOM_RE = re.compile(
     r"OutOfMemoryError|CUDA out of memory|\bMemoryError\b|can't allocate memory|"
     r"not enough memory|MPS backend out of memory"
 )
+#: a class whose pseudo Dice in the last epoch is below this is reported as not learned
+UNLEARNED_DICE = 0.05
 OOM_HINT = "out of memory: lower the batch size or patch size, or use the small CPU preset"
 
 
@@ -71,7 +73,9 @@ class TrainEvent:
     ``"fold_done"`` (``model_folder`` and the fold's validation ``dice``), ``"done"``
     (the last event; it has ``model_folder`` and ``dice``), ``"stopped"`` (the last
     event after ``stop`` was set) or ``"detached"`` (the last event after ``detach``
-    was set: the training goes on without the caller).
+    was set: the training goes on without the caller). A ``"fold_done"`` whose last
+    epoch left a class all but unpredicted says so in ``warning`` (see
+    :func:`unlearned_classes`).
     """
 
     kind: str
@@ -87,6 +91,7 @@ class TrainEvent:
     dice: dict[str, float] = field(default_factory=dict)
     plans: str | None = None
     curves: Path | None = None
+    warning: str = ""
 
     def __str__(self) -> str:
         if self.kind == "epoch":
@@ -562,6 +567,7 @@ def train(
     pretrained_weights: str | os.PathLike | None = None,
     learning_rate: float | None = None,
     sampling: str = "balanced",
+    seed: int | None = None,
 ) -> Iterator[TrainEvent]:
     """Plan/preprocess if needed, then train ``folds`` with the sparse-aware trainer.
 
@@ -617,6 +623,10 @@ def train(
         each annotated class, the background included, as likely as "any annotated
         voxel" (a rare class is seen far more often); ``"nnunet"``, nnU-Net's
         foreground shares plus the background key (a rare class is over-predicted less).
+    seed
+        Seed Python's, NumPy's and torch's random generators in the training process
+        (weights, patches, augmentation): with ``da_processes=0`` two runs on the same
+        machine and torch build give the same curves. None: nnU-Net's (unseeded).
 
     Yields
     ------
@@ -697,6 +707,7 @@ def train(
         args += [f"--pretrained-weights={pretrained_weights}"] if pretrained_weights else []
         args += [f"--learning-rate={learning_rate}"] if learning_rate else []
         args += [f"--sampling={sampling}"] if sampling != "balanced" else []
+        args += [f"--seed={seed}"] if seed is not None else []
         args += [] if validate else ["--no-validate"]
         log_path = results / "logs" / f"{ds.name}_{identifier}_{configuration}_fold{fold}.log"
         events = _run_worker(
@@ -778,12 +789,18 @@ def _fold_events(
         elif kind == "fold_done":
             dice = dice_summary(model_folder, folds=[fold])["per_class"]
             text = ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+            warning = _unlearned_warning(model_folder, fold)
+            if warning:
+                log.warning(warning)
             yield TrainEvent(
                 "fold_done",
                 fold=fold,
-                message=f"fold {fold}: done" + (f" (validation Dice: {text})" if text else ""),
+                message=f"fold {fold}: done"
+                + (f" (validation Dice: {text})" if text else "")
+                + (f"; {warning}" if warning else ""),
                 model_folder=model_folder,
                 dice=dice,
+                warning=warning,
             )
         elif kind == "step":
             yield TrainEvent("step", fold=fold, message=ev["message"])
@@ -800,6 +817,32 @@ def _fold_events(
                 f"training of fold {fold} was stopped from outside at epoch {ev['epoch'] + 1}; "
                 f"{ev['checkpoint']} was saved: train again with resume=True (--resume) to continue"
             )
+
+
+def unlearned_classes(model_folder: str | os.PathLike, fold: int | str) -> dict[str, float]:
+    """Classes (background included) whose pseudo Dice in the fold's last epoch is below
+    :data:`UNLEARNED_DICE`: the model predicts almost none of them, however healthy the
+    loss looks (a rare class can sit at 0 for the first epochs, then rise)."""
+    rows = [r for r in read_progress(model_folder) if r["fold"] == str(fold)]
+    if not rows:
+        return {}
+    last = rows[-1]
+    return {
+        k.removeprefix("dice_"): v
+        for k, v in last.items()
+        if k.startswith("dice_") and v < UNLEARNED_DICE
+    }
+
+
+def _unlearned_warning(model_folder: Path, fold: int | str) -> str:
+    low = unlearned_classes(model_folder, fold)
+    if not low:
+        return ""
+    names = ", ".join(f"{k} (pseudo Dice {v:.3f})" for k, v in low.items())
+    return (
+        f"fold {fold} has not learned {names} by its last epoch: the model predicts almost "
+        "none of it. Train longer (more epochs) or annotate more of it"
+    )
 
 
 def read_progress(model_folder: str | os.PathLike) -> list[dict]:

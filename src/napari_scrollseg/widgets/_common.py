@@ -6,7 +6,8 @@
   ``done`` / ``total``, a failure becomes ONE napari notification, and ``worker.quit()``
   (the row's Cancel) closes the generator in its own thread, so the engine's ``finally``
   blocks clean up.
-- :func:`notify_error` / :func:`notify_info`: the one way widgets report to the user.
+- :func:`notify_error` / :func:`notify_info` / :func:`notify_warning`: the one way widgets
+  report to the user.
 - :func:`session`: the small shared state (last dataset exported, models trained) through
   which widgets talk without importing each other.
 - :func:`image_layers` / :func:`pick_image_layer` / :func:`level0`: 3D image layers.
@@ -46,6 +47,7 @@ __all__ = [
     "level0",
     "notify_error",
     "notify_info",
+    "notify_warning",
     "pick_image_layer",
     "qt_alive",
     "session",
@@ -81,6 +83,13 @@ def notify_info(message: str) -> None:
     from napari.utils.notifications import show_info
 
     show_info(message)
+
+
+def notify_warning(message: str) -> None:
+    """Show one napari warning notification."""
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
 
 
 # -- running engine generators ----------------------------------------------------------

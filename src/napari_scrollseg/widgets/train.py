@@ -33,6 +33,7 @@ from napari_scrollseg.widgets._common import (
     ProgressRow,
     notify_error,
     notify_info,
+    notify_warning,
     session,
     start_worker,
 )
@@ -330,6 +331,8 @@ class TrainWidget(QWidget):
                 )
             if event.model_folder is not None:
                 session().add_trained_model(event.model_folder)
+            if event.warning:
+                notify_warning(event.warning)
         elif event.kind == "done":
             if event.model_folder is not None:
                 session().add_trained_model(event.model_folder)
