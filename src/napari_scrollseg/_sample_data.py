@@ -6,6 +6,7 @@ from typing import Any
 
 from napari_scrollseg._reader import (
     ATTENUATION_3D,
+    AXIS_LABELS,
     RENDERING_3D,
     contrast_limits,
     see_through_background,
@@ -21,7 +22,8 @@ def phantom_sample() -> list[LayerData]:
 
     Both layers carry the phantom's spacing as ``scale``; the truth uses the class
     colours and names of :mod:`napari_scrollseg.engine.phantom` (1 air, 2 papyrus, 3 ink).
-    Display defaults as the reader's (percentile contrast, attenuated MIP, air transparent).
+    Display defaults as the reader's (percentile contrast, attenuated MIP, air transparent,
+    axis labels z, y, x).
     """
     image, truth = make_phantom(DEFAULT_SHAPE)
     colormap = see_through_background(label_colormap(COLORS))  # as the reader
@@ -30,6 +32,7 @@ def phantom_sample() -> list[LayerData]:
     image_meta = {
         "name": "phantom",
         "scale": SPACING,
+        "axis_labels": AXIS_LABELS,
         "contrast_limits": contrast_limits(image),
         "rendering": RENDERING_3D,
         "attenuation": ATTENUATION_3D,
@@ -38,6 +41,7 @@ def phantom_sample() -> list[LayerData]:
     truth_meta = {
         "name": "truth",
         "scale": SPACING,
+        "axis_labels": AXIS_LABELS,
         "colormap": colormap,
         "features": {"index": values, "class": [names.get(v, "unlabeled") for v in values]},
         "metadata": {"spacing": SPACING},

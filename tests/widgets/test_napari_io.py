@@ -48,6 +48,7 @@ def test_sample_phantom(viewer):
     assert set(np.unique(truth.data)) == {1, 2, 3}
     np.testing.assert_allclose(_rgba(truth, INK), np.array(COLORS[INK]) / 255, atol=1e-6)
     assert list(truth.features["class"]) == ["unlabeled", "air", "papyrus", "ink"]
+    assert image.axis_labels == truth.axis_labels == viewer.dims.axis_labels == ("z", "y", "x")
 
 
 # -- reader: each volume form -----------------------------------------------------------

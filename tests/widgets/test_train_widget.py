@@ -148,6 +148,7 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     warnings = [m for m in messages if m.startswith("warning: ")]
     assert len(warnings) == bool(low), (low, messages)
     assert all(f"{name} (pseudo Dice" in warnings[0] for name in low)
+    assert ("warning: fold 0 has not learned" in widget.dice_label.text()) == bool(low)
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
     assert model in session().trained_models
     assert "fold 0 validation Dice: air" in widget.dice_label.text()  # every class

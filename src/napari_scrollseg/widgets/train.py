@@ -331,7 +331,8 @@ class TrainWidget(QWidget):
                 )
             if event.model_folder is not None:
                 session().add_trained_model(event.model_folder)
-            if event.warning:
+            if event.warning:  # also kept in the widget: a later toast hides this one
+                self.dice_label.setText(self.dice_label.text() + f"warning: {event.warning}\n")
                 notify_warning(event.warning)
         elif event.kind == "done":
             if event.model_folder is not None:
