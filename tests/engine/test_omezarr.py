@@ -106,7 +106,7 @@ def test_independent_reader_opens_it(phantom_zarr):
 def test_pyramid_is_the_same_on_any_number_of_threads(tmp_path, reduction):
     """Levels are written one target chunk per task: 8 threads (a many-CPU GPU machine,
     ``pyramid_threads``) give the same bytes as one."""
-    from napari_scrollseg.engine.predict.store import pyramid_threads
+    from napari_scrollseg.engine.predict.pyramid import pyramid_threads
 
     assert [pyramid_threads(n) for n in (1, 2, 6, 16, 64)] == [2, 2, 3, 8, 8]
     rng = np.random.default_rng(3)

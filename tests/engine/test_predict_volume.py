@@ -82,10 +82,27 @@ def case(tmp_path_factory: pytest.TempPathFactory, tiny_model_3d: Path) -> dict:
     }
 
 
+def _levels(out: Path) -> list[np.ndarray]:
+    """Every pyramid level of the probabilities and of the labels, as stored."""
+    import zarr
+
+    found = []
+    for image in (out, out / "labels" / "prediction"):
+        group = zarr.open_group(str(image), mode="r")
+        paths = [d["path"] for d in group.attrs["multiscales"][0]["datasets"]]
+        found += [group[p][:] for p in paths]
+    return found
+
+
 def _assert_same_as(case: dict, out: Path) -> None:
+    """The same level 0 as the reference run, and the same coarser levels."""
     probs, labels = _read(out)
     np.testing.assert_array_equal(labels, case["labels"])
     np.testing.assert_array_equal(probs, case["probs"])
+    ours, ref = _levels(out), _levels(case["ref"])
+    assert len(ours) == len(ref)
+    for level, (a, b) in enumerate(zip(ours, ref)):
+        np.testing.assert_array_equal(a, b, err_msg=f"level {level}")
 
 
 def _assert_close_to(case: dict, out: Path, box: tuple[slice, ...] = ()) -> None:
@@ -564,3 +581,36 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_coarser_levels_equal_a_pass_over_level_0_after_a_stop_and_resume(
+    tiny_model_3d: Path, tmp_path: Path
+) -> None:
+    """The levels built while the chunks land (stopped after a few, then resumed) are
+    those :func:`write_pyramid` derives from the finished level 0."""
+    import shutil
+
+    from napari_scrollseg.engine.omezarr import write_image, write_pyramid
+    from napari_scrollseg.engine.predict_volume import iter_predict_volume
+
+    image = blocky_volume((64, 72, 70), seed=2)  # two levels, edge chunks on both
+    write_image(tmp_path / "vol.zarr", image, spacing=(1.0, 1.0, 1.0), chunks=(32, 32, 32))
+    out = tmp_path / "out.zarr"
+    options = {"chunk": (16, 32, 32), "folds": FOLDS, "device": "cpu", "num_workers": 2}
+    gen = iter_predict_volume(tiny_model_3d, tmp_path / "vol.zarr", out, **options)
+    for ev in gen:
+        if ev.chunks_done >= 4:
+            break
+    gen.close()
+    assert 4 <= len(_done(out)) < ev.chunks_total
+    events = list(iter_predict_volume(tiny_model_3d, tmp_path / "vol.zarr", out, **options))
+    assert events[-1].stage == "done"
+    assert events[-1].chunks_resumed >= 4
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(out, copy)
+    write_pyramid(copy, reduction="mean", threads=1)
+    write_pyramid(copy / "labels" / "prediction", reduction="mode", threads=1)
+    ours, full = _levels(out), _levels(copy)
+    assert len(ours) == 4  # probabilities and labels, two levels each
+    for level, (a, b) in enumerate(zip(ours, full)):
+        np.testing.assert_array_equal(a, b, err_msg=f"level {level}")

@@ -273,6 +273,25 @@ def downsample(arr: da.Array, axes: str, reduction: Reduction, factor: int = 2) 
     return da.map_blocks(_reduce_block, arr, factors, reduction, dtype=arr.dtype, chunks=out_chunks)
 
 
+def downsample_chunk(
+    source: zarr.Array,
+    target: zarr.Array,
+    start: Sequence[int],
+    factors: tuple[int, ...],
+    reduction: Reduction,
+) -> None:
+    """Fill the chunk of ``target`` that starts at ``start`` from the ``source`` box under
+    it (whole zarr chunks when the chunk shapes match): read, reduce, write."""
+    from napari_scrollseg.engine.zarr_chunks import read_box, write_box
+
+    dst = tuple(slice(a, min(a + c, s)) for a, c, s in zip(start, target.chunks, target.shape))
+    src = tuple(
+        slice(d.start * f, min(d.stop * f, s)) for d, f, s in zip(dst, factors, source.shape)
+    )
+    small = _reduce_block(read_box(source, src), factors, reduction)
+    write_box(target, dst, small[tuple(slice(0, d.stop - d.start) for d in dst)])
+
+
 def _downsample_level(
     source: zarr.Array,
     target: zarr.Array,
@@ -280,26 +299,30 @@ def _downsample_level(
     reduction: Reduction,
     threads: int,
 ) -> None:
-    """Fill ``target`` from ``source``, one whole target chunk per step: read the source
-    box under it (whole zarr chunks when the chunk shapes match), reduce, write."""
+    """Fill ``target`` from ``source``, one whole target chunk per step
+    (:func:`downsample_chunk`, ``threads`` at once)."""
     import itertools
     from concurrent.futures import ThreadPoolExecutor
 
-    if reduction not in ("mean", "max", "mode", "nearest"):
-        raise ScrollsegError(f"unknown reduction {reduction!r}; use mean, max, mode or nearest")
+    check_reduction(reduction)
     grid = [range(0, s, c) for s, c in zip(target.shape, target.chunks)]
 
     def one(start: tuple[int, ...]) -> None:
-        dst = tuple(slice(a, min(a + c, s)) for a, c, s in zip(start, target.chunks, target.shape))
-        src = tuple(
-            slice(d.start * f, min(d.stop * f, s)) for d, f, s in zip(dst, factors, source.shape)
-        )
-        small = _reduce_block(np.asarray(source[src]), factors, reduction)
-        target[dst] = small[tuple(slice(0, d.stop - d.start) for d in dst)]
+        downsample_chunk(source, target, start, factors, reduction)
 
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="scrollseg-pyramid") as pool:
         for _ in pool.map(one, itertools.product(*grid)):
             pass
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "max", "mode", "nearest"):
+        raise ScrollsegError(f"unknown reduction {reduction!r}; use mean, max, mode or nearest")
+
+
+def pyramid_factors(axes: str) -> tuple[int, ...]:
+    """The downsampling factor of each axis from one level to the next: 2 on spatial axes."""
+    return tuple(2 if a in SPATIAL else 1 for a in axes)
 
 
 def write_pyramid(
@@ -319,7 +342,7 @@ def write_pyramid(
     ms = group.attrs["multiscales"][0]
     axes = "".join(a["name"] for a in ms["axes"])
     paths = [d["path"] for d in ms["datasets"]]
-    factors = tuple(2 if a in SPATIAL else 1 for a in axes)
+    factors = pyramid_factors(axes)
     threads = 1 if scheduler in ("synchronous", "sync", "single-threaded") else threads
     for src, dst in zip(paths[:-1], paths[1:]):
         _downsample_level(group[src], group[dst], factors, reduction, threads)

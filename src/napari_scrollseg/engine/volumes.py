@@ -264,8 +264,13 @@ def check_geometry(volume: Volume) -> None:
 
 
 def read_block(arr: Any, index: tuple, source: str) -> np.ndarray:
-    """``np.asarray(arr[index])``, a damaged chunk or lost connection as one clear error."""
+    """``np.asarray(arr[index])``, a damaged chunk or lost connection as one clear error
+    (local zarr v2 chunks are read in this thread: :mod:`.zarr_chunks`)."""
+    from napari_scrollseg.engine.zarr_chunks import raw_chunks, read_box
+
     try:
+        if raw_chunks(arr) is not None:
+            return read_box(arr, index)
         return to_numpy(arr[index])
     except ScrollsegError:
         raise

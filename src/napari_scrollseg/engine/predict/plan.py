@@ -116,6 +116,7 @@ def plan(
         for st, p, (lo, hi), c, n, k in zip(axis_starts, patch, roi, chunks, n_chunks, group)
     ]
     blocks: dict[Index, Block | None] = {}
+    names: dict[Index, Index] = {}
     tiles_total = tiles_skipped = 0
     out: list[Chunk] = []
     for c in itertools.product(*(range(n) for n in n_chunks)):
@@ -125,6 +126,7 @@ def plan(
         found = []
         for b in itertools.product(*(x.sources[i] for x, i in zip(ax, local))):
             index = (*g, *b)
+            index = names.setdefault(index, index)  # one tuple per block, shared by chunks
             if index not in blocks:
                 tiles = list(itertools.product(*(x.owned[i] for x, i in zip(ax, b))))
                 kept = tuple(t for t in tiles if keep is None or keep(t))

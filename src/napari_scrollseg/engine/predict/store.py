@@ -1,5 +1,5 @@
 """The prediction output store: location checks, provenance and resume, creation, the run
-lock, done markers and partial sums, the pyramid.
+lock, done markers and partial sums (the pyramid: :mod:`.pyramid`).
 
 An output is an OME-Zarr (probabilities, ``labels/prediction``) with its provenance in
 the ``scrollseg`` attributes; ``OUT.zarr/.scrollseg/`` holds the run's state: ``done/<chunk>``
@@ -198,30 +198,3 @@ def output_array(path: str, run: str, write_empty_chunks: bool) -> Any:
 
     arr = zarr.open_array(path, mode="r+")
     return arr.with_config({"write_empty_chunks": True}) if write_empty_chunks else arr
-
-
-def pyramid_threads(cpus: int | None = None) -> int:
-    """Threads for each of the two pyramids: half the CPUs, 2 to 8. The pyramid runs after
-    the last chunk, with nothing else to overlap: on a 16-CPU GPU machine it was a third
-    of the pipeline's wall time with 2 threads each."""
-    cpus = cpus or os.cpu_count() or 2
-    return max(2, min(8, cpus // 2))
-
-
-def write_pyramids(out: Path, *, prob_reduction: str, label_reduction: str) -> None:
-    """The coarser levels of the probabilities and of the labels (side by side, each
-    with :func:`pyramid_threads`)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from napari_scrollseg.engine.omezarr import write_pyramid
-
-    threads = pyramid_threads()
-    with ThreadPoolExecutor(1, thread_name_prefix="scrollseg-pyramid") as pool:
-        labels_pyramid = pool.submit(
-            write_pyramid,
-            out / "labels" / LABELS_NAME,
-            reduction=label_reduction,
-            threads=threads,
-        )
-        write_pyramid(out, reduction=prob_reduction, threads=threads)
-        labels_pyramid.result()

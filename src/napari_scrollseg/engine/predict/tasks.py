@@ -38,6 +38,7 @@ from napari_scrollseg.engine.predict.store import (
     partial_path,
 )
 from napari_scrollseg.engine.predict.store import key as file_key
+from napari_scrollseg.engine.zarr_chunks import write_box
 
 if TYPE_CHECKING:
     from napari_scrollseg.engine.predict.plan import Plan
@@ -355,9 +356,9 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
         # probabilities hold 255 for class 0 wherever nothing was predicted: never all zero
         probs_arr = output_array(job.probs_path, job.run, True)
         labels_arr = output_array(job.labels_path, job.run, False)
-        probs_arr[(slice(None), *local)] = probs8
+        write_box(probs_arr, (slice(0, probs8.shape[0]), *local), probs8)
         # stored in the annotation's class ids: nnU-Net label k-1 is class k
-        labels_arr[local] = np.add(labels, 1, dtype=labels_arr.dtype)
+        write_box(labels_arr, local, np.add(labels, 1, dtype=labels_arr.dtype))
     marker = Path(spec.marker)
     atomic_touch(marker)
     # free the partials that every reader has now consumed
@@ -393,15 +394,22 @@ def build_graph(the_plan: Plan, job: Job, pending: Sequence[tuple[int, ...]], to
     state = Path(job.state)
     chunks = {c.index: c for c in the_plan.chunks}
     todo = set(pending)
+    names = {c: (file_key(c), chunks[c].box) for c in todo}  # shared by the blocks read
     specs = {
         i: BlockSpec(
             i,
             b.tiles,
             b.ext,
             str(partial_path(state, i)),
-            tuple((file_key(c), chunks[c].box) for c in the_plan.consumers[i] if c in todo),
+            tuple(names[c] for c in the_plan.consumers[i] if c in todo),
         )
         for i, b in the_plan.blocks.items()
+    }
+    markers = {c: str(marker_path(state, c)) for c in chunks}
+    # one tuple of done markers per block, shared by every chunk that reads the block: a
+    # tuple per (chunk, block) grew as chunks x 27 x 27 strings (gigabytes on a scroll)
+    readers_done = {
+        b: tuple(markers[c] for c in consumers) for b, consumers in the_plan.consumers.items()
     }
     dsk: dict = {}
     block_keys: dict[tuple[int, ...], tuple] = {}
@@ -415,12 +423,9 @@ def build_graph(the_plan: Plan, job: Job, pending: Sequence[tuple[int, ...]], to
         spec = ChunkSpec(
             index=index,
             box=chunk.box,
-            marker=str(marker_path(state, index)),
+            marker=markers[index],
             blocks=tuple(specs[b] for b in chunk.sources),
-            consumers=tuple(
-                tuple(str(marker_path(state, c)) for c in the_plan.consumers[b])
-                for b in chunk.sources
-            ),
+            consumers=tuple(readers_done[b] for b in chunk.sources),
         )
         key = (f"scrollseg-chunk-{token}", *index)
         chunk_keys.append(key)

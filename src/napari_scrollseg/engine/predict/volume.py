@@ -41,6 +41,7 @@ from napari_scrollseg.engine.predict import store
 from napari_scrollseg.engine.predict.events import BEAT_S, PredictProgress, Tally, bar_state
 from napari_scrollseg.engine.predict.partials import PartialSums, budget, place
 from napari_scrollseg.engine.predict.plan import Plan, plan
+from napari_scrollseg.engine.predict.pyramid import PyramidFront
 from napari_scrollseg.engine.predict.schedule import (
     CancelEvent,
     iter_in_thread,
@@ -241,33 +242,45 @@ def _iter_run(
             held / 2**20,
         )
         yield tally.event("predict")
-        if graph.keys:
-            passes0 = session.forward_passes  # threaded: the tasks run in this session
-            runner = (
-                run_windowed(graph.chunk_order, graph.dsk, cfg.num_workers, cancel, every=BEAT_S)
-                if client is None
-                else run_distributed(client, graph.dsk, graph.keys)
-            )
-            with contextlib.closing(runner):
-                for key, result in runner:
-                    if key is None:  # a beat: count the tiles of blocks still running
-                        moved = tally.beat(session.forward_passes - passes0)
-                    else:
-                        moved = tally.add(key, result)
-                    if moved:
-                        yield tally.event("predict")
-        if tally.chunks_done < tally.chunks_total:  # pragma: no cover - runners finish all
-            raise ScrollsegError(
-                f"only {tally.chunks_done} of {tally.chunks_total} chunks were written; run again"
-            )
         if run.was_complete and not graph.keys:  # a finished output: nothing to redo
             yield tally.event("done")
             return run.out
-        yield tally.event("pyramid")
-        with session.stats.time("pyramid"):
-            store.write_pyramids(
-                run.out, prob_reduction=cfg.prob_reduction, label_reduction=cfg.label_reduction
-            )
+        front = PyramidFront(  # coarser levels while the chunks land
+            [
+                (run.out, cfg.prob_reduction),
+                (run.out / "labels" / store.LABELS_NAME, cfg.label_reduction),
+            ],
+            stats=session.stats,
+        )
+        with contextlib.closing(front):
+            for index in sorted(done):  # written by an earlier run
+                front.chunk_done(index)
+            if graph.keys:
+                passes0 = session.forward_passes  # threaded: the tasks run in this session
+                runner = (
+                    run_windowed(
+                        graph.chunk_order, graph.dsk, cfg.num_workers, cancel, every=BEAT_S
+                    )
+                    if client is None
+                    else run_distributed(client, graph.dsk, graph.keys)
+                )
+                with contextlib.closing(runner):
+                    for key, result in runner:
+                        if key is None:  # a beat: count the tiles of blocks still running
+                            moved = tally.beat(session.forward_passes - passes0)
+                        else:
+                            moved = tally.add(key, result)
+                            if "chunk" in result:
+                                front.chunk_done(result["chunk"])
+                        if moved:
+                            yield tally.event("predict")
+            if tally.chunks_done < tally.chunks_total:  # pragma: no cover - runners finish all
+                raise ScrollsegError(
+                    f"only {tally.chunks_done} of {tally.chunks_total} chunks were written; "
+                    "run again"
+                )
+            yield tally.event("pyramid")  # the coarser chunks still queued
+            front.finish()
         shutil.rmtree(run.state / "partial", ignore_errors=True)
         store.write_attrs(run.out, {**run.info, "complete": True})
         yield tally.event("done")
