@@ -4,7 +4,7 @@
 # writes JSON under $OUT, so a slow step loses only itself.
 #
 #   bash benchmarks/gpu_session.sh            # every group (about 14 min: over one 10-min call)
-#   bash benchmarks/gpu_session.sh quick      # ceiling + 192x384x384 with and without mirror (~5 min)
+#   bash benchmarks/gpu_session.sh quick      # ceiling (3 and 6 threads) + 192x384x384 with and without mirror (~6 min)
 #   bash benchmarks/gpu_session.sh large      # the 8x volume (384x768x768), both runs (~8 min)
 #
 # Figures: pipeline ceiling on CUDA (Mvox/s, time split, partial sums in memory);
@@ -49,6 +49,10 @@ for g in "${groups[@]}"; do
         step ceiling-cuda-nnunet 90 "$PY" benchmarks/pipeline_ceiling.py --device cuda \
             --preset nnunet --shape 192 384 384 --chunk 128 --batch-size 2 \
             --work "$WORK/ceiling" --out-json "$OUT/ceiling-cuda-nnunet.json"
+        # host threads: does the default 3 keep up once the device does the sums?
+        step ceiling-cuda-nnunet-t6 90 "$PY" benchmarks/pipeline_ceiling.py --device cuda \
+            --preset nnunet --shape 192 384 384 --chunk 128 --batch-size 2 --threads 6 \
+            --work "$WORK/ceiling" --out-json "$OUT/ceiling-cuda-nnunet-t6.json"
         predict predict-nnunet-1x 110 1
         predict predict-nnunet-1x-mirror 150 1 --mirror
         ;;

@@ -266,8 +266,8 @@ def test_bad_form_values_are_one_message_each(widget, dataset, messages):
 
 
 def test_fine_tuning_fields_reach_the_training(widget, dataset, tmp_path, messages):
-    """Fine-tune from a checkpoint at another learning rate: both reach ``train``'s
-    options (the fields the CLI's ``--pretrained-weights``/``--learning-rate`` set)."""
+    """Fine-tune from a checkpoint at another learning rate, with a seed: they reach
+    ``train``'s options (the CLI's ``--pretrained-weights``/``--learning-rate``/``--seed``)."""
     import inspect
 
     from napari_scrollseg.engine.train import train
@@ -276,17 +276,24 @@ def test_fine_tuning_fields_reach_the_training(widget, dataset, tmp_path, messag
     options = widget.options()
     assert options["pretrained_weights"] is None  # empty fields: from scratch, nnU-Net's rate
     assert options["learning_rate"] is None
+    assert options["seed"] is None  # unseeded, as nnU-Net
     checkpoint = tmp_path / "checkpoint_final.pth"
     checkpoint.write_bytes(b"")
     widget.pretrained.value = checkpoint
     widget.learning_rate.value = "0.001"
+    widget.seed.value = " 7 "
     options = widget.options()
     assert options["pretrained_weights"] == checkpoint
     assert options["learning_rate"] == 0.001
+    assert options["seed"] == 7
     inspect.signature(train).bind(options.pop("dataset_dir"), **options)  # train takes them
     widget.learning_rate.value = "fast"
     widget.train_button.clicked()
     assert messages == ["error: learning rate must be a number above 0 (e.g. 0.001), got 'fast'"]
+    widget.learning_rate.value = ""
+    widget.seed.value = "-1"
+    widget.train_button.clicked()
+    assert messages[-1] == "error: seed must be a whole number (e.g. 0), got '-1'"
     assert not widget.running
 
 

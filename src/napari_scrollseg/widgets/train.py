@@ -117,6 +117,14 @@ class TrainWidget(QWidget):
             value="",
             tooltip="empty: nnU-Net's 0.01; e.g. 0.001 to fine-tune",
         )
+        self.seed = LineEdit(
+            label="seed",
+            value="",
+            tooltip=(
+                "a whole number seeds the training: repeatable with the small CPU network "
+                "(augmentation in the training process); empty: unseeded, as nnU-Net"
+            ),
+        )
         self.train_button = PushButton(text="Train")
         self.resume_button = PushButton(text="Resume")
         self.form = Container(
@@ -132,6 +140,7 @@ class TrainWidget(QWidget):
                 self.validate,
                 self.pretrained,
                 self.learning_rate,
+                self.seed,
                 Container(
                     widgets=[self.train_button, self.resume_button],
                     layout="horizontal",
@@ -203,6 +212,7 @@ class TrainWidget(QWidget):
             "nice": NICE,
             "pretrained_weights": self._pretrained(),
             "learning_rate": self._learning_rate(),
+            "seed": self._seed(),
         }
 
     def _pretrained(self) -> Path | None:
@@ -222,6 +232,14 @@ class TrainWidget(QWidget):
                 f"learning rate must be a number above 0 (e.g. 0.001), got {text!r}"
             )
         return rate
+
+    def _seed(self) -> int | None:
+        text = str(self.seed.value).strip()
+        if not text:
+            return None
+        if not text.isdigit():
+            raise ScrollsegError(f"seed must be a whole number (e.g. 0), got {text!r}")
+        return int(text)
 
     # -- running ---------------------------------------------------------------------------
     @property

@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from napari_scrollseg.engine.predict.tasks import trim_heap
+
 __all__ = ["PyramidFront", "pyramid_threads"]
 
 Index = tuple[int, ...]
@@ -152,6 +154,10 @@ class PyramidFront:
             img.downsample(level, index, self.chunks[level])
         if self.stats is not None:
             self.stats.add("pyramid", time.perf_counter() - t0)
+        # each thread's arena keeps what it freed (reads, sums, encodings: a few MB a
+        # chunk), which glibc then does not hand back: 2.8 GB peak RSS instead of 1.2 GB
+        # on a 256x512x512 run with two pyramid threads
+        trim_heap()
         self._written_at(level, index)
 
     def _landed(self, future: Future) -> None:

@@ -308,6 +308,14 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+def trim_heap() -> None:
+    """Hand the memory the heap has freed back to the system (glibc's ``malloc_trim``,
+    every thread's arena; elsewhere nothing)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     """Sum the partials over a chunk and finalise it where they are (the session's device),
     write it, then mark it done. Only the uint8 probabilities and labels reach the host."""
@@ -365,9 +373,8 @@ def finish_chunk(job: Job, spec: ChunkSpec, *_blocks: dict) -> dict:
     for block, consumers in zip(spec.blocks, spec.consumers):
         if all(Path(c).exists() for c in consumers):
             job.partials.drop(block.partial)
-    trim = _malloc_trim()
-    if trim is not None and next(_FINISHED) % TRIM_EVERY == 0:
-        trim(0)  # hand freed sums back to the system: else the heap keeps the front's peak
+    if next(_FINISHED) % TRIM_EVERY == 0:
+        trim_heap()  # hand freed sums back to the system: else the heap keeps the front's peak
     return {"chunk": spec.index, "voxels": int(np.prod(shape))}
 
 
