@@ -265,7 +265,7 @@ def downsample(arr: da.Array, axes: str, reduction: Reduction, factor: int = 2) 
     """Downsample a dask array by ``factor`` along spatial axes, block by block."""
     import dask.array as da
 
-    factors = tuple(factor if a in SPATIAL else 1 for a in axes)
+    factors = pyramid_factors(axes, factor)
     # blocks must hold whole windows: rechunk to multiples of the factor
     chunks = tuple(max(f, (c // f) * f) for c, f in zip((c[0] for c in arr.chunks), factors))
     arr = arr.rechunk(chunks)
@@ -316,13 +316,15 @@ def _downsample_level(
 
 
 def check_reduction(reduction: str) -> None:
+    """A clear error for a reduction :func:`_reduce_block` does not know."""
     if reduction not in ("mean", "max", "mode", "nearest"):
         raise ScrollsegError(f"unknown reduction {reduction!r}; use mean, max, mode or nearest")
 
 
-def pyramid_factors(axes: str) -> tuple[int, ...]:
-    """The downsampling factor of each axis from one level to the next: 2 on spatial axes."""
-    return tuple(2 if a in SPATIAL else 1 for a in axes)
+def pyramid_factors(axes: str, factor: int = 2) -> tuple[int, ...]:
+    """The downsampling factor of each axis from one level to the next: ``factor`` on
+    spatial axes, 1 on the others."""
+    return tuple(factor if a in SPATIAL else 1 for a in axes)
 
 
 def write_pyramid(

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_scrollseg.engine.dask_compute import to_numpy
 from napari_scrollseg.engine.errors import ScrollsegError
 
 if TYPE_CHECKING:
@@ -266,12 +265,10 @@ def check_geometry(volume: Volume) -> None:
 def read_block(arr: Any, index: tuple, source: str) -> np.ndarray:
     """``np.asarray(arr[index])``, a damaged chunk or lost connection as one clear error
     (local zarr v2 chunks are read in this thread: :mod:`.zarr_chunks`)."""
-    from napari_scrollseg.engine.zarr_chunks import raw_chunks, read_box
+    from napari_scrollseg.engine.zarr_chunks import read_box
 
     try:
-        if raw_chunks(arr) is not None:
-            return read_box(arr, index)
-        return to_numpy(arr[index])
+        return read_box(arr, index)
     except ScrollsegError:
         raise
     except Exception as exc:  # codecs, zarr, tifffile, h5py, fsspec raise their own types

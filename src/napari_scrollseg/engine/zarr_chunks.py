@@ -150,12 +150,14 @@ def write_box(arr: Any, box: Box, data: np.ndarray) -> None:
 
 def read_box(arr: Any, box: Any) -> np.ndarray:
     """``arr[box]`` as numpy: chunk by chunk in this thread for a :func:`raw_chunks`
-    array and a box of plain slices, else through zarr."""
+    array and a box of plain slices, else through ``arr`` itself (zarr, dask, ...)."""
+    from napari_scrollseg.engine.dask_compute import to_numpy
+
     raw = raw_chunks(arr)
     plain = _plain(box, len(arr.shape)) if raw is not None else None
     ranges = _chunk_range(plain, raw, whole=False) if plain is not None else None
     if ranges is None:
-        return np.asarray(arr[box])
+        return to_numpy(arr[box])
     out = np.empty(tuple(b.stop - b.start for b in plain), raw.dtype)
     for index in itertools.product(*ranges):
         chunk = raw.read(index)

@@ -13,6 +13,7 @@ name, then renamed).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -40,14 +41,14 @@ class _Image:
     def __init__(self, path: Path, reduction: str) -> None:
         import zarr
 
-        from napari_scrollseg.engine.omezarr import check_reduction, pyramid_factors
+        from napari_scrollseg.engine.omezarr import SPATIAL, check_reduction, pyramid_factors
 
         check_reduction(reduction)
         group = zarr.open_group(str(path), mode="r+")
         ms = group.attrs["multiscales"][0]
         axes = "".join(a["name"] for a in ms["axes"])
         self.levels = [group[d["path"]] for d in ms["datasets"]]
-        self.spatial = [i for i, a in enumerate(axes) if a in "zyx"]
+        self.spatial = [i for i, a in enumerate(axes) if a in SPATIAL]
         self.factors = pyramid_factors(axes)
         self.reduction = reduction
 
@@ -138,7 +139,7 @@ class PyramidFront:
             for parent in self._parents(level, index):
                 left = self._remaining[level + 1].get(parent)
                 if left is None:
-                    left = len(list(itertools.product(*self._ranges(level + 1, parent))))
+                    left = math.prod(len(r) for r in self._ranges(level + 1, parent))
                 left -= 1
                 self._remaining[level + 1][parent] = left
                 if left == 0:
@@ -190,7 +191,4 @@ class PyramidFront:
 
 
 def _count(shape: Sequence[int], chunks: Sequence[int]) -> int:
-    n = 1
-    for s, c in zip(shape, chunks):
-        n *= -(-s // c)
-    return n
+    return math.prod(-(-s // c) for s, c in zip(shape, chunks))
