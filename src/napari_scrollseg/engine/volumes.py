@@ -747,15 +747,13 @@ class ChunkCache:
         missing = [i for i in itertools.product(*ranges) if i not in found]
         if missing:
             found.update(self._load(arr, missing))
+        from napari_scrollseg.engine.tiling import tile_overlap
+
         out = np.empty(tuple(b.stop - b.start for b in box), arr.dtype)
         for index, chunk in found.items():
             lo = [i * c for i, c in zip(index, arr.chunks)]
-            src, dst = [], []
-            for b, o, n in zip(box, lo, chunk.shape):
-                a, z = max(b.start, o), min(b.stop, o + n)
-                src.append(slice(a - o, z - o))
-                dst.append(slice(a - b.start, z - b.start))
-            out[tuple(dst)] = chunk[tuple(src)]
+            src, dst = tile_overlap(lo, chunk.shape, box)  # the chunk lies in the box's range
+            out[dst] = chunk[src]
         return out
 
     def _load(self, arr: _CheckedZarr, missing: list[tuple]) -> dict[tuple, np.ndarray]:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_scrollseg.engine.tiling import tile_overlap
+
 __all__ = ["RawChunks", "raw_chunks", "read_box", "write_box"]
 
 Box = tuple[slice, ...]
@@ -140,11 +142,7 @@ def write_box(arr: Any, box: Box, data: np.ndarray) -> None:
         arr[box] = data
         return
     for index in itertools.product(*ranges):
-        lo = [i * c for i, c in zip(index, raw.chunks)]
-        part = tuple(
-            slice(a - b.start, min(a + c, n) - b.start)
-            for a, b, c, n in zip(lo, box, raw.chunks, raw.shape)
-        )
+        _, part = tile_overlap([i * c for i, c in zip(index, raw.chunks)], raw.chunks, box)
         raw.write(index, data[part])
 
 
@@ -160,11 +158,6 @@ def read_box(arr: Any, box: Any) -> np.ndarray:
         return to_numpy(arr[box])
     out = np.empty(tuple(b.stop - b.start for b in plain), raw.dtype)
     for index in itertools.product(*ranges):
-        chunk = raw.read(index)
-        src, dst = [], []
-        for i, c, b in zip(index, raw.chunks, plain):
-            a, z = max(b.start, i * c), min(b.stop, (i + 1) * c)
-            src.append(slice(a - i * c, z - i * c))
-            dst.append(slice(a - b.start, z - b.start))
-        out[tuple(dst)] = chunk[tuple(src)]
+        src, dst = tile_overlap([i * c for i, c in zip(index, raw.chunks)], raw.chunks, plain)
+        out[dst] = raw.read(index)[src]
     return out
