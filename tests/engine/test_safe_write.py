@@ -117,11 +117,8 @@ def test_tidy_restores_the_old_state_and_drops_stale_partials(tmp_path):
     assert _hidden(tmp_path) == [live.name]
 
 
-def _run_and_kill(argv: list[str], watch: Path, delay: float) -> bool:
-    """Run the CLI; once it has started writing in ``watch``, kill -9 it after ``delay`` s.
-
-    Returns whether it was killed (False: it finished first).
-    """
+def _start_writing(argv: list[str], watch: Path) -> subprocess.Popen:
+    """Run the CLI and return once it has started writing in ``watch`` (or ended)."""
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(
         [sys.executable, "-m", "napari_scrollseg.cli", *argv],
@@ -133,7 +130,28 @@ def _run_and_kill(argv: list[str], watch: Path, delay: float) -> bool:
     while proc.poll() is None and time.monotonic() < deadline:
         if any(".partial-" in p.name for p in watch.iterdir()):
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
+    return proc
+
+
+def _seconds_writing(argv: list[str], watch: Path) -> float:
+    """How long an uninterrupted run goes on after it starts writing in ``watch``.
+
+    Kill moments are drawn within this span, so they fall while the run writes on a slow
+    machine and on a fast one alike.
+    """
+    proc = _start_writing(argv, watch)
+    start = time.monotonic()
+    assert proc.wait(timeout=120) == 0
+    return time.monotonic() - start
+
+
+def _run_and_kill(argv: list[str], watch: Path, delay: float) -> bool:
+    """Run the CLI; once it has started writing in ``watch``, kill -9 it after ``delay`` s.
+
+    Returns whether it was killed (False: it finished first).
+    """
+    proc = _start_writing(argv, watch)
     try:
         proc.wait(timeout=delay)
         return False
@@ -151,13 +169,13 @@ def test_phantom_killed_at_random_moments_leaves_nothing_that_opens(tmp_path):
     ref = tmp_path / "ref.zarr"
     assert main(["phantom", str(ref), "--shape", *shape]) == 0
     want = np.asarray(open_volume(ref).data)
+    span = _seconds_writing(["phantom", str(tmp_path / "timed.zarr"), "--shape", *shape], tmp_path)
     rng = random.Random(13)
     killed = 0
     for i in range(3):
         out = tmp_path / f"p{i}.zarr"
-        killed += _run_and_kill(
-            ["phantom", str(out), "--shape", *shape], tmp_path, rng.uniform(0, 1)
-        )
+        delay = rng.uniform(0, 0.8) * span
+        killed += _run_and_kill(["phantom", str(out), "--shape", *shape], tmp_path, delay)
         if out.exists():  # finished before the kill: whole
             np.testing.assert_array_equal(np.asarray(open_volume(out).data), want)
         assert main(["phantom", str(out), "--shape", *shape, "--overwrite"]) == 0
@@ -188,12 +206,15 @@ def test_export_new_or_append_killed_at_random_moments_leaves_old_or_new(tmp_pat
     first = _dataset_state(ref / "Dataset001_K")
     assert main([*base, "--out", str(ref), "--append"]) == 0
     new = _dataset_state(ref / "Dataset001_K")
+    timed = tmp_path / "timed"
+    timed.mkdir()
+    span = _seconds_writing([*base, "--out", str(timed)], timed)
     pick = random.Random(5)
     killed = 0
     for i in range(2):  # a new export: nothing or the whole dataset
         raw = tmp_path / f"new{i}"
         raw.mkdir()
-        killed += _run_and_kill([*base, "--out", str(raw)], raw, pick.uniform(0, 1.5))
+        killed += _run_and_kill([*base, "--out", str(raw)], raw, pick.uniform(0, 0.8) * span)
         ds = raw / "Dataset001_K"
         tidy(ds)
         if ds.exists():
@@ -208,7 +229,7 @@ def test_export_new_or_append_killed_at_random_moments_leaves_old_or_new(tmp_pat
         ds = raw / "Dataset001_K"
         old = _dataset_state(ds)
         argv = [*base, "--out", str(raw), "--append"]
-        killed += _run_and_kill(argv, raw, pick.uniform(0, 1.5))
+        killed += _run_and_kill(argv, raw, pick.uniform(0, 0.8) * span)
         tidy(ds)  # what the next export does first
         assert _dataset_state(ds) in (old, new)
         if _dataset_state(ds) == old:
