@@ -299,6 +299,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", help="the Dataset<ID>_<Name> folder written by `scrollseg export`")
     p.add_argument("--out", required=True, help="results folder (nnUNet_results)")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="follow this dataset's training left running (napari's 'Leave it running') "
+        "instead of starting one: its epochs so far, then new ones until it ends; Ctrl-C "
+        "stops following, the training goes on",
+    )
     add_options(p, TrainConfig)
 
 
@@ -326,7 +333,13 @@ def _run_train(args: argparse.Namespace) -> int:
             }
         return {"close": True} if ev.kind in ("fold_done", "done") else None
 
-    drive(train(args.dataset, results_dir=args.out, **config.kwargs()), bar=bar)
+    if args.follow:
+        from napari_scrollseg.engine.train_follow import follow
+
+        events = follow(args.dataset, args.out)
+    else:
+        events = train(args.dataset, results_dir=args.out, **config.kwargs())
+    drive(events, bar=bar)
     return 0
 
 

@@ -188,3 +188,24 @@ def test_every_dask_computation_goes_through_dask_compute() -> None:
             ):
                 found.append(f"{path.relative_to(root)}:{node.lineno} .{node.func.attr}(...)")
     assert found == [], "use napari_scrollseg.engine.dask_compute instead:\n" + "\n".join(found)
+
+
+def test_a_local_compute_does_not_import_distributed() -> None:
+    """dask looks for a distributed client by importing distributed (0.25-0.36 s with a
+    warm disk cache, on whatever thread computes: it holds the GIL, napari's GUI stalls);
+    none can exist before it is imported."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, dask.array as da\n"
+        "from napari_scrollseg.engine.dask_compute import compute\n"
+        "from napari_scrollseg.engine.normalization import nonzero_bbox\n"
+        "assert compute(da.ones(10, chunks=5).sum()) == (10,)\n"
+        "vol = da.zeros((1, 4, 6, 6), chunks=2); vol[0, 1, 2, 3] = 1\n"
+        "print(nonzero_bbox(vol), 'distributed' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split()[-1] == "False", out

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -316,7 +317,9 @@ def test_closing_napari_while_training_can_stop_it(widget, dataset, qtbot, messa
 
 
 @pytest.mark.slow
-def test_closing_napari_can_leave_the_training_running(widget, dataset, qtbot, messages):
+def test_closing_napari_can_leave_the_training_running_and_a_new_widget_follows_it(
+    widget, dataset, qtbot, messages, make_napari_viewer
+):
     widget.dataset.value = dataset["raw"]
     widget.epochs.value = 500
     widget.folds.value = "1"
@@ -340,8 +343,32 @@ def test_closing_napari_can_leave_the_training_running(widget, dataset, qtbot, m
         widget.train_button.clicked()
         qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
         assert f"still being trained by process {pid}" in messages[-1]
+        # napari opened again: its train widget tells of the training, Follow shows it
+        # (the epochs so far, then new ones) and Cancel stops it with a checkpoint
+        viewer = make_napari_viewer()
+        again = TrainWidget(viewer)
+        viewer.window.add_dock_widget(again, name="train")
+        again.results.value = widget.results.value
+        again.dataset.value = dataset["raw"]
+        assert again.follow_button.text == "Follow (running)"
+        assert sum(f"(process {pid}, left running)" in m for m in messages) == 1, messages
+        done, before = len(read_progress(model)), len(messages)
+        again.follow_button.clicked()
+        qtbot.waitUntil(lambda: again.curves.points() > done, timeout=120_000)
+        assert not again.train_button.enabled
+        assert sorted(e.epoch for e in again.curves.events) == list(range(again.curves.points()))
+        again.curves.wait()
+        qtbot.waitUntil(lambda: again.curves.shown is not None, timeout=10_000)
+        again.progress.cancel_button.click()
+        qtbot.waitUntil(lambda: not again.running, timeout=180_000)
+        assert again.last_event.kind == "stopped", messages[before:]
+        assert "stopped at epoch" in again.last_event.message
+        assert running_worker(model / "fold_1") is None
+        assert again.follow_button.enabled
+        assert not [m for m in messages[before:] if m.startswith("error")], messages
     finally:
-        os.kill(pid, signal.SIGTERM)  # it saves a checkpoint and stops
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # it saves a checkpoint and stops
         qtbot.waitUntil(lambda: running_worker(model / "fold_1") is None, timeout=120_000)
     assert (model / "fold_1" / "checkpoint_latest.pth").is_file()
 

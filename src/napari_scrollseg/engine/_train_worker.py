@@ -43,9 +43,8 @@ log = logging.getLogger(__name__)
 
 
 def emit(kind: str, **fields) -> None:
-    """Write one progress event line for the parent process (none once detached)."""
-    if _detached.is_set():
-        return
+    """Write one progress event line for the parent process (once detached, to the log,
+    where :func:`napari_scrollseg.engine.train_follow.follow` reads it)."""
     sys.stdout.write(MARKER + json.dumps({"kind": kind, **fields}) + "\n")
     sys.stdout.flush()
 
@@ -216,8 +215,10 @@ def _train(args: argparse.Namespace) -> int:
         _load_pretrained(trainer, args.pretrained_weights)
     pid_file = os.path.join(trainer.output_folder, PID_FILE)
     os.makedirs(trainer.output_folder, exist_ok=True)
-    with open(pid_file, "w") as f:
-        json.dump({"pid": os.getpid(), "started": time.time()}, f)
+    record = {"pid": os.getpid(), "started": time.time(), "epochs": trainer.num_epochs}
+    with open(pid_file + ".tmp", "w") as f:  # readers see all of it or nothing
+        json.dump({**record, "log": os.environ.get("SCROLLSEG_WORKER_LOG")}, f)
+    os.replace(pid_file + ".tmp", pid_file)
     stop["in_loop"] = True
     try:
         return _run(trainer, args, fold, stop)

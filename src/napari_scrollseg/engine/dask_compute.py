@@ -16,6 +16,7 @@ this thread's default scheduler, where ``dask.config.set`` would change every th
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ def thread_scheduler(scheduler: str) -> Iterator[None]:
 
 def _scheduler_kwargs(collections: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` plus this thread's ``callbacks=`` when a local scheduler will run them."""
+    import dask
     import dask.local
     import dask.multiprocessing
     import dask.threaded
@@ -60,12 +62,19 @@ def _scheduler_kwargs(collections: tuple[Any, ...], kwargs: dict[str, Any]) -> d
 
     if kwargs.get("scheduler") is None and getattr(_local, "scheduler", None):
         kwargs = {**kwargs, "scheduler": _local.scheduler}
+    dask_collections = [c for c in collections if is_dask_collection(c)]
+    if (
+        kwargs.get("scheduler") is None
+        and dask_collections
+        and "distributed" not in sys.modules
+        and dask.config.get("scheduler", None) is None
+    ):
+        # No client can exist before distributed is imported: naming the collections'
+        # default scheduler keeps dask from importing it (0.3 s here) to look for one.
+        kwargs = {**kwargs, "scheduler": dask_collections[0].__dask_scheduler__}
     if "callbacks" in kwargs:
         return kwargs
-    scheduler = get_scheduler(
-        scheduler=kwargs.get("scheduler"),
-        collections=[c for c in collections if is_dask_collection(c)],
-    )
+    scheduler = get_scheduler(scheduler=kwargs.get("scheduler"), collections=dask_collections)
     local = (dask.threaded.get, dask.local.get_sync, dask.multiprocessing.get)
     if scheduler in local or getattr(scheduler, "func", None) is dask.local.get_async:
         return {**kwargs, "callbacks": getattr(_local, "callbacks", ())}

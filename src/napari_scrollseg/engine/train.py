@@ -690,8 +690,9 @@ def train(
         if pid is not None:
             raise ScrollsegError(
                 f"fold {fold} is still being trained by process {pid} (left running, e.g. when "
-                f"napari closed); its curves: {model_folder / 'progress.png'}. Wait for it to "
-                f"finish, or stop it (kill {pid}: it saves a checkpoint), then resume"
+                f"napari closed); its curves: {model_folder / 'progress.png'}. Follow it (the "
+                f"train widget's Follow), wait for it to finish, or stop it (kill {pid}: it "
+                "saves a checkpoint), then resume"
             )
         args = [
             "train",

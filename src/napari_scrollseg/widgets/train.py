@@ -127,6 +127,11 @@ class TrainWidget(QWidget):
         )
         self.train_button = PushButton(text="Train")
         self.resume_button = PushButton(text="Resume")
+        self.follow_button = PushButton(
+            text="Follow",
+            tooltip="show a training left running when napari closed: its curves and "
+            "progress; Cancel stops it (a checkpoint is saved)",
+        )
         self.form = Container(
             widgets=[
                 self.dataset,
@@ -142,13 +147,14 @@ class TrainWidget(QWidget):
                 self.learning_rate,
                 self.seed,
                 Container(
-                    widgets=[self.train_button, self.resume_button],
+                    widgets=[self.train_button, self.resume_button, self.follow_button],
                     layout="horizontal",
                     labels=False,
                 ),
             ]
         )
         self.progress = ProgressRow(self, describe=self._describe)
+        self.progress.cancel_button.clicked.disconnect()  # here: stop first, then quit
         self.progress.cancel_button.clicked.connect(self._cancel_clicked)
         self.dice_label = QLabel("", self)
         self.dice_label.setWordWrap(True)
@@ -160,15 +166,20 @@ class TrainWidget(QWidget):
         layout.addWidget(self.dice_label)
         self.train_button.changed.connect(lambda _=None: self.start(resume=False))
         self.resume_button.changed.connect(lambda _=None: self.start(resume=True))
-        self.dataset.changed.connect(self._default_results)
-        session().follow(self, self._on_session)
-        self._default_results()
+        self.follow_button.changed.connect(lambda _=None: self.follow_running())
         self.worker: Any = None
         self._stop_event: threading.Event | None = None
         self._detach_event: threading.Event | None = None
         self.model_folder: Path | None = None
         self.last_event: TrainEvent | None = None
         self.event_times: list[tuple[float, str]] = []  # (perf_counter, kind)
+        self._offered: int | None = None  # the training left running we told of
+        self.dataset.changed.connect(self._default_results)
+        self.dataset.changed.connect(self._offer_follow)
+        self.results.changed.connect(self._offer_follow)
+        session().follow(self, self._on_session)
+        self._default_results()
+        self._offer_follow()
         self._close_guard = _CloseGuard(self)
         window = getattr(getattr(viewer, "window", None), "_qt_window", None)
         if window is not None:
@@ -258,28 +269,68 @@ class TrainWidget(QWidget):
             notify_error(exc)
             return None
         dataset = options.pop("dataset_dir")
+        self.curves.clear(resume=resume)
+        return self._launch(train, dataset, resume=resume, **options)
+
+    def follow_running(self) -> Any:
+        """Follow this dataset's training left running when napari closed (the engine's
+        :func:`~napari_scrollseg.engine.train_follow.follow`); returns the worker."""
+        from napari_scrollseg.engine.train_follow import follow
+
+        if self.running:
+            notify_info("a training is already running here")
+            return None
+        try:
+            options = self.options()
+        except ScrollsegError as exc:
+            notify_error(exc)
+            return None
+        self.curves.clear()
+        return self._launch(follow, options["dataset_dir"], options["results_dir"])
+
+    def _launch(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the engine call ``fn`` (train or follow) in the background, with Cancel
+        (``stop``) and "Leave it running" (``detach``) wired to it."""
         self._stop_event = threading.Event()
         self._detach_event = threading.Event()
-        self.curves.clear(resume=resume)
         self.dice_label.setText("")
         self.last_event = None
         self._set_running(True)
         self.worker = start_worker(
-            train,
-            dataset,
-            resume=resume,
+            fn,
+            *args,
             stop=self._stop_event,
             detach=self._detach_event,
-            **options,
+            **kwargs,
             on_event=self._on_event,
             progress=self.progress,
             on_finished=self._finished,
         )
         return self.worker
 
+    def _offer_follow(self, _value: Any = None) -> None:
+        """Say so when this dataset has a training left running (Follow shows it)."""
+        from napari_scrollseg.engine.train_follow import running_trainings
+
+        dataset, results = str(self.dataset.value), str(self.results.value)
+        if self.running or "." in (dataset, results) or "" in (dataset, results):
+            return
+        found = running_trainings(results, Path(dataset).name)
+        self.follow_button.text = "Follow (running)" if found else "Follow"
+        offered, self._offered = self._offered, found[0].pid if found else None
+        if found and offered != found[0].pid:  # once per training
+            run = found[0]
+            notify_info(
+                f"fold {run.fold} of {Path(dataset).name} is still being trained (process "
+                f"{run.pid}, left running): Follow shows its progress"
+            )
+
     def _cancel_clicked(self) -> None:
+        """Stop the training: ``stop`` is set before the worker is quit, so that the engine
+        call sees it even when it is closed at a yield (follow then stops the process)."""
         if self._stop_event is not None:
             self._stop_event.set()
+        self.progress.cancel()
 
     def stop(self, wait: bool = False, timeout: float = 180.0) -> None:
         """Stop the training (its subprocess saves a checkpoint and exits)."""
@@ -324,8 +375,8 @@ class TrainWidget(QWidget):
         return "stop" if clicked is stop else "leave" if clicked is leave else "cancel"
 
     def _set_running(self, running: bool) -> None:
-        self.train_button.enabled = not running
-        self.resume_button.enabled = not running
+        for button in (self.train_button, self.resume_button, self.follow_button):
+            button.enabled = not running
 
     def _finished(self) -> None:
         self.worker = None
