@@ -610,16 +610,35 @@ def test_a_class_left_unlearned_is_reported_at_the_fold_end(run, tmp_path):
     import csv
     import shutil
 
-    from napari_scrollseg.engine.train import UNLEARNED_DICE, unlearned_classes
+    from napari_scrollseg.engine.train import (
+        UNLEARNED_DICE,
+        _unlearned_warning,
+        dice_summary,
+        unlearned_classes,
+    )
 
     text = (run["model"] / "fold_0" / "progress.csv").read_text()
     last = list(csv.DictReader(text.splitlines()))[-1]
     low = {k[5:] for k, v in last.items() if k.startswith("dice_") and float(v) < UNLEARNED_DICE}
+    validation = dice_summary(run["model"], folds=[0])["per_class"]
+    low_val = {k for k, v in validation.items() if v < UNLEARNED_DICE}  # NaN: not held out
     fold_done = run["second"][-2]
     assert set(unlearned_classes(run["model"], 0)) == low
-    assert bool(fold_done.warning) == bool(low)
+    assert bool(fold_done.warning) == bool(low | low_val)
     for name in ("air", "papyrus", "ink"):
         assert (f"{name} (pseudo Dice" in fold_done.warning) == (name in low)
+        assert (f"validation Dice {validation.get(name, -1):.3f}" in fold_done.warning) == (
+            name in low_val
+        )
+    # a class learned in the epochs' pseudo Dice but not on the held-out cases is said too
+    fine = {"air": 0.9, "papyrus": 0.02, "ink": float("nan")}
+    empty = tmp_path / "no-progress"
+    (empty / "fold_0").mkdir(parents=True)
+    assert _unlearned_warning(empty, 0, fine) == (
+        "fold 0 has not learned papyrus (validation Dice 0.020) by its last epoch: the model "
+        "predicts almost none of it. Train longer (more epochs) or annotate more of it"
+    )
+    assert _unlearned_warning(empty, 0, {"air": 0.9}) == ""
     # the same run, had its last epoch never predicted ink
     copy = tmp_path / run["model"].name
     shutil.copytree(run["model"], copy)

@@ -20,7 +20,13 @@ from qtpy.QtGui import QCloseEvent
 from qtpy.QtWidgets import QApplication, QMessageBox
 
 from napari_scrollseg.engine._train_worker import FAULT_ENV
-from napari_scrollseg.engine.train import OOM_HINT, UNLEARNED_DICE, read_progress, running_worker
+from napari_scrollseg.engine.train import (
+    OOM_HINT,
+    UNLEARNED_DICE,
+    dice_summary,
+    read_progress,
+    running_worker,
+)
 from napari_scrollseg.widgets import _common
 from napari_scrollseg.widgets import train as train_module
 from napari_scrollseg.widgets._common import session
@@ -146,10 +152,14 @@ def test_one_epoch_from_the_widget_draws_curves_and_lists_the_model(
     assert {"dice_air", "dice_papyrus", "dice_ink", "epoch_time"} <= set(rows[0])
     # a class the one epoch left unpredicted is a napari warning, naming it
     low = [k[5:] for k, v in rows[0].items() if k.startswith("dice_") and v < UNLEARNED_DICE]
+    validation = dice_summary(model, folds=[0])["per_class"]
+    low_val = [k for k, v in validation.items() if v < UNLEARNED_DICE]
     warnings = [m for m in messages if m.startswith("warning: ")]
-    assert len(warnings) == bool(low), (low, messages)
+    assert len(warnings) == bool(low or low_val), (low, low_val, messages)
     assert all(f"{name} (pseudo Dice" in warnings[0] for name in low)
-    assert ("warning: fold 0 has not learned" in widget.dice_label.text()) == bool(low)
+    assert all(f"validation Dice {validation[name]:.3f}" in warnings[0] for name in low_val)
+    said = "warning: fold 0 has not learned" in widget.dice_label.text()
+    assert said == bool(low or low_val)
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
     assert model in session().trained_models
     assert "fold 0 validation Dice: air" in widget.dice_label.text()  # every class

@@ -74,8 +74,8 @@ class TrainEvent:
     (the last event; it has ``model_folder`` and ``dice``), ``"stopped"`` (the last
     event after ``stop`` was set) or ``"detached"`` (the last event after ``detach``
     was set: the training goes on without the caller). A ``"fold_done"`` whose last
-    epoch left a class all but unpredicted says so in ``warning`` (see
-    :func:`unlearned_classes`).
+    epoch, or whose validation, left a class all but unpredicted says so in ``warning``
+    (see :func:`unlearned_classes`).
     """
 
     kind: str
@@ -790,7 +790,7 @@ def _fold_events(
         elif kind == "fold_done":
             dice = dice_summary(model_folder, folds=[fold])["per_class"]
             text = ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
-            warning = _unlearned_warning(model_folder, fold)
+            warning = _unlearned_warning(model_folder, fold, dice)
             if warning:
                 log.warning(warning)
             yield TrainEvent(
@@ -798,7 +798,7 @@ def _fold_events(
                 fold=fold,
                 message=f"fold {fold}: done"
                 + (f" (validation Dice: {text})" if text else "")
-                + (f"; {warning}" if warning else ""),
+                + (f"; {warning.removeprefix(f'fold {fold} ')}" if warning else ""),
                 model_folder=model_folder,
                 dice=dice,
                 warning=warning,
@@ -835,14 +835,24 @@ def unlearned_classes(model_folder: str | os.PathLike, fold: int | str) -> dict[
     }
 
 
-def _unlearned_warning(model_folder: Path, fold: int | str) -> str:
-    low = unlearned_classes(model_folder, fold)
-    if not low:
+def _unlearned_warning(
+    model_folder: Path, fold: int | str, validation: dict[str, float] | None = None
+) -> str:
+    """One warning for the classes the fold has not learned: last-epoch pseudo Dice, and
+    validation Dice on the held-out cases (``validation``: per class, NaN where a class
+    is not in them) below :data:`UNLEARNED_DICE`."""
+    pseudo = unlearned_classes(model_folder, fold)
+    held_out = {k: v for k, v in (validation or {}).items() if v == v and v < UNLEARNED_DICE}
+    if not pseudo and not held_out:
         return ""
-    names = ", ".join(f"{k} (pseudo Dice {v:.3f})" for k, v in low.items())
+    names = []
+    for name in [*pseudo, *(k for k in held_out if k not in pseudo)]:
+        scores = [f"pseudo Dice {pseudo[name]:.3f}"] if name in pseudo else []
+        scores += [f"validation Dice {held_out[name]:.3f}"] if name in held_out else []
+        names.append(f"{name} ({', '.join(scores)})")
     return (
-        f"fold {fold} has not learned {names} by its last epoch: the model predicts almost "
-        "none of it. Train longer (more epochs) or annotate more of it"
+        f"fold {fold} has not learned {', '.join(names)} by its last epoch: the model "
+        "predicts almost none of it. Train longer (more epochs) or annotate more of it"
     )
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from napari_scrollseg.engine._train_worker import PID_FILE
@@ -113,13 +113,23 @@ def follow(
             f"that did not record its log: its curves are in {run.model_folder / 'progress.png'}"
         )
     offset = run.log.stat().st_size if run.log.exists() else 0  # before the replay: no gap
-    seen: dict[str, dict] = {}
+    state = _Following(run, stop, detach, poll, grace)
     try:
-        yield from _follow(run, offset, stop, detach, poll, grace, seen)
+        yield from _follow(state, offset)
     except GeneratorExit:  # closed early (napari's Cancel): stop the training if asked to
-        if stop is not None and stop.is_set() and "sigterm" not in seen:
+        if stop is not None and stop.is_set() and "sigterm" not in state.seen:
             _terminate(run.pid)
         raise
+
+
+@dataclass
+class _Following:
+    run: RunningTraining
+    stop: threading.Event | None
+    detach: threading.Event | None
+    poll: float
+    grace: float
+    seen: dict[str, dict] = field(default_factory=dict)  # the last event of each kind
 
 
 def _terminate(pid: int) -> None:
@@ -127,15 +137,8 @@ def _terminate(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)  # it saves a checkpoint and exits
 
 
-def _follow(
-    run: RunningTraining,
-    offset: int,
-    stop: threading.Event | None,
-    detach: threading.Event | None,
-    poll: float,
-    grace: float,
-    seen: dict[str, dict],
-) -> Iterator[TrainEvent]:
+def _follow(state: _Following, offset: int) -> Iterator[TrainEvent]:
+    run, seen = state.run, state.seen
     yield TrainEvent(
         "step",
         fold=run.fold,
@@ -148,7 +151,7 @@ def _follow(
         if row["fold"] == str(run.fold):
             last = row["epoch"]
             yield _epoch_event(row, run)
-    events = _log_events(run, offset, stop, detach, poll, grace, seen)
+    events = _log_events(state, offset)
     for event in _fold_events(events, run.fold, run.model_folder, run.log):
         if event.kind == "epoch" and event.epoch is not None and event.epoch <= last:
             continue  # already replayed from progress.csv
@@ -189,19 +192,12 @@ def _epoch_event(row: dict, run: RunningTraining) -> TrainEvent:
     )
 
 
-def _log_events(
-    run: RunningTraining,
-    offset: int,
-    stop: threading.Event | None,
-    detach: threading.Event | None,
-    poll: float,
-    grace: float,
-    seen: dict[str, dict],
-) -> Iterator[dict]:
+def _log_events(state: _Following, offset: int) -> Iterator[dict]:
     """The events the process appends to its log after ``offset``, until it is gone;
     ``{"kind": "detached"}`` when ``detach`` is set. The last event of each kind is kept
     in ``seen`` (``sigterm`` once it was sent); ``cancelled`` (the process stopped on
     SIGTERM) and any event after ``stop`` is set are kept, not yielded."""
+    run, stop, detach, seen = state.run, state.stop, state.detach, state.seen
     assert run.log is not None
     stopping: float | None = None
     pending = b""
@@ -231,9 +227,9 @@ def _log_events(
                 yield event  # once stopping, only the last event (as train's) is yielded
         if not alive:
             return
-        if stopping is not None and time.monotonic() - stopping > grace:
+        if stopping is not None and time.monotonic() - stopping > state.grace:
             raise ScrollsegError(
                 f"fold {run.fold}'s training (process {run.pid}) did not stop within "
-                f"{grace:.0f} s of SIGTERM; kill -9 {run.pid} ends it (no checkpoint then)"
+                f"{state.grace:.0f} s of SIGTERM; kill -9 {run.pid} ends it (no checkpoint then)"
             )
-        time.sleep(poll)
+        time.sleep(state.poll)

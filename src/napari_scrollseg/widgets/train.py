@@ -174,6 +174,7 @@ class TrainWidget(QWidget):
         self.last_event: TrainEvent | None = None
         self.event_times: list[tuple[float, str]] = []  # (perf_counter, kind)
         self._offered: int | None = None  # the training left running we told of
+        self._n_folds = 1  # folds the running engine call trains (progress, ETA)
         self.dataset.changed.connect(self._default_results)
         self.dataset.changed.connect(self._offer_follow)
         self.results.changed.connect(self._offer_follow)
@@ -260,16 +261,12 @@ class TrainWidget(QWidget):
 
     def start(self, resume: bool = False) -> Any:
         """Start (or resume) the training with the form's values; returns the worker."""
-        if self.running:
-            notify_info("a training is already running: cancel it first")
-            return None
-        try:
-            options = self.options()
-        except ScrollsegError as exc:
-            notify_error(exc)
+        options = self._ready_options()
+        if options is None:
             return None
         dataset = options.pop("dataset_dir")
         self.curves.clear(resume=resume)
+        self._n_folds = len(options["folds"])
         return self._launch(train, dataset, resume=resume, **options)
 
     def follow_running(self) -> Any:
@@ -277,16 +274,24 @@ class TrainWidget(QWidget):
         :func:`~napari_scrollseg.engine.train_follow.follow`); returns the worker."""
         from napari_scrollseg.engine.train_follow import follow
 
+        options = self._ready_options()
+        if options is None:
+            return None
+        self.curves.clear()
+        self._n_folds = 1  # a training left running finishes its one fold
+        return self._launch(follow, options["dataset_dir"], options["results_dir"])
+
+    def _ready_options(self) -> dict[str, Any] | None:
+        """The form's options, or None (said to the user) when they are bad or a training
+        runs here already."""
         if self.running:
-            notify_info("a training is already running here")
+            notify_info("a training is already running: cancel it first")
             return None
         try:
-            options = self.options()
+            return self.options()
         except ScrollsegError as exc:
             notify_error(exc)
             return None
-        self.curves.clear()
-        return self._launch(follow, options["dataset_dir"], options["results_dir"])
 
     def _launch(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run the engine call ``fn`` (train or follow) in the background, with Cancel
@@ -389,7 +394,7 @@ class TrainWidget(QWidget):
             self.model_folder = Path(event.model_folder)
         if event.kind == "epoch":
             self.curves.add(event)
-            done, total = self.curves.progress(event, len(self.options_folds()))
+            done, total = self.curves.progress(event, self._n_folds)
             self.progress.bar.setRange(0, total)
             self.progress.bar.setValue(done)
         elif event.kind == "fold_done":
@@ -412,15 +417,9 @@ class TrainWidget(QWidget):
 
     def _describe(self, event: TrainEvent) -> str:
         if event.kind == "epoch":
-            eta = self.curves.eta(event, len(self.options_folds()))
+            eta = self.curves.eta(event, self._n_folds)
             return f"{event}; ETA {_duration(eta)}"
         return str(event)
-
-    def options_folds(self) -> list[int | str]:
-        try:
-            return parse_folds(self.folds.value)
-        except ScrollsegError:
-            return [0]
 
 
 def _duration(seconds: float | None) -> str:
