@@ -119,7 +119,8 @@ def test_a_detached_training_outlives_its_caller_and_is_followed_then_stopped(
         with pytest.raises(Exception, match=f"still being trained by process {pid}"):
             list(train(raw, results_dir=results, folds=["all"], plans_overrides=tiny_network()))
         (found,) = running_trainings(results)
-        assert (found.pid, found.fold, found.epochs, found.model_folder) == (pid, "all", 500, model)
+        assert (found.pid, found.fold, found.epochs, found.iterations) == (pid, "all", 500, 2)
+        assert (found.model_folder, found.configuration) == (model, "3d_fullres")
         # followed (napari opened again): the epochs so far, then new ones, until detached
         done_before = len(read_progress(model))
         detach = threading.Event()

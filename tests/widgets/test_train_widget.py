@@ -363,7 +363,11 @@ def test_closing_napari_can_leave_the_training_running_and_a_new_widget_follows_
         assert again.follow_button.text == "Follow (running)"
         assert sum(f"(process {pid}, left running)" in m for m in messages) == 1, messages
         done, before = len(read_progress(model)), len(messages)
+        again.epochs.value, again.folds.value, again.small.value = 100, "0", False
         again.follow_button.clicked()
+        # the form shows the followed training's settings: Resume would continue it
+        form = (again.folds.value, again.epochs.value, again.iterations.value, again.small.value)
+        assert form == ("1", 500, 2, True)
         qtbot.waitUntil(lambda: again.curves.points() > done, timeout=120_000)
         assert not again.train_button.enabled
         assert sorted(e.epoch for e in again.curves.events) == list(range(again.curves.points()))

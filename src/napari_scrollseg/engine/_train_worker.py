@@ -216,6 +216,7 @@ def _train(args: argparse.Namespace) -> int:
     pid_file = os.path.join(trainer.output_folder, PID_FILE)
     os.makedirs(trainer.output_folder, exist_ok=True)
     record = {"pid": os.getpid(), "started": time.time(), "epochs": trainer.num_epochs}
+    record["iterations"] = trainer.num_iterations_per_epoch
     with open(pid_file + ".tmp", "w") as f:  # readers see all of it or nothing
         json.dump({**record, "log": os.environ.get("SCROLLSEG_WORKER_LOG")}, f)
     os.replace(pid_file + ".tmp", pid_file)

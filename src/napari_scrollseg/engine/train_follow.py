@@ -42,7 +42,17 @@ class RunningTraining:
     pid: int
     log: Path | None  # None: started by a version that did not record it
     epochs: int | None
+    iterations: int | None  # per epoch
     started: float
+
+    @property
+    def plans(self) -> str:
+        """The plans identifier (``nnUNetTrainer__<plans>__<configuration>``)."""
+        return self.model_folder.name.split("__")[1]
+
+    @property
+    def configuration(self) -> str:
+        return self.model_folder.name.split("__")[-1]
 
 
 def running_trainings(
@@ -68,6 +78,7 @@ def running_trainings(
                 pid=pid,
                 log=Path(log) if log else None,
                 epochs=record.get("epochs"),
+                iterations=record.get("iterations"),
                 started=float(record.get("started", 0.0)),
             )
         )

@@ -272,14 +272,29 @@ class TrainWidget(QWidget):
     def follow_running(self) -> Any:
         """Follow this dataset's training left running when napari closed (the engine's
         :func:`~napari_scrollseg.engine.train_follow.follow`); returns the worker."""
-        from napari_scrollseg.engine.train_follow import follow
+        from napari_scrollseg.engine.train_follow import follow, running_trainings
 
         options = self._ready_options()
         if options is None:
             return None
+        found = running_trainings(options["results_dir"], options["dataset_dir"].name)
+        if found:
+            self._show_settings(found[0])
         self.curves.clear()
         self._n_folds = 1  # a training left running finishes its one fold
         return self._launch(follow, options["dataset_dir"], options["results_dir"])
+
+    def _show_settings(self, run: Any) -> None:
+        """The form takes the followed training's settings: Resume, after a Cancel,
+        continues that training (its fold, configuration, network, epochs)."""
+        self.folds.value = str(run.fold)
+        if run.configuration in CONFIGURATIONS:
+            self.configuration.value = run.configuration
+        self.small.value = run.plans.endswith("Scrollseg")  # the widget's only overrides
+        if run.epochs:
+            self.epochs.value = run.epochs
+        if run.iterations:
+            self.iterations.value = run.iterations
 
     def _ready_options(self) -> dict[str, Any] | None:
         """The form's options, or None (said to the user) when they are bad or a training
