@@ -195,9 +195,12 @@ FAKE_WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("final", [False, True], ids=["mid-training", "final-checkpoint"])
 def test_follow_reads_a_log_written_in_pieces_until_the_process_is_killed(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, final: bool
 ) -> None:
+    """Killed in the middle of its training: said so. Killed after its final checkpoint
+    (during validation, or its fold_done written before the log was first read): done."""
     raw = _tiny_dataset(tmp_path)
     results = tmp_path / "results"
     model = results / raw.name / "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -231,6 +234,8 @@ def test_follow_reads_a_log_written_in_pieces_until_the_process_is_killed(
                 deadline = time.monotonic() + 30
                 while not ready.exists() and time.monotonic() < deadline:
                     time.sleep(0.01)
+                if final:
+                    (model / "fold_0" / "checkpoint_final.pth").touch()
                 proc.kill()
                 proc.wait()
     finally:
@@ -239,6 +244,9 @@ def test_follow_reads_a_log_written_in_pieces_until_the_process_is_killed(
     assert _epochs(seen) == [0, 1, 2]
     replayed = next(e for e in seen if e.kind == "epoch")
     assert (replayed.fold, replayed.epochs, replayed.pseudo_dice) == (0, 5, {"air": 0.5, "ink": 0})
+    if final:
+        assert (seen[-1].kind, seen[-1].model_folder) == ("done", model)
+        return
     assert seen[-1].kind == "stopped"
     assert f"ended before its last epoch (process {proc.pid} killed?)" in seen[-1].message
     # the command line: nothing left to follow is one clear message

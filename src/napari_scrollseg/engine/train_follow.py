@@ -169,7 +169,9 @@ def _follow(state: _Following, offset: int) -> Iterator[TrainEvent]:
         yield event
         if event.kind == "detached":
             return
-    if "fold_done" in seen:
+    finished = (run.model_folder / f"fold_{run.fold}" / "checkpoint_final.pth").is_file()
+    if "fold_done" in seen or (finished and "cancelled" not in seen):
+        # no fold_done: it ended during validation, or just before the log was first read
         dice = dice_summary(run.model_folder).get("per_class", {})
         yield TrainEvent("done", model_folder=run.model_folder, dice=dice)
         return
