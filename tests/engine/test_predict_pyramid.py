@@ -18,6 +18,7 @@ import pytest
 import zarr
 
 from napari_scrollseg.engine import omezarr
+from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.predict.pyramid import PyramidFront
 
 SPATIAL = (70, 130, 100)  # three levels with edge chunks on every one
@@ -151,16 +152,43 @@ def test_a_chunk_that_fails_is_raised_by_finish(tmp_path):
     out = _output(tmp_path)
     (out / "0" / "0" / "0" / "0" / "0").write_bytes(b"not zstd")  # a damaged level-0 chunk
     front = PyramidFront(_images(out), threads=2)
-    for c in _every_chunk():
-        front.chunk_done(c)
-    with pytest.raises(Exception, match=r"(?i)zstd|decompress|error"):
+
+    def run() -> None:  # the failure is raised by a later chunk_done, or else by finish
+        for c in _every_chunk():
+            front.chunk_done(c)
         front.finish()
+
+    with pytest.raises(ScrollsegError, match=r"pyramid level 1 chunk \(0, 0, 0\)") as err:
+        run()
+    assert "run the prediction again to resume" in str(err.value)
+    assert err.value.__cause__ is not None
+
+
+def test_a_chunk_that_fails_stops_the_run_at_the_next_chunk_not_at_its_end(tmp_path):
+    out = _output(tmp_path)
+    (out / "0" / "0" / "0" / "0" / "0").write_bytes(b"not zstd")
+    front = PyramidFront(_images(out), threads=2)
+    chunks = _every_chunk()
+    first = [c for c in chunks if all(i < 2 for i in c)]  # every chunk under (0, 0, 0)
+    for c in first:
+        front.chunk_done(c)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the failure lands on a pyramid thread
+        with front._lock:
+            if front._error is not None:
+                break
+        time.sleep(0.01)
+    rest = [c for c in chunks if c not in first]
+    with pytest.raises(ScrollsegError, match="pyramid level 1 chunk"):
+        front.chunk_done(rest[0])
+    front.close()
 
 
 _KILLED = """
 import sys, time
 from pathlib import Path
 from napari_scrollseg.engine import omezarr
+from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.predict.pyramid import PyramidFront
 import itertools
 

@@ -12,6 +12,7 @@ name, then renamed).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -22,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from napari_scrollseg.engine.errors import ScrollsegError
 from napari_scrollseg.engine.predict.tasks import trim_heap
 
 __all__ = ["PyramidFront", "pyramid_threads"]
@@ -125,7 +127,12 @@ class PyramidFront:
         return list(itertools.product(*per_axis))
 
     def chunk_done(self, index: Sequence[int]) -> None:
-        """Level-0 chunk ``index`` (spatial chunk index) is written."""
+        """Level-0 chunk ``index`` (spatial chunk index) is written. Raises the first
+        error of a coarser chunk that failed: the run stops then, not at its end."""
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error
         self._written_at(0, tuple(int(i) for i in index))
 
     def _written_at(self, level: int, index: Index) -> None:
@@ -147,7 +154,7 @@ class PyramidFront:
             self._pending += len(ready)
         for parent in ready:
             future = self._pool.submit(self._build, level + 1, parent)
-            future.add_done_callback(self._landed)
+            future.add_done_callback(functools.partial(self._landed, level + 1, parent))
 
     def _build(self, level: int, index: Index) -> None:
         t0 = time.perf_counter()
@@ -161,10 +168,16 @@ class PyramidFront:
         trim_heap()
         self._written_at(level, index)
 
-    def _landed(self, future: Future) -> None:
+    def _landed(self, level: int, index: Index, future: Future) -> None:
         with self._lock:
-            if not future.cancelled() and future.exception() is not None and self._error is None:
-                self._error = future.exception()
+            exc = None if future.cancelled() else future.exception()
+            if exc is not None and self._error is None:
+                self._error = ScrollsegError(
+                    f"pyramid level {level} chunk {index} could not be written "
+                    f"({type(exc).__name__}: {exc}); the full-resolution chunks written are "
+                    "kept: run the prediction again to resume"
+                )
+                self._error.__cause__ = exc
             self._pending -= 1
             self._idle.notify_all()
 
