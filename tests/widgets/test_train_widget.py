@@ -379,6 +379,7 @@ def test_closing_napari_can_leave_the_training_running_and_a_new_widget_follows_
         assert "stopped at epoch" in again.last_event.message
         assert running_worker(model / "fold_1") is None
         assert again.follow_button.enabled
+        assert again.follow_button.text == "Follow"  # nothing left running
         assert not [m for m in messages[before:] if m.startswith("error")], messages
     finally:
         with suppress(ProcessLookupError):

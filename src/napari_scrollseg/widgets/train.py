@@ -41,6 +41,8 @@ from napari_scrollseg.widgets._common import (
 if TYPE_CHECKING:
     import napari
 
+    from napari_scrollseg.engine.train_follow import RunningTraining
+
 CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NICE = 10  # the training runs at a lower CPU priority than napari: the GUI stays fluid
@@ -284,7 +286,7 @@ class TrainWidget(QWidget):
         self._n_folds = 1  # a training left running finishes its one fold
         return self._launch(follow, options["dataset_dir"], options["results_dir"])
 
-    def _show_settings(self, run: Any) -> None:
+    def _show_settings(self, run: RunningTraining) -> None:
         """The form takes the followed training's settings: Resume, after a Cancel,
         continues that training (its fold, configuration, network, epochs)."""
         self.folds.value = str(run.fold)
@@ -328,8 +330,9 @@ class TrainWidget(QWidget):
         )
         return self.worker
 
-    def _offer_follow(self, _value: Any = None) -> None:
-        """Say so when this dataset has a training left running (Follow shows it)."""
+    def _offer_follow(self, _value: Any = None, tell: bool = True) -> None:
+        """Say so (``tell``) when this dataset has a training left running (Follow shows
+        it); the Follow button's label says it too."""
         from napari_scrollseg.engine.train_follow import running_trainings
 
         dataset, results = str(self.dataset.value), str(self.results.value)
@@ -338,7 +341,7 @@ class TrainWidget(QWidget):
         found = running_trainings(results, Path(dataset).name)
         self.follow_button.text = "Follow (running)" if found else "Follow"
         offered, self._offered = self._offered, found[0].pid if found else None
-        if found and offered != found[0].pid:  # once per training
+        if tell and found and offered != found[0].pid:  # once per training
             run = found[0]
             notify_info(
                 f"fold {run.fold} of {Path(dataset).name} is still being trained (process "
@@ -401,6 +404,7 @@ class TrainWidget(QWidget):
     def _finished(self) -> None:
         self.worker = None
         self._set_running(False)
+        self._offer_follow(tell=False)  # the Follow button's label: is one still running?
 
     def _on_event(self, event: TrainEvent) -> None:
         self.event_times.append((time.perf_counter(), event.kind))
