@@ -309,9 +309,17 @@ def _failure(what: str, rc: int, tail: Sequence[str], log_path: Path, resumable:
 def running_worker(fold_folder: str | os.PathLike) -> int | None:
     """The process id of a training still running in ``fold_folder`` (e.g. one left
     running when napari closed), or None."""
+    record = running_record(fold_folder)
+    return None if record is None else record["pid"]
+
+
+def running_record(fold_folder: str | os.PathLike) -> dict | None:
+    """``fold_folder``'s ``training.pid`` record (``pid``, ``started``, ``epochs``,
+    ``iterations``, ``log``) while its process runs, else None."""
     path = Path(fold_folder) / PID_FILE
     try:
-        pid = int(json.loads(path.read_text())["pid"])
+        record = json.loads(path.read_text())
+        pid = record["pid"] = int(record["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:
@@ -319,13 +327,13 @@ def running_worker(fold_folder: str | os.PathLike) -> int | None:
     except ProcessLookupError:
         return None
     except PermissionError:
-        return pid
+        return record
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         with suppress(OSError):
             if b"_train_worker" not in cmdline.read_bytes():
                 return None  # the id was reused
-    return pid
+    return record
 
 
 def _preprocessed_ok(pre: Path, plans: str, configuration: str, cases: Sequence[str]) -> bool:

@@ -10,7 +10,6 @@ them: ``epoch`` per epoch, ``fold_done`` and ``done`` when it finishes.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -28,6 +27,7 @@ from napari_scrollseg.engine.train import (
     _fold_events,
     dice_summary,
     read_progress,
+    running_record,
     running_worker,
     split_event,
 )
@@ -63,19 +63,15 @@ def running_trainings(
     found = []
     pattern = f"{dataset or 'Dataset*'}/*/fold_*/{PID_FILE}"
     for pid_file in Path(results_dir).expanduser().glob(pattern):
-        pid = running_worker(pid_file.parent)
-        if pid is None:
-            continue
-        try:
-            record = json.loads(pid_file.read_text())
-        except (OSError, ValueError):
+        record = running_record(pid_file.parent)
+        if record is None:
             continue
         log = record.get("log")
         found.append(
             RunningTraining(
                 model_folder=pid_file.parent.parent,
                 fold=_fold(pid_file.parent.name.removeprefix("fold_")),
-                pid=pid,
+                pid=record["pid"],
                 log=Path(log) if log else None,
                 epochs=record.get("epochs"),
                 iterations=record.get("iterations"),
