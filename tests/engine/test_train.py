@@ -652,6 +652,25 @@ def test_a_class_left_unlearned_is_reported_at_the_fold_end(run, tmp_path):
 
 
 @pytest.mark.slow
+def test_other_plans_under_a_trained_models_name_are_refused(run):
+    """Another network under the plans name of a trained model would mix it into that
+    model's folder (its checkpoints, a resume): refused, with what differs."""
+    from napari_scrollseg.engine.errors import ScrollsegError
+    from napari_scrollseg.engine.train import plan_and_preprocess
+
+    options = {"results_dir": run["options"]["results_dir"], "num_processes": 1}
+    same = list(plan_and_preprocess(run["raw"], plans_overrides=TINY, **options))
+    assert same[-1].plans == run["model"].name.split("__")[1]
+    bigger = {**TINY, "batch_size": TINY["batch_size"] + 1}
+    with pytest.raises(ScrollsegError, match=r"trained with other 3d_fullres plans .*batch_size"):
+        list(plan_and_preprocess(run["raw"], plans_overrides=bigger, **options))
+    renamed = list(
+        plan_and_preprocess(run["raw"], plans_overrides=bigger, plans_name="Bigger", **options)
+    )
+    assert renamed[-1].plans == "Bigger"
+
+
+@pytest.mark.slow
 def test_a_seed_makes_a_training_repeatable(run, tmp_path):
     """Two trainings with one seed (augmentation in the training process) give the same
     losses and weights; another seed does not."""

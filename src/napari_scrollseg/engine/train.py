@@ -548,8 +548,28 @@ def plan_and_preprocess(
         identifier = plans_name or f"{base}Scrollseg"
         plans = json.loads((pre / f"{base}.json").read_text())
         custom = apply_plans_overrides(plans, configuration, dict(plans_overrides), identifier)
+        model_folder = results / ds.name / f"{STOCK_TRAINER}__{identifier}__{configuration}"
+        _check_same_plans(model_folder, custom, configuration)
         (pre / f"{identifier}.json").write_text(json.dumps(custom, indent=2))
     yield TrainEvent("planned", message=f"plans: {identifier}", plans=identifier)
+
+
+def _check_same_plans(model_folder: Path, plans: dict, configuration: str) -> None:
+    """Refuse new plans under the name of a model trained with other ones: its folder
+    (checkpoints, resume) would be mixed with a different network."""
+    trained = model_folder / "plans.json"
+    if not trained.is_file():
+        return
+    old = json.loads(trained.read_text()).get("configurations", {}).get(configuration)
+    new = plans["configurations"][configuration]
+    if old is None or old == new:
+        return
+    changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    raise ScrollsegError(
+        f"{model_folder} was trained with other {configuration} plans named "
+        f"{plans['plans_name']} ({', '.join(changed)} differ): give the new network another "
+        "plans name (plans_name=...), or train into another results folder"
+    )
 
 
 def train(
